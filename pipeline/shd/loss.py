@@ -1,0 +1,140 @@
+"""The SHD attention loss of one layer, streamed over blocks of query rows.
+
+L = tau^2 * mean over (sequence, valid query row) and student heads of
+    KL( sum_m W[n, m] softmax(z_m / tau) || softmax(Z_n / tau) )
+
+with teacher scores z_m and student scores Z_n (causal and padding masked). A full map is
+B*H*T^2 numbers per layer, so the loss never holds one: each block of query rows recomputes the
+teacher and student scores it needs (keys cut at the block's last row, since later keys are
+masked), so extra memory is O(B * H * block_size * T).
+
+Because the loss is a scalar, its gradient with respect to the student's queries and keys is
+accumulated in the same blockwise pass (dL/dZ_n = tau * (softmax(Z_n / tau) - target) / count per
+row) and `backward` only scales it by the incoming gradient. This does the score computations
+once instead of twice, and keeps the extra memory at the size of the student's q and k. The pass
+is skipped when no gradient is needed (evaluation, `torch.no_grad`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, repeat_kv, valid_rows
+
+
+def _check_inputs(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, weights: Tensor) -> None:
+    batch, num_student, length, _ = student_q.shape
+    num_teacher = teacher_q.shape[1]
+    if tuple(weights.shape) != (batch, num_student, num_teacher):
+        raise ValueError(
+            f"weights have shape {tuple(weights.shape)}, expected [B, N, M] = [{batch}, {num_student}, {num_teacher}] "
+            "(make them with pipeline.shd.squeeze_weights)"
+        )
+    for name, tensor in (("student_k", student_k), ("teacher_q", teacher_q), ("teacher_k", teacher_k)):
+        if tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[2] != length:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected [B={batch}, heads, T={length}, d]")
+    if student_k.shape[-1] != student_q.shape[-1] or teacher_k.shape[-1] != teacher_q.shape[-1]:
+        raise ValueError("queries and keys of one model must share their head dim")
+
+
+def _blockwise(
+    student_q: Tensor,
+    student_k: Tensor,
+    teacher_q: Tensor,
+    teacher_k: Tensor,
+    weights: Tensor,
+    tau: float,
+    attention_mask: Tensor | None,
+    block_size: int,
+    with_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Loss (and, if asked, its gradients w.r.t. student q and repeated k) in one blockwise pass."""
+    batch, num_student, length, student_dim = student_q.shape
+    dtype = compute_dtype(student_q, student_k, teacher_q, teacher_k)
+    device = student_q.device
+    sq = student_q.to(dtype)
+    sk = repeat_kv(student_k, num_student).to(dtype)
+    tq = teacher_q.to(dtype)
+    tk = repeat_kv(teacher_k, teacher_q.shape[1]).to(dtype)
+    mix = weights.to(dtype)
+    student_scale = student_dim**-0.5
+    teacher_scale = teacher_q.shape[-1] ** -0.5
+    rows = valid_rows(attention_mask, batch, length, dtype, device)
+    count = num_student * rows.sum().clamp_min(1.0)
+
+    total = torch.zeros((), dtype=dtype, device=device)
+    grad_q = torch.zeros_like(sq) if with_grad else None
+    grad_k = torch.zeros_like(sk) if with_grad else None
+    for start in range(0, length, block_size):
+        end = min(length, start + block_size)
+        hidden = ~allowed_keys(attention_mask, start, end, device)
+        teacher_scores = (tq[:, :, start:end] @ tk[:, :, :end].transpose(-1, -2)) * (teacher_scale / tau)
+        teacher_probs = teacher_scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        target = torch.einsum("bnm,bmij->bnij", mix, teacher_probs)
+        del teacher_scores, teacher_probs
+        student_scores = (sq[:, :, start:end] @ sk[:, :, :end].transpose(-1, -2)) * (student_scale / tau)
+        log_student = student_scores.masked_fill(hidden, float("-inf")).log_softmax(dim=-1)
+        del student_scores
+        row_kl = (torch.xlogy(target, target) - target * log_student.masked_fill(hidden, 0.0)).sum(dim=-1)
+        block_rows = rows[:, None, start:end]
+        total = total + (row_kl * block_rows).sum()
+        if with_grad:
+            # d(tau^2 KL)/d(q k^T * scale) = tau * (p_student - target); times 1/count and the row mask
+            grad_scores = (log_student.exp() - target) * (block_rows[..., None] * (tau * student_scale) / count)
+            grad_q[:, :, start:end] = grad_scores @ sk[:, :, :end]
+            grad_k[:, :, :end] += grad_scores.transpose(-1, -2) @ sq[:, :, start:end]
+    return total * (tau * tau) / count, grad_q, grad_k
+
+
+def _fold_kv_grad(grad_k: Tensor, num_kv: int) -> Tensor:
+    """Sums the gradient of repeated key heads back onto their grouped-query key head."""
+    batch, num_heads, length, dim = grad_k.shape
+    return grad_k.view(batch, num_kv, num_heads // num_kv, length, dim).sum(dim=2)
+
+
+class _StreamingSHDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size):
+        loss, grad_q, grad_k = _blockwise(
+            student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, with_grad=True
+        )
+        ctx.save_for_backward(grad_q.to(student_q.dtype), _fold_kv_grad(grad_k, student_k.shape[1]).to(student_k.dtype))
+        return loss.to(loss_dtype(student_q))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_q, grad_k = ctx.saved_tensors
+        scale = grad_output.to(grad_q.dtype)
+        return grad_q * scale, grad_k * scale, None, None, None, None, None, None
+
+
+def shd_loss(
+    student_q: Tensor,
+    student_k: Tensor,
+    teacher_q: Tensor,
+    teacher_k: Tensor,
+    weights: Tensor,
+    *,
+    tau: float = 1.0,
+    attention_mask: Tensor | None = None,
+    block_size: int = 128,
+) -> Tensor:
+    """SHD loss of one layer (a scalar), streamed over query blocks; gradients reach student q, k only.
+
+    student_q [B, N, T, d_s], student_k [B, N_kv, T, d_s], teacher_q [B, M, T, d_t], teacher_k
+    [B, M_kv, T, d_t], all after rotary embedding; weights [B, N, M] from `squeeze_weights`;
+    attention_mask [B, T] (1 = real token) or None. Each side uses its own 1/sqrt(d) scale.
+    Computed in float32 (float64 when an input is float64); the loss is float32 for bf16 inputs.
+    """
+    _check_inputs(student_q, student_k, teacher_q, teacher_k, weights)
+    check_mask(attention_mask, student_q.shape[0], student_q.shape[2])
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    teacher_q, teacher_k, weights = teacher_q.detach(), teacher_k.detach(), weights.detach()
+    if torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad):
+        return _StreamingSHDLoss.apply(student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size)
+    loss, _, _ = _blockwise(student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, with_grad=False)
+    return loss.to(loss_dtype(student_q))

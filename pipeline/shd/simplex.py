@@ -1,0 +1,83 @@
+"""Exact least squares on the probability simplex, the core of every squeeze weight.
+
+Each merge of K heads asks for weights w on the simplex minimising ||t - sum_k w_k y_k||^2.
+Writing w_{K-1} = 1 - sum_{k<K-1} w_k and centring on the last head (y'_k = y_k - y_{K-1},
+t' = t - y_{K-1}) leaves a least-squares problem in K-1 free weights, described by its Gram
+matrix G = <y'_k, y'_l> and cross terms c = <y'_k, t'>. Centring before the inner products
+avoids the cancellation of differencing large norms.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import torch
+from torch import Tensor
+
+MAX_EXACT_HEADS = 12
+"""Largest group solved exactly by support enumeration (2^K - 1 small linear systems)."""
+
+
+def simplex_least_squares(gram: Tensor, cross: Tensor) -> Tensor:
+    """Minimiser over the simplex of w'^T G w' - 2 c^T w' (w' = the first K-1 weights).
+
+    `gram` [B, K-1, K-1] and `cross` [B, K-1] in float64; returns w [B, K] (all K weights).
+    Two heads: the closed form alpha = c / G clipped to [0, 1] (exact, the objective is a convex
+    parabola), 1/2 when G = 0 (the two heads are interchangeable). More heads: the exact optimum
+    by enumerating supports (see `_enumerate_supports`).
+    """
+    free = cross.shape[-1]
+    if free == 0:
+        return torch.ones(cross.shape[0], 1, dtype=cross.dtype, device=cross.device)
+    if free == 1:
+        g, c = gram[:, 0, 0], cross[:, 0]
+        alpha = torch.where(g > 0, c / torch.where(g > 0, g, torch.ones_like(g)), torch.full_like(g, 0.5))
+        alpha = alpha.clamp(0.0, 1.0)
+        return torch.stack([alpha, 1.0 - alpha], dim=-1)
+    if free + 1 > MAX_EXACT_HEADS:
+        raise ValueError(
+            f"the 'group' plan solves each group exactly and supports at most {MAX_EXACT_HEADS} teacher "
+            f"heads per student head, got {free + 1}: use plan='pairwise' for this head ratio"
+        )
+    return _enumerate_supports(gram, cross)
+
+
+def _enumerate_supports(gram: Tensor, cross: Tensor) -> Tensor:
+    """Exact simplex QP for small K.
+
+    In full variables the objective is f(w) = w^T Q w - 2 r^T w with Q = [[G, 0], [0, 0]] and
+    r = [c, 0]. An optimum with minimal support P is the unique minimiser of f on the affine
+    hull of its face, so solving the equality-constrained KKT system on every support and keeping
+    the feasible candidate of least f finds it.
+    """
+    batch, free = cross.shape
+    k = free + 1
+    q = torch.zeros(batch, k, k, dtype=gram.dtype, device=gram.device)
+    q[:, :free, :free] = gram
+    r = torch.zeros(batch, k, dtype=cross.dtype, device=cross.device)
+    r[:, :free] = cross
+    scale = q.diagonal(dim1=1, dim2=2).abs().amax(dim=1).clamp_min(1e-300)
+    best_w = torch.zeros(batch, k, dtype=q.dtype, device=q.device)
+    best_w[:, -1] = 1.0
+    best_f = torch.zeros(batch, dtype=q.dtype, device=q.device)
+    for size in range(1, k + 1):
+        for support in combinations(range(k), size):
+            idx = torch.tensor(support, device=q.device)
+            kkt = torch.zeros(batch, size + 1, size + 1, dtype=q.dtype, device=q.device)
+            kkt[:, :size, :size] = 2.0 * q[:, idx][:, :, idx]
+            kkt[:, :size, size] = 1.0
+            kkt[:, size, :size] = 1.0
+            rhs = torch.cat([2.0 * r[:, idx], torch.ones(batch, 1, dtype=q.dtype, device=q.device)], dim=1)
+            sol = (torch.linalg.pinv(kkt) @ rhs[..., None])[..., 0]
+            residual = (kkt @ sol[..., None])[..., 0] - rhs
+            w_support = sol[:, :size]
+            consistent = residual.abs().amax(dim=1) <= 1e-8 * (1.0 + scale)
+            feasible = consistent & (w_support >= -1e-12).all(dim=1)
+            w = torch.zeros(batch, k, dtype=q.dtype, device=q.device)
+            w[:, idx] = w_support.clamp_min(0.0)
+            w = w / w.sum(dim=1, keepdim=True)
+            f = (w[:, None, :] @ q @ w[:, :, None])[:, 0, 0] - 2.0 * (w * r).sum(dim=1)
+            better = feasible & (f < best_f - 1e-12 * scale)
+            best_w = torch.where(better[:, None], w, best_w)
+            best_f = torch.where(better, f, best_f)
+    return best_w
