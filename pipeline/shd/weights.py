@@ -54,7 +54,7 @@ class StreamingMaps:
     def apply(self, heads: list[int], values: Tensor) -> Tensor:
         q, k = self.queries[:, heads], self.keys[:, heads]
         if self.fused:
-            return F.scaled_dot_product_attention(q, k, values, is_causal=True, scale=self.scale)
+            return self._fused(q, k, values)
         out = torch.empty_like(values)
         length = q.shape[2]
         for start in range(0, length, WEIGHTS_BLOCK_SIZE):
@@ -63,6 +63,24 @@ class StreamingMaps:
             scores = scores.masked_fill(~allowed_keys(self.mask, start, end, q.device), float("-inf"))
             out[:, :, start:end] = scores.softmax(dim=-1) @ values[:, :, :end]
         return out
+
+    def _fused(self, q: Tensor, k: Tensor, values: Tensor) -> Tensor:
+        """Causal attention through the fused kernels, which need values of the query head dim.
+
+        Wider values are cut into head-dim chunks that become extra heads of one call; otherwise
+        the kernels fall back to the math path, which builds the [T, T] map.
+        """
+        batch, heads, length, width = values.shape
+        head_dim = q.shape[-1]
+        chunks = -(-width // head_dim)
+        chunked = F.pad(values, (0, chunks * head_dim - width)).view(batch, heads, length, chunks, head_dim)
+        chunked = chunked.transpose(2, 3).reshape(batch, heads * chunks, length, head_dim)
+        out = F.scaled_dot_product_attention(
+            q.repeat_interleave(chunks, dim=1), k.repeat_interleave(chunks, dim=1), chunked,
+            is_causal=True, scale=self.scale,
+        )
+        out = out.view(batch, heads, chunks, length, head_dim).transpose(2, 3).reshape(batch, heads, length, -1)
+        return out[..., :width]
 
 
 @dataclass

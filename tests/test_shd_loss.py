@@ -1,0 +1,161 @@
+"""The streaming SHD loss against its dense oracle: values, gradients, edge cases, memory."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pipeline.shd import shd_loss, shd_loss_reference, squeeze_weights
+from pipeline.shd.weights import WEIGHTS_BLOCK_SIZE
+from tests.shd_cases import make_case
+
+
+def _loss_and_grads(fn, case, weights, **kwargs):
+    q = case.student_q.clone().requires_grad_(True)
+    k = case.student_k.clone().requires_grad_(True)
+    loss = fn(q, k, case.teacher_q, case.teacher_k, weights, attention_mask=case.attention_mask, **kwargs)
+    grad_q, grad_k = torch.autograd.grad(loss, [q, k])
+    return loss.detach(), grad_q, grad_k
+
+
+# (teacher heads, teacher kv heads, student heads, student kv heads)
+HEADS = [(8, 4, 3, 1), (25, 5, 12, 4), (16, 4, 6, 2), (9, 3, 3, 3), (6, 6, 6, 3)]
+
+
+@pytest.mark.parametrize("plan", ["pairwise", "group", "mean", "select"])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}->{h[2]}")
+def test_streaming_loss_and_gradients_equal_dense_float64(plan, heads):
+    teacher, teacher_kv, student, student_kv = heads
+    case = make_case(
+        batch=3, length=23, teacher_heads=teacher, teacher_kv_heads=teacher_kv,
+        student_heads=student, student_kv_heads=student_kv, padding="left" if teacher % 2 else "right",
+    )
+    weights = squeeze_weights(
+        case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, student,
+        plan=plan, attention_mask=case.attention_mask,
+    )
+    streamed = _loss_and_grads(shd_loss, case, weights, tau=1.7, block_size=5)
+    dense = _loss_and_grads(shd_loss_reference, case, weights, tau=1.7)
+    assert streamed[0] > 0
+    for got, want in zip(streamed, dense):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 128])
+def test_streaming_loss_equals_dense_float32(block_size):
+    case = make_case(batch=2, length=40, padding="right", dtype=torch.float32, seed=4)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 3, attention_mask=case.attention_mask)
+    streamed = _loss_and_grads(shd_loss, case, weights, tau=0.7, block_size=block_size)
+    dense = _loss_and_grads(shd_loss_reference, case, weights, tau=0.7)
+    assert streamed[0].dtype == torch.float32
+    for got, want in zip(streamed, dense):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck():
+    case = make_case(batch=2, length=6, teacher_heads=4, teacher_kv_heads=2, student_heads=2, student_kv_heads=1, padding="right")
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 2, attention_mask=case.attention_mask)
+    q = case.student_q.clone().requires_grad_(True)
+    k = case.student_k.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda q, k: shd_loss(q, k, case.teacher_q, case.teacher_k, weights, tau=1.3, attention_mask=case.attention_mask, block_size=4),
+        (q, k),
+    )
+
+
+def test_single_token_sequences():
+    case = make_case(length=1, padding=None)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 3)
+    loss, grad_q, grad_k = _loss_and_grads(shd_loss, case, weights)
+    # one key: every map is [1.0], so student and target agree exactly
+    assert loss.item() == 0.0 and (grad_q == 0).all() and (grad_k == 0).all()
+
+
+def test_fully_padded_sequence_contributes_nothing():
+    case = make_case(batch=3, length=12, padding="right", seed=2)
+    case.attention_mask[2] = 0
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 3, attention_mask=case.attention_mask)
+    assert torch.isfinite(weights).all()
+    loss, grad_q, grad_k = _loss_and_grads(shd_loss, case, weights, block_size=5)
+    assert torch.isfinite(loss) and torch.isfinite(grad_q).all() and torch.isfinite(grad_k).all()
+    assert (grad_q[2] == 0).all() and (grad_k[2] == 0).all()
+    trimmed = make_case(batch=3, length=12, padding="right", seed=2)
+    trimmed.attention_mask = trimmed.attention_mask[:2]
+    for name in ("teacher_q", "teacher_k", "student_q", "student_k"):
+        setattr(trimmed, name, getattr(trimmed, name)[:2])
+    alone = _loss_and_grads(shd_loss, trimmed, weights[:2], block_size=5)
+    torch.testing.assert_close(loss, alone[0], rtol=1e-12, atol=0)
+
+    everything_padded = make_case(batch=1, length=5, padding=None)
+    everything_padded.attention_mask = torch.zeros(1, 5)
+    w = squeeze_weights(everything_padded.teacher_q, everything_padded.teacher_k, everything_padded.teacher_v, None, 3, attention_mask=everything_padded.attention_mask)
+    loss, grad_q, _ = _loss_and_grads(shd_loss, everything_padded, w)
+    assert loss.item() == 0.0 and (grad_q == 0).all()
+
+
+def test_student_matching_its_target_has_zero_loss():
+    """With N == M, identical head dims and the teacher's own q/k, the student already matches."""
+    case = make_case(teacher_heads=4, teacher_kv_heads=2, student_heads=4, padding="right")
+    case.student_q, case.student_k = case.teacher_q.clone(), case.teacher_k.clone()
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 4, attention_mask=case.attention_mask)
+    loss, grad_q, _ = _loss_and_grads(shd_loss, case, weights, tau=2.0)
+    assert abs(loss.item()) < 1e-12 and grad_q.abs().max() < 1e-12
+
+
+def test_bf16_inputs_are_computed_in_float32():
+    case = make_case(length=33, padding="right", dtype=torch.float32, seed=5)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 3, attention_mask=case.attention_mask)
+    bf16 = make_case(length=33, padding="right", dtype=torch.bfloat16, seed=5)
+    loss, grad_q, grad_k = _loss_and_grads(shd_loss, bf16, weights.bfloat16())
+    assert loss.dtype == torch.float32 and grad_q.dtype == torch.bfloat16 and grad_k.dtype == torch.bfloat16
+    # the same bf16-rounded inputs through the float64 oracle
+    exact_case = make_case(length=33, padding="right", dtype=torch.bfloat16, seed=5)
+    for name in ("teacher_q", "teacher_k", "student_q", "student_k"):
+        setattr(exact_case, name, getattr(exact_case, name).double())
+    exact = _loss_and_grads(shd_loss_reference, exact_case, weights.bfloat16().double())
+    torch.testing.assert_close(loss.double(), exact[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_q.double(), exact[1], rtol=2e-2, atol=1e-4)
+
+
+def test_no_gradient_reaches_teacher_tensors_or_weights():
+    case = make_case(padding=None)
+    tq = case.teacher_q.clone().requires_grad_(True)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 3).requires_grad_(True)
+    q = case.student_q.clone().requires_grad_(True)
+    shd_loss(q, case.student_k, tq, case.teacher_k, weights).backward()
+    assert tq.grad is None and weights.grad is None and q.grad is not None
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_no_full_attention_map_is_ever_built(padding):
+    """Forward and backward of the loss, and the weights, stay within B * H * block * T numbers."""
+    batch, teacher_heads, student_heads, length, block = 1, 8, 3, 512, 32
+    case = make_case(
+        batch=batch, length=length, teacher_heads=teacher_heads, teacher_kv_heads=2, student_heads=student_heads,
+        padding=padding, dtype=torch.float32,
+    )
+    if padding == "left":  # make the mask genuinely left-padded for sequence 0 as well
+        case.attention_mask[0, :3] = 0
+    budget = batch * teacher_heads * block * length
+    full_map = batch * teacher_heads * length * length
+    with _LargestTensor() as weights_probe:
+        weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, student_heads, attention_mask=case.attention_mask)
+    q = case.student_q.clone().requires_grad_(True)
+    with _LargestTensor() as loss_probe:
+        shd_loss(q, case.student_k, case.teacher_q, case.teacher_k, weights, attention_mask=case.attention_mask, block_size=block).backward()
+    assert loss_probe.largest <= budget < full_map
+    assert weights_probe.largest <= batch * teacher_heads * WEIGHTS_BLOCK_SIZE * length < full_map
