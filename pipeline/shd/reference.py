@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, repeat_kv, valid_rows
 from .plan import squeeze_plan
-from .weights import check_teacher_inputs, constant_weights, needs_maps, walk_plan
+from .weights import check_teacher_inputs, circuit_fn, constant_weights, needs_maps, walk_plan
 
 
 def attention_maps(queries: Tensor, keys: Tensor, attention_mask: Tensor | None = None, tau: float = 1.0) -> Tensor:
@@ -30,7 +30,7 @@ class DenseMaps:
         self.maps = maps
 
     def apply(self, heads: list[int], values: Tensor) -> Tensor:
-        return self.maps[:, heads] @ values
+        return self.maps[:, heads] @ values[:, None]
 
 
 def squeeze_weights_reference(
@@ -44,22 +44,17 @@ def squeeze_weights_reference(
     objective: str = "output",
     attention_mask: Tensor | None = None,
 ) -> Tensor:
-    """`squeeze_weights` from explicit maps and full d_model circuits (same signature)."""
+    """`squeeze_weights` from explicit maps and full d_model circuits (same signature, no QR)."""
     check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective)
-    batch, num_heads, length, head_dim = teacher_q.shape
+    batch, num_heads, length, _ = teacher_q.shape
     structure = squeeze_plan(num_heads, num_student_heads, plan)
     dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
     if not needs_maps(structure):
         return constant_weights(structure, batch, dtype, teacher_q.device)
     maps = DenseMaps(attention_maps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask))
-    values = repeat_kv(teacher_v, num_heads).to(dtype)
-    if o_proj_weight is None:
-        circuits = values
-    else:
-        per_head = o_proj_weight.to(dtype).reshape(o_proj_weight.shape[0], num_heads, values.shape[-1])
-        circuits = torch.einsum("bhtd,ehd->bhte", values, per_head)
+    values = teacher_v.to(dtype)
     rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-    return walk_plan(structure, maps, lambda group: circuits[:, list(group)], rows, objective)
+    return walk_plan(structure, maps, circuit_fn(values, o_proj_weight, num_heads, reduce=False), rows, objective)
 
 
 def shd_loss_reference(

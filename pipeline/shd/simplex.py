@@ -18,28 +18,32 @@ MAX_EXACT_HEADS = 12
 """Largest group solved exactly by support enumeration (2^K - 1 small linear systems)."""
 
 
-def simplex_least_squares(gram: Tensor, cross: Tensor) -> Tensor:
+def simplex_least_squares(gram: Tensor, cross: Tensor, tolerance: Tensor) -> Tensor:
     """Minimiser over the simplex of w'^T G w' - 2 c^T w' (w' = the first K-1 weights).
 
     `gram` [B, K-1, K-1] and `cross` [B, K-1] in float64; returns w [B, K] (all K weights).
-    Two heads: the closed form alpha = c / G clipped to [0, 1] (exact, the objective is a convex
-    parabola), 1/2 when G = 0 (the two heads are interchangeable). More heads: the exact optimum
-    by enumerating supports (see `_enumerate_supports`).
+    `tolerance` [B]: Gram entries this small are rounding noise, i.e. the heads' candidates are
+    indistinguishable at working precision, and the heads get equal weights (alpha = 1/2 for
+    two). Two heads: the closed form alpha = c / G clipped to [0, 1] (exact, the objective is a
+    convex parabola). More heads: the exact optimum by enumerating supports.
     """
-    free = cross.shape[-1]
+    batch, free = cross.shape
+    uniform = torch.full((batch, free + 1), 1.0 / (free + 1), dtype=cross.dtype, device=cross.device)
     if free == 0:
-        return torch.ones(cross.shape[0], 1, dtype=cross.dtype, device=cross.device)
+        return uniform
+    degenerate = gram.abs().flatten(1).amax(dim=1) <= tolerance
     if free == 1:
         g, c = gram[:, 0, 0], cross[:, 0]
-        alpha = torch.where(g > 0, c / torch.where(g > 0, g, torch.ones_like(g)), torch.full_like(g, 0.5))
-        alpha = alpha.clamp(0.0, 1.0)
-        return torch.stack([alpha, 1.0 - alpha], dim=-1)
-    if free + 1 > MAX_EXACT_HEADS:
+        alpha = (c / torch.where(degenerate, torch.ones_like(g), g)).clamp(0.0, 1.0)
+        solution = torch.stack([alpha, 1.0 - alpha], dim=-1)
+    elif free + 1 > MAX_EXACT_HEADS:
         raise ValueError(
             f"the 'group' plan solves each group exactly and supports at most {MAX_EXACT_HEADS} teacher "
             f"heads per student head, got {free + 1}: use plan='pairwise' for this head ratio"
         )
-    return _enumerate_supports(gram, cross)
+    else:
+        solution = _enumerate_supports(gram, cross)
+    return torch.where(degenerate[:, None], uniform, solution)
 
 
 def _enumerate_supports(gram: Tensor, cross: Tensor) -> Tensor:

@@ -4,10 +4,11 @@ Student head n's target map is sum_m W[b, n, m] * A_m. For the "pairwise" and "g
 weights are chosen per sequence so that one merged map, applied to the merged heads' combined
 value-output circuit, best reproduces what the heads add to the residual stream (shd-method.md).
 
-Everything needed is an attention map applied to some values, A_a X, so no [T, T] map is ever
-formed: `StreamingMaps` gets A_a X from scaled-dot-product attention calls (head a's queries and
-keys on another head's values), and circuits X_i = V_i W_O^(i)T are first reduced to a basis of
-their group's output columns (a QR factorisation), which preserves every inner product the
+Everything needed is an attention map applied to some circuit, A_a X, so no [T, T] map is ever
+formed: per final group, one scaled-dot-product attention call applies each member's map to the
+value heads the group reads (head a's queries and keys on head b's values), and every A_a X_b
+follows by a small matrix product, since X_b = V_b W_O^(b)T. The output columns are first reduced
+to an orthonormal basis of the group's W_O columns (QR), which preserves every inner product the
 objective uses while shrinking d_model to at most (group size x head dim).
 """
 
@@ -36,12 +37,26 @@ class MapOperator(Protocol):
     """Applies teacher attention maps to values: the only access the weights need to the maps."""
 
     def apply(self, heads: list[int], values: Tensor) -> Tensor:
-        """A_{heads[i]} @ values[:, i] for every i: values [B, len(heads), T, R] -> same shape."""
+        """A_h @ values for every h in heads: values [B, T, W] -> [B, len(heads), T, W]."""
         ...
 
 
-CircuitFn = Callable[[tuple[int, ...]], Tensor]
-"""Maps a final group of teacher heads to their circuits [B, len(group), T, R] in one shared basis."""
+@dataclass(frozen=True)
+class GroupCircuits:
+    """The value-output circuits of one final group, factored through the group's value heads.
+
+    Head b's circuit is X_b = values @ lifts[i] for b = group[i]: `values` [B, T, U*d] stacks the
+    U distinct value heads the group reads, and `lifts[i]` [U*d, R] holds W_O^(b)T (or an
+    equivalent basis of it) in the rows of b's value head. So A_a X_b = (A_a values) @ lifts[i]:
+    the maps only ever touch the U*d value columns, however wide d_model is.
+    """
+
+    values: Tensor
+    lifts: Tensor
+
+
+CircuitFn = Callable[[tuple[int, ...]], GroupCircuits]
+"""Gives a final group of teacher heads its circuits."""
 
 
 class StreamingMaps:
@@ -53,6 +68,7 @@ class StreamingMaps:
 
     def apply(self, heads: list[int], values: Tensor) -> Tensor:
         q, k = self.queries[:, heads], self.keys[:, heads]
+        values = values[:, None].expand(-1, len(heads), -1, -1)
         if self.fused:
             return self._fused(q, k, values)
         out = torch.empty_like(values)
@@ -89,7 +105,12 @@ class _MergedHead:
 
     members: tuple[int, ...]
     member_weights: Tensor  # [B, len(members)]
-    circuit: Tensor  # [B, T, R]
+    attended: Tensor  # [B, len(members), T, U*d]: each member's map applied to the group's values
+    circuit: Tensor  # [U*d, R]: the summed lifts of the members (X_h = values @ circuit)
+
+    def apply(self, circuit: Tensor) -> Tensor:
+        """A_a X for each member a and the circuit X = values @ circuit: [B, len(members), T, R]."""
+        return self.attended @ circuit
 
 
 def walk_plan(
@@ -101,11 +122,12 @@ def walk_plan(
     heads: list[_MergedHead | None] = [None] * plan.num_teacher_heads
     for group in plan.groups:
         group_circuits = circuits(group)
+        attended = maps.apply(list(group), group_circuits.values)
         for i, head in enumerate(group):
-            heads[head] = _MergedHead((head,), ones, group_circuits[:, i])
+            heads[head] = _MergedHead((head,), ones, attended[:, i : i + 1], group_circuits.lifts[i])
     for round_groups in plan.rounds:
         heads = [
-            heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], maps, rows, objective)
+            heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], rows, objective)
             for g in round_groups
         ]
     weights = torch.zeros(batch, plan.num_student_heads, plan.num_teacher_heads, dtype=rows.dtype, device=rows.device)
@@ -114,35 +136,29 @@ def walk_plan(
     return weights
 
 
-def _merge(heads: list[_MergedHead], maps: MapOperator, rows: Tensor, objective: str) -> _MergedHead:
+def _merge(heads: list[_MergedHead], rows: Tensor, objective: str) -> _MergedHead:
     """Merges heads into one with simplex weights chosen by the reconstruction objective."""
-    members = [m for h in heads for m in h.members]
-    owner = [i for i, h in enumerate(heads) for _ in h.members]
-    # ownership[b, h, a] = weight of member a inside merged head h (zero for other heads' members)
-    ownership = torch.zeros(rows.shape[0], len(heads), len(members), dtype=rows.dtype, device=rows.device)
-    start = 0
-    for i, h in enumerate(heads):
-        ownership[:, i, start : start + len(h.members)] = h.member_weights
-        start += len(h.members)
     circuit = sum(h.circuit for h in heads)
     if objective == "output":
         # target: sum_h A_h X_h; candidates: A_h (sum_h X_h)
-        values = torch.stack([torch.cat([circuit, heads[o].circuit], dim=-1) for o in owner], dim=1)
-        on_all, on_own = maps.apply(members, values).chunk(2, dim=-1)
-        candidates = torch.einsum("bha,batr->bhtr", ownership, on_all)[:, :, None]
-        targets = torch.einsum("ba,batr->btr", ownership.sum(dim=1), on_own)[:, None]
+        candidates = torch.stack([_mix(h, h.apply(circuit)) for h in heads], dim=1)[:, :, None]
+        targets = sum(_mix(h, h.apply(h.circuit)) for h in heads)[:, None]
     else:
         # targets: A_j X_j for each head j; candidates: A_h X_j
-        per_circuit = [
-            torch.einsum("bha,batr->bhtr", ownership, maps.apply(members, h.circuit[:, None].expand(-1, len(members), -1, -1)))
-            for h in heads
-        ]
-        candidates = torch.stack(per_circuit, dim=2)
-        targets = torch.stack([per_circuit[j][:, j] for j in range(len(heads))], dim=1)
+        candidates = torch.stack([torch.stack([_mix(h, h.apply(j.circuit)) for j in heads], dim=1) for h in heads], dim=1)
+        targets = torch.stack([candidates[:, j, j] for j in range(len(heads))], dim=1)
     mix = _solve(candidates, targets, rows)
     return _MergedHead(
-        tuple(members), (ownership * mix[:, :, None]).sum(dim=1), circuit
+        members=sum((h.members for h in heads), ()),
+        member_weights=torch.cat([h.member_weights * mix[:, i : i + 1] for i, h in enumerate(heads)], dim=1),
+        attended=torch.cat([h.attended for h in heads], dim=1),
+        circuit=circuit,
     )
+
+
+def _mix(head: _MergedHead, per_member: Tensor) -> Tensor:
+    """Combines per-member outputs [B, members, T, R] with the head's member weights: [B, T, R]."""
+    return torch.einsum("ba,batr->btr", head.member_weights, per_member)
 
 
 def _solve(candidates: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
@@ -156,7 +172,10 @@ def _solve(candidates: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
     residual = (targets - reference) * row_weight
     gram = torch.einsum("bkjtr,bljtr->bkl", centred, centred).double()
     cross = torch.einsum("bkjtr,bjtr->bk", centred, residual).double()
-    return simplex_least_squares(gram, cross).to(rows.dtype)
+    # differences below ~1000 ulps of the candidates' own size are rounding, not signal
+    scale = (candidates * row_weight[:, None]).pow(2).sum(dim=(2, 3, 4)).amax(dim=1).double()
+    tolerance = (1e3 * torch.finfo(rows.dtype).eps) ** 2 * scale
+    return simplex_least_squares(gram, cross, tolerance).to(rows.dtype)
 
 
 def constant_weights(plan: SqueezePlan, batch: int, dtype: torch.dtype, device) -> Tensor:
@@ -192,21 +211,47 @@ def check_teacher_inputs(q: Tensor, k: Tensor, v: Tensor, o_proj_weight: Tensor 
         )
 
 
-def reduced_circuits(values: Tensor, o_proj_weight: Tensor | None, group: tuple[int, ...]) -> Tensor:
-    """Circuits X_i = V_i W_O^(i)T of a group in an orthonormal basis of the group's o_proj columns.
+def circuit_maps(o_proj_weight: Tensor | None, group: tuple[int, ...], head_dim: int, dtype: torch.dtype, *, reduce: bool) -> Tensor:
+    """Each group head's output map [|S|, d, R]: X_b = V_b @ maps[b].
 
-    With W_S = Q R (reduced QR of the group's columns), X_i = V_i R_i^T Q^T and Q has orthonormal
-    columns, so V_i R_i^T has exactly the inner products of X_i in min(d_model, |S| d) dimensions.
-    Without o_proj (value-space variant) the circuits are the values themselves.
+    W_O^(b)T itself when `reduce` is False (R = d_model). With `reduce`, the group's columns
+    W_S = Q R are replaced by R's blocks: Q has orthonormal columns, so this keeps every inner
+    product between the group's circuits in min(d_model, |S| d) dimensions. Without o_proj (the
+    value-space variant) each circuit is its head's values (identity maps).
     """
-    group_values = values[:, list(group)]
     if o_proj_weight is None:
-        return group_values
-    head_dim = values.shape[-1]
+        return torch.eye(head_dim, dtype=dtype, device="cpu").expand(len(group), -1, -1)
     columns = torch.cat([o_proj_weight[:, h * head_dim : (h + 1) * head_dim] for h in group], dim=1)
+    if not reduce:
+        return columns.T.reshape(len(group), head_dim, -1).to(dtype)
     _, r = torch.linalg.qr(columns.double(), mode="reduced")
-    blocks = r.to(values.dtype).reshape(r.shape[0], len(group), head_dim).permute(1, 2, 0)  # [|S|, d, r]
-    return torch.einsum("bstd,sdr->bstr", group_values, blocks)
+    return r.to(dtype).reshape(r.shape[0], len(group), head_dim).permute(1, 2, 0)
+
+
+def group_circuits(values: Tensor, group: tuple[int, ...], num_heads: int, head_maps: Tensor) -> GroupCircuits:
+    """Factors a group's circuits through the value heads it reads (see `GroupCircuits`).
+
+    values: [B, H_kv, T, d] before grouped-query repetition; head_maps from `circuit_maps`.
+    """
+    batch, num_kv, length, head_dim = values.shape
+    per_kv = num_heads // num_kv
+    kv_heads = sorted({h // per_kv for h in group})
+    stacked = values[:, kv_heads].permute(0, 2, 1, 3).reshape(batch, length, len(kv_heads) * head_dim)
+    lifts = values.new_zeros(len(group), len(kv_heads) * head_dim, head_maps.shape[-1])
+    for i, head in enumerate(group):
+        slot = kv_heads.index(head // per_kv)
+        lifts[i, slot * head_dim : (slot + 1) * head_dim] = head_maps[i]
+    return GroupCircuits(stacked, lifts)
+
+
+def circuit_fn(values: Tensor, o_proj_weight: Tensor | None, num_heads: int, *, reduce: bool) -> CircuitFn:
+    """The circuits of each final group, reduced to the QR basis or in full d_model dimensions."""
+
+    def circuits(group: tuple[int, ...]) -> GroupCircuits:
+        head_maps = circuit_maps(o_proj_weight, group, values.shape[-1], values.dtype, reduce=reduce)
+        return group_circuits(values, group, num_heads, head_maps.to(values.device))
+
+    return circuits
 
 
 def squeeze_weights(
@@ -237,9 +282,7 @@ def squeeze_weights(
     with torch.no_grad():
         queries = teacher_q.to(dtype)
         keys = repeat_kv(teacher_k, num_heads).to(dtype)
-        values = repeat_kv(teacher_v, num_heads).to(dtype)
+        values = teacher_v.to(dtype)
         maps = StreamingMaps(queries, keys, attention_mask, head_dim**-0.5)
         rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-        return walk_plan(
-            structure, maps, lambda group: reduced_circuits(values, o_proj_weight, group), rows, objective
-        )
+        return walk_plan(structure, maps, circuit_fn(values, o_proj_weight, num_heads, reduce=True), rows, objective)
