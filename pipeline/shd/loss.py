@@ -69,12 +69,14 @@ def _blockwise(
     for start in range(0, length, block_size):
         end = min(length, start + block_size)
         hidden = ~allowed_keys(attention_mask, start, end, device)
-        teacher_scores = (tq[:, :, start:end] @ tk[:, :, :end].transpose(-1, -2)) * (teacher_scale / tau)
-        teacher_probs = teacher_scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        # in-place masking and early deletes keep at most two [B, M, block, T] buffers alive
+        teacher_scores = (tq[:, :, start:end] @ tk[:, :, :end].transpose(-1, -2)).mul_(teacher_scale / tau)
+        teacher_probs = teacher_scores.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+        del teacher_scores
         target = torch.einsum("bnm,bmij->bnij", mix, teacher_probs)
-        del teacher_scores, teacher_probs
-        student_scores = (sq[:, :, start:end] @ sk[:, :, :end].transpose(-1, -2)) * (student_scale / tau)
-        log_student = student_scores.masked_fill(hidden, float("-inf")).log_softmax(dim=-1)
+        del teacher_probs
+        student_scores = (sq[:, :, start:end] @ sk[:, :, :end].transpose(-1, -2)).mul_(student_scale / tau)
+        log_student = student_scores.masked_fill_(hidden, float("-inf")).log_softmax(dim=-1)
         del student_scores
         row_kl = (torch.xlogy(target, target) - target * log_student.masked_fill(hidden, 0.0)).sum(dim=-1)
         block_rows = rows[:, None, start:end]

@@ -224,8 +224,8 @@ def circuit_maps(o_proj_weight: Tensor | None, group: tuple[int, ...], head_dim:
     columns = torch.cat([o_proj_weight[:, h * head_dim : (h + 1) * head_dim] for h in group], dim=1)
     if not reduce:
         return columns.T.reshape(len(group), head_dim, -1).to(dtype)
-    _, r = torch.linalg.qr(columns.double(), mode="reduced")
-    return r.to(dtype).reshape(r.shape[0], len(group), head_dim).permute(1, 2, 0)
+    _, r = torch.linalg.qr(columns.to(dtype), mode="reduced")
+    return r.reshape(r.shape[0], len(group), head_dim).permute(1, 2, 0)
 
 
 def group_circuits(values: Tensor, group: tuple[int, ...], num_heads: int, head_maps: Tensor) -> GroupCircuits:
