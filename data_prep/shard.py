@@ -1,0 +1,313 @@
+"""Tokenize a corpus into Megatron-compatible mmap shards (`.bin` + `.idx`) with a manifest.
+
+    python -m data_prep.shard --input python-stdlib --tokenizer runs/tok --out runs/data --workers 2
+
+Each document becomes one entry: its tokens followed by EOS. Each document goes to `train` or `val`
+by a hash of its text and --seed, so the split does not depend on --workers or on resuming. Each
+split is cut into shards of at least --shard-tokens tokens (whole documents) in input order, so shard
+boundaries, and hence the output files, are a function of the inputs and options only.
+
+Crash safety and resume: a shard is written under a `.tmp` name and renamed when complete, and
+`manifest.json` is replaced atomically after every shard. Running the same command again after a
+crash re-reads the input, skips (without tokenizing) the documents already in completed shards and
+finishes with exactly the output of an uninterrupted run. An output directory made with another
+tokenizer or options is refused unless --overwrite. Readers only accept a manifest marked complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.cli import add_options, options_from_args, run_cli
+from data_prep.encode import DocumentEncoder, EncodedBatch
+from data_prep.indexed import TMP_SUFFIX, ShardWriter, token_dtype
+from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord,
+                                load_manifest, tokenizer_identity, write_manifest)
+from data_prep.sources import Document, InputReport, Source, iter_documents, resolve_inputs
+
+# Test hook: seconds to sleep after each committed shard, so a test can kill the run at a known point.
+SLEEP_AFTER_SHARD_ENV = "DATA_PREP_SLEEP_AFTER_SHARD"
+# A batch sent to the encoder: big enough to amortize process hand-offs, small enough to keep memory flat.
+BATCH_DOCS = 512
+BATCH_CHARS = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardOptions:
+    """Options of `python -m data_prep.shard`; those in `settings()` must match to resume a directory."""
+
+    inputs: tuple[str, ...] = field(metadata={
+        "flag": "--input", "help": "files (.txt/.jsonl/.json/.parquet), directories, globs, dataset "
+                                   "directories, Hub dataset names owner/name[:config], or python-stdlib"})
+    tokenizer: Path = field(metadata={"help": "Hugging Face tokenizer directory (trained one or the teacher's)"})
+    out: Path = field(metadata={"help": "output directory for shards and manifest.json"})
+    text_field: str = field(default="text", metadata={"help": "record field holding the text (jsonl/parquet/datasets)"})
+    workers: int = field(default=1, metadata={"help": "tokenizer processes; the output does not depend on it"})
+    val_fraction: float = field(default=0.01, metadata={"help": "fraction of documents in the val split"})
+    seed: int = field(default=0, metadata={"help": "seed of the per-document train/val assignment"})
+    shard_tokens: int = field(default=20_000_000, metadata={"help": "tokens per shard (whole documents)"})
+    strict: bool = field(default=False, metadata={"help": "fail on a record without text instead of skipping it"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an output directory made differently"})
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise DataError("--input: give at least one input")
+        if self.workers < 1:
+            raise DataError(f"--workers {self.workers}: must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.seed < 0:
+            raise DataError(f"--seed {self.seed}: must be >= 0")
+        if self.shard_tokens < 1:
+            raise DataError(f"--shard-tokens {self.shard_tokens}: must be >= 1")
+        if not self.text_field:
+            raise DataError("--text-field: must not be empty")
+
+    def settings(self) -> dict[str, Any]:
+        """The options that determine the output (not --workers, which only changes speed)."""
+        return {"text_field": self.text_field, "val_fraction": self.val_fraction, "seed": self.seed,
+                "shard_tokens": self.shard_tokens, "strict": self.strict}
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS if self.val_fraction > 0 else ("train",)
+
+
+def split_of(text: str, seed: int, val_fraction: float) -> str:
+    """`val` for a fixed pseudo-random `val_fraction` of documents, chosen by content and seed."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
+                             key=seed.to_bytes(8, "little")).digest()
+    return "val" if int.from_bytes(digest, "little") < val_fraction * 2**64 else "train"
+
+
+class _SplitWriter:
+    """Cuts one split's documents into shards of at least `shard_tokens` tokens, in order."""
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int, next_index: int,
+                 on_shard: Callable[[ShardRecord], None]) -> None:
+        self._root, self._split, self._dtype = root, split, dtype
+        self._shard_tokens, self._next_index, self._on_shard = shard_tokens, next_index, on_shard
+        self._writer: ShardWriter | None = None
+        self._first_doc = self._last_doc = -1
+
+    def add(self, doc_index: int, tokens: np.ndarray) -> None:
+        if self._writer is None:
+            self._writer = ShardWriter(self._root / f"{self._split}-{self._next_index:05d}", self._dtype)
+            self._first_doc = doc_index
+        self._writer.add(tokens)
+        self._last_doc = doc_index
+        if self._writer.tokens >= self._shard_tokens:
+            self.close()
+
+    def close(self) -> None:
+        """Complete the current shard, if any (also called at the end for the last, partial shard)."""
+        if self._writer is None:
+            return
+        bin_digest, idx_digest = self._writer.finish()
+        record = ShardRecord(name=self._writer.prefix.name, split=self._split, documents=self._writer.documents,
+                             tokens=self._writer.tokens, first_doc=self._first_doc, last_doc=self._last_doc,
+                             bin=bin_digest, idx=idx_digest)
+        self._writer = None
+        self._next_index += 1
+        self._on_shard(record)
+
+
+_WORKER_ENCODER: DocumentEncoder | None = None  # each pool worker's own encoder, set by _init_worker
+
+
+def _init_worker(tokenizer_dir: Path) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers sets the parallelism
+    _WORKER_ENCODER = DocumentEncoder(tokenizer_dir)
+
+
+def _encode_in_worker(texts: list[str]) -> EncodedBatch:
+    return _WORKER_ENCODER.encode(texts)
+
+
+Batch = list[tuple[int, str, str]]  # (document index, split, text)
+
+
+def _encode_batches(batches: Iterator[Batch], options: ShardOptions) -> Iterator[tuple[Batch, EncodedBatch]]:
+    """Encode batches in order, in-process for one worker, else in a pool with a bounded window."""
+    if options.workers == 1:
+        encoder = DocumentEncoder(options.tokenizer)
+        for batch in batches:
+            yield batch, encoder.encode([text for _, _, text in batch])
+        return
+    with multiprocessing.get_context().Pool(options.workers, _init_worker, (options.tokenizer,)) as pool:
+        window: deque = deque()
+        for batch in batches:
+            window.append((batch, pool.apply_async(_encode_in_worker, ([text for _, _, text in batch],))))
+            if len(window) >= 2 * options.workers:
+                done, result = window.popleft()
+                yield done, result.get()
+        while window:
+            done, result = window.popleft()
+            yield done, result.get()
+
+
+class _PendingBatches:
+    """Groups documents into encoder batches, leaving out those a completed shard already holds."""
+
+    def __init__(self, documents: Iterator[Document], options: ShardOptions, done: dict[str, int]) -> None:
+        self._documents, self._options, self._done = documents, options, done
+        self.read = 0  # documents read so far, including those left out
+
+    def __iter__(self) -> Iterator[Batch]:
+        batch: Batch = []
+        chars = 0
+        for index, doc in enumerate(self._documents):
+            self.read = index + 1
+            split = split_of(doc.text, self._options.seed, self._options.val_fraction)
+            if index <= self._done[split]:
+                continue
+            batch.append((index, split, doc.text))
+            chars += len(doc.text)
+            if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+                yield batch
+                batch, chars = [], 0
+        if batch:
+            yield batch
+
+
+def _prepare_out_dir(options: ShardOptions, fresh: Manifest) -> Manifest:
+    """The manifest to continue from: `fresh`, or the matching one already in --out (resume)."""
+    out = options.out
+    if (out / MANIFEST_NAME).is_file() and not options.overwrite:
+        old = load_manifest(out, require_complete=False)
+        differs = [name for name in ("tokenizer", "dtype", "options")
+                   if getattr(old, name) != getattr(fresh, name)]
+        if differs:
+            raise DataError(f"{out}: holds shards made with a different {' and '.join(differs)}; pass --overwrite "
+                            "to replace them, or choose another --out")
+        for shard in old.shards:
+            for path, digest in ((shard.bin_path(out), shard.bin), (shard.idx_path(out), shard.idx)):
+                if not path.is_file() or path.stat().st_size != digest.bytes:
+                    raise DataError(f"{path}: listed in the manifest but missing or of the wrong size; "
+                                    "pass --overwrite to start over")
+        _remove(out, lambda p: p.name.endswith(TMP_SUFFIX))
+        return old
+    if out.is_dir() and any(out.iterdir()) and not options.overwrite:
+        raise DataError(f"{out}: exists, is not empty and has no {MANIFEST_NAME}; choose an empty or new --out "
+                        "(or --overwrite to replace shard files in it)")
+    out.mkdir(parents=True, exist_ok=True)
+    _remove(out, _is_ours)
+    write_manifest(fresh)
+    return fresh
+
+
+def _is_ours(path: Path) -> bool:
+    name = path.name.removesuffix(TMP_SUFFIX)
+    return name == MANIFEST_NAME or (name.split("-")[0] in SPLITS and name.endswith((".bin", ".idx")))
+
+
+def _remove(out: Path, which: Callable[[Path], bool]) -> None:
+    for path in out.iterdir():
+        if path.is_file() and which(path):
+            path.unlink()
+
+
+class _Progress:
+    """tqdm bar on stderr: documents read, tokens written and the tokenization rate."""
+
+    def __init__(self) -> None:
+        self.bar = tqdm(unit="doc", desc="sharding", file=sys.stderr, mininterval=1.0)
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, documents: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tok/s", refresh=False)
+        self.bar.update(documents)
+
+
+def build_shards(options: ShardOptions) -> Manifest:
+    """Write (or finish) the shard directory described by `options`; returns its complete manifest."""
+    sources = resolve_inputs(options.inputs)
+    identity = tokenizer_identity(options.tokenizer)
+    dtype = token_dtype(identity.vocab_size)
+    fresh = Manifest(path=options.out / MANIFEST_NAME, complete=False, tokenizer=identity, dtype=dtype.name,
+                     options={"inputs": [s.describe() for s in sources], **options.settings()}, shards=())
+    manifest = _prepare_out_dir(options, fresh)
+    if manifest.complete:
+        print(f"{options.out}: already complete, nothing to do", file=sys.stderr)
+        return manifest
+    return _run(options, sources, manifest, dtype)
+
+
+def _run(options: ShardOptions, sources: list[Source], manifest: Manifest, dtype: np.dtype) -> Manifest:
+    records = list(manifest.shards)
+    sleep_after_shard = float(os.environ.get(SLEEP_AFTER_SHARD_ENV, "0"))
+
+    def commit(record: ShardRecord) -> None:
+        records.append(record)
+        write_manifest(replace(manifest, shards=tuple(records)))
+        time.sleep(sleep_after_shard)
+
+    done = {split: max((r.last_doc for r in records if r.split == split), default=-1) for split in options.splits}
+    writers = {split: _SplitWriter(options.out, split, dtype, options.shard_tokens,
+                                   sum(r.split == split for r in records), commit) for split in options.splits}
+    report = InputReport(strict=options.strict)
+    progress = _Progress()
+    pending = _PendingBatches(iter_documents(sources, options.text_field, report), options, done)
+    reported = 0
+    try:
+        for batch, encoded in _encode_batches(iter(pending), options):
+            ends = np.cumsum(encoded.lengths)
+            for (index, split, _), end, length in zip(batch, ends, encoded.lengths):
+                writers[split].add(index, encoded.tokens[end - length:end])
+            progress.update(pending.read - reported, len(encoded.tokens))
+            reported = pending.read
+        for split in options.splits:
+            writers[split].close()
+    finally:
+        progress.bar.close()  # before any error message, so that message is the last line
+    if pending.read == 0:
+        raise DataError(f"no documents in the inputs ({', '.join(options.inputs)})"
+                        + "".join(f"; {line}" for line in report.summary_lines()))
+    stats = {"documents": {s: sum(r.documents for r in records if r.split == s) for s in options.splits},
+             "tokens": {s: sum(r.tokens for r in records if r.split == s) for s in options.splits},
+             "input": report.as_dict()}
+    final = replace(manifest, shards=tuple(records), complete=True, stats=stats)
+    write_manifest(final)
+    _print_summary(final, report, progress)
+    return final
+
+
+def _print_summary(manifest: Manifest, report: InputReport, progress: _Progress) -> None:
+    elapsed = time.perf_counter() - progress.start
+    lines = [f"wrote {manifest.root} ({manifest.dtype}, vocab {manifest.tokenizer.vocab_size})"]
+    for split, documents in manifest.stats["documents"].items():
+        shards = len(manifest.split_shards(split))
+        lines.append(f"  {split}: {documents:,} documents, {manifest.stats['tokens'][split]:,} tokens, {shards} shards")
+    lines.append(f"  tokenized {progress.tokens:,} tokens in {elapsed:.1f} s "
+                 f"({progress.tokens / max(elapsed, 1e-9):,.0f} tok/s)")
+    lines += [f"  {line}" for line in report.summary_lines()]
+    if "val" in manifest.stats["documents"] and manifest.stats["documents"]["val"] == 0:
+        lines.append("  warning: no document fell into val; raise --val-fraction for a validation split")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0])
+    add_options(parser, ShardOptions)
+    build_shards(options_from_args(ShardOptions, parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    run_cli(main)

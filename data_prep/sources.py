@@ -1,0 +1,269 @@
+"""Input resolution and document reading for `data_prep.tokenizer` and `data_prep.shard`.
+
+An input is, in this order of precedence: a named corpus (`python-stdlib`), an existing file, an
+existing directory (a `datasets.save_to_disk` directory, or else every supported file under it), a
+glob, or a Hugging Face Hub dataset `owner/name[:config]` (its `train` split). Documents come out in a
+deterministic order: inputs as given, files sorted by path, records in file order. Records that
+cannot be used are counted in an `InputReport` (with the first few places) instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from data_prep.corpora import NAMED_CORPORA, NamedCorpus
+from data_prep.manifest import DataError
+
+FILE_KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")
+_DATASET_DIR_MARKERS = ("state.json", "dataset_dict.json")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document's text and where it came from (`path`, `path:line`, `name#row`)."""
+
+    text: str
+    origin: str
+
+
+@dataclass
+class InputReport:
+    """Counts of records skipped or repaired while reading, with the first few origins of each.
+
+    With `strict`, a skipped record (missing text field, invalid JSON) is an error instead.
+    """
+
+    strict: bool = False
+    max_examples: int = 5
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    SKIPPED = ("missing_text_field", "invalid_json")
+
+    def note(self, kind: str, origin: str, detail: str = "") -> None:
+        if self.strict and kind in self.SKIPPED:
+            raise DataError(f"{origin}: {kind.replace('_', ' ')}{': ' + detail if detail else ''} (--strict)")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        first = self.examples.setdefault(kind, [])
+        if len(first) < self.max_examples:
+            first.append(origin)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {kind: {"count": n, "first": self.examples[kind]} for kind, n in sorted(self.counts.items())}
+
+    def summary_lines(self) -> list[str]:
+        return [f"{kind.replace('_', ' ')}: {n} (first: {', '.join(self.examples[kind])})"
+                for kind, n in sorted(self.counts.items())]
+
+
+class Source(Protocol):
+    """Something that yields documents; `describe()` pins down what was read, for the manifest."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def documents(self, text_field: str, report: InputReport) -> Iterator[Document]: ...
+
+
+def decode_text(raw: bytes, origin: str, report: InputReport) -> str:
+    """UTF-8 text; undecodable bytes become U+FFFD and are counted."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        report.note("replaced_undecodable_bytes", origin)
+        return raw.decode("utf-8", errors="replace")
+
+
+def _record_text(record: Any, text_field: str, origin: str, report: InputReport) -> str | None:
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(value, str):
+        report.note("missing_text_field", origin, f"no string field {text_field!r}")
+        return None
+    return value
+
+
+def _read_text_file(path: Path, report: InputReport) -> Iterator[Document]:
+    yield Document(decode_text(path.read_bytes(), str(path), report), str(path))
+
+
+def _read_jsonl_file(path: Path, text_field: str, report: InputReport) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            origin = f"{path}:{lineno}"
+            try:
+                record = json.loads(decode_text(raw, origin, report))
+            except json.JSONDecodeError as exc:
+                report.note("invalid_json", origin, str(exc))
+                continue
+            text = _record_text(record, text_field, origin, report)
+            if text is not None:
+                yield Document(text, origin)
+
+
+def _read_parquet_file(path: Path, text_field: str, report: InputReport) -> Iterator[Document]:
+    import pyarrow.parquet as pq  # deferred: only parquet inputs need it
+
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
+                        "choose one with --text-field")
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            text = _record_text({text_field: value}, text_field, f"{path}#row{row}", report)
+            if text is not None:
+                yield Document(text, f"{path}#row{row}")
+            row += 1
+
+
+def _listing_sha256(files: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path}\0{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Local files (from a file, directory or glob input), read in sorted path order."""
+
+    spec: str
+    files: tuple[Path, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"input": self.spec, "kind": "files", "files": len(self.files),
+                "listing_sha256": _listing_sha256(self.files)}
+
+    def documents(self, text_field: str, report: InputReport) -> Iterator[Document]:
+        for path in self.files:
+            kind = FILE_KINDS[path.suffix.lower()]
+            if kind == "text":
+                yield from _read_text_file(path, report)
+            elif kind == "jsonl":
+                yield from _read_jsonl_file(path, text_field, report)
+            else:
+                yield from _read_parquet_file(path, text_field, report)
+
+
+def _dataset_records(dataset: Iterable[dict], name: str, text_field: str,
+                     report: InputReport) -> Iterator[Document]:
+    for row, record in enumerate(dataset):
+        text = _record_text(record, text_field, f"{name}#row{row}", report)
+        if text is not None:
+            yield Document(text, f"{name}#row{row}")
+
+
+@dataclass(frozen=True)
+class DiskDatasetSource:
+    """A directory written by `datasets`' `save_to_disk` (a DatasetDict contributes its `train` split)."""
+
+    path: Path
+
+    def _load(self):
+        import datasets  # deferred: importing datasets costs seconds
+
+        loaded = datasets.load_from_disk(str(self.path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise DataError(f"{self.path}: dataset has no 'train' split (splits: {', '.join(loaded)})")
+            loaded = loaded["train"]
+        return loaded
+
+    def describe(self) -> dict[str, Any]:
+        return {"input": str(self.path), "kind": "dataset_dir", "fingerprint": self._load()._fingerprint}
+
+    def documents(self, text_field: str, report: InputReport) -> Iterator[Document]:
+        dataset = self._load()
+        if text_field not in dataset.column_names:
+            raise DataError(f"{self.path}: no column {text_field!r} (columns: {', '.join(dataset.column_names)}); "
+                            "choose one with --text-field")
+        yield from _dataset_records(dataset, str(self.path), text_field, report)
+
+
+@dataclass(frozen=True)
+class HubDatasetSource:
+    """A Hugging Face Hub dataset `owner/name[:config]`, streamed from its `train` split (needs network)."""
+
+    name: str
+    config: str | None
+
+    def describe(self) -> dict[str, Any]:
+        return {"input": self.name + (f":{self.config}" if self.config else ""), "kind": "hub"}
+
+    def documents(self, text_field: str, report: InputReport) -> Iterator[Document]:
+        import datasets  # deferred: importing datasets costs seconds
+
+        try:
+            dataset = datasets.load_dataset(self.name, self.config, split="train", streaming=True)
+        except Exception as exc:  # the hub client raises many types (offline, not found, gated)
+            raise DataError(
+                f"cannot load Hugging Face dataset {self.name!r} ({type(exc).__name__}: {exc}). It is not a local "
+                "path either; without network, download it first or pass local files") from exc
+        yield from _dataset_records(dataset, self.name, text_field, report)
+
+
+def _supported_files(paths: Iterable[Path]) -> list[Path]:
+    found: set[Path] = set()
+    for path in paths:
+        if path.is_dir():
+            found.update(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_KINDS)
+        elif path.is_file() and path.suffix.lower() in FILE_KINDS:
+            found.add(path)
+    return sorted(p.resolve() for p in found)
+
+
+def resolve_input(spec: str) -> Source:
+    """Turn one `--input` value into a Source, or raise DataError saying why it cannot be read."""
+    if spec in NAMED_CORPORA:
+        return NamedCorpus(spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in FILE_KINDS:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r} (supported: {', '.join(FILE_KINDS)})")
+        return FileSource(spec, (path.resolve(),))
+    if path.is_dir():
+        if any((path / marker).is_file() for marker in _DATASET_DIR_MARKERS):
+            return DiskDatasetSource(path.resolve())
+        files = _supported_files([path])
+        if not files:
+            raise DataError(f"{path}: directory has no {'/'.join(FILE_KINDS)} files")
+        return FileSource(spec, tuple(files))
+    if glob.has_magic(spec):
+        files = _supported_files(Path(p) for p in glob.glob(str(path), recursive=True))
+        if not files:
+            raise DataError(f"{spec}: glob matches no {'/'.join(FILE_KINDS)} files")
+        return FileSource(spec, tuple(files))
+    if _HUB_NAME.fullmatch(spec) and path.suffix.lower() not in FILE_KINDS:
+        name, _, config = spec.partition(":")
+        return HubDatasetSource(name, config or None)
+    if "/" not in spec and not path.suffix:
+        raise DataError(f"unknown input {spec!r}: not an existing path and not a named corpus "
+                        f"(known: {', '.join(NAMED_CORPORA)}); for a Hugging Face dataset give 'owner/name'")
+    raise DataError(f"{spec}: no such file or directory")
+
+
+def resolve_inputs(specs: Iterable[str]) -> list[Source]:
+    """Resolve every input up front, so a typo fails before any work is done."""
+    sources = [resolve_input(spec) for spec in specs]
+    if not sources:
+        raise DataError("no inputs given")
+    return sources
+
+
+def iter_documents(sources: Iterable[Source], text_field: str, report: InputReport) -> Iterator[Document]:
+    """All documents of all sources in order; empty documents are counted and skipped."""
+    for source in sources:
+        for doc in source.documents(text_field, report):
+            if doc.text:
+                yield doc
+            else:
+                report.note("empty_documents", doc.origin)

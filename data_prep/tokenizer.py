@@ -1,0 +1,150 @@
+"""Train a LLaMA-style SentencePiece tokenizer and write it as a Hugging Face tokenizer directory.
+
+    python -m data_prep.tokenizer train --input python-stdlib --vocab-size 8000 --out runs/tok
+
+The model is BPE with byte fallback and split digits, identity normalization and no whitespace
+folding, like LLaMA's, with ids unk=0, bos=1, eos=2 as in LLaMA, plus `<pad>`=3 (a control piece:
+a real vocabulary entry that text never encodes to, so models can embed it). OUT gets
+`tokenizer.model` (SentencePiece) and `tokenizer.json` + `tokenizer_config.json`, which
+`transformers.AutoTokenizer.from_pretrained(OUT)` loads as a `TokenizersBackend` whose ids equal
+SentencePiece's; training checks that on probe strings and on sample lines before returning. Use
+`split_special_tokens=True` when encoding raw text with it, as SentencePiece does not treat a
+literal "</s>" in text as EOS (data_prep.shard does this).
+
+Training reads at most --max-sentences non-empty lines, sampled with the seed, so the same inputs and
+seed give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep.cli import add_options, options_from_args, run_cli
+from data_prep.manifest import TOKENIZER_FILES, DataError, load_hf_tokenizer
+from data_prep.sources import InputReport, iter_documents, resolve_inputs
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+SPECIAL_PIECES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+# 3 special pieces, <pad> and the 256 byte-fallback pieces are always in the vocabulary.
+MIN_VOCAB_SIZE = 4 + 256 + 1
+PROBES = ("Hello world", " leading space", "  two leading spaces", "trailing  ", "digits 1234567890 and 3.14159",
+          "tabs\tand\nnewlines\n\n\nend\n", "unicode: héllo wörld — 日本語 😀 \u00a0nbsp", " ", "\n", "    ",
+          "def f(x):\n    return x + 1\n", "<s> literal </s> <pad> <unk>", "a\r\nb", "ﬁ ŉ ǅ ½")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerTrainOptions:
+    """Options of `python -m data_prep.tokenizer train`."""
+
+    inputs: tuple[str, ...] = field(metadata={
+        "flag": "--input", "help": "files, directories, globs, dataset names or a named corpus (python-stdlib)"})
+    out: Path = field(metadata={"help": "directory to write the tokenizer into"})
+    vocab_size: int = field(default=32000, metadata={"help": "vocabulary size, special pieces included"})
+    seed: int = field(default=0, metadata={"help": "seed of the sentence sampling"})
+    text_field: str = field(default="text", metadata={"help": "record field holding the text (jsonl/parquet/datasets)"})
+    max_sentences: int = field(default=2_000_000, metadata={"help": "lines sampled for training"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a tokenizer already in --out"})
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise DataError("--input: give at least one input")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise DataError(f"--vocab-size {self.vocab_size}: at least {MIN_VOCAB_SIZE} (specials + 256 bytes + 1)")
+        if self.seed < 0 or self.max_sentences < 1:
+            raise DataError("--seed must be >= 0 and --max-sentences >= 1")
+
+
+def _training_lines(options: TokenizerTrainOptions, report: InputReport) -> Iterator[str]:
+    sources = resolve_inputs(options.inputs)
+    for doc in iter_documents(sources, options.text_field, report):
+        yield from (line for line in doc.text.split("\n") if line.strip())
+
+
+def _train_sentencepiece(options: TokenizerTrainOptions, report: InputReport) -> bytes:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(options.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(options, report), model_writer=model,
+            model_type="bpe", vocab_size=options.vocab_size, byte_fallback=True, split_digits=True,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, pad_piece=SPECIAL_PIECES["pad_token"],
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True, character_coverage=0.99995, max_sentencepiece_length=16,
+            input_sentence_size=options.max_sentences, shuffle_input_sentence=True,
+            num_threads=min(os.cpu_count() or 1, 16), minloglevel=2)
+    except RuntimeError as exc:  # sentencepiece reports bad corpora and vocab sizes this way
+        raise DataError(f"sentencepiece training failed: {exc}") from exc
+    return model.getvalue()
+
+
+def _write_hf_directory(model: bytes, out: Path) -> None:
+    """Convert the SentencePiece model with transformers itself and save `tokenizer.json` beside it."""
+    with tempfile.TemporaryDirectory(dir=out) as staging:
+        (Path(staging) / "tokenizer.model").write_bytes(model)
+        config = {"tokenizer_class": "TokenizersBackend", **SPECIAL_PIECES}
+        (Path(staging) / "tokenizer_config.json").write_text(json.dumps(config))
+        load_hf_tokenizer(staging).save_pretrained(str(out))
+    (out / "tokenizer.model").write_bytes(model)
+
+
+def check_same_ids(out: Path, samples: list[str]) -> None:
+    """Fail unless the saved HF tokenizer encodes and decodes like SentencePiece on the given texts."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=(out / "tokenizer.model").read_bytes())
+    hf = load_hf_tokenizer(out)
+    for text in samples:
+        expected = sp.encode(text)
+        got = hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+        if got != expected or hf.decode(got) != sp.decode(expected):
+            raise DataError(f"{out}: the Hugging Face tokenizer disagrees with SentencePiece on {text!r}: "
+                            f"{got} != {expected}")
+    ids = (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+    if ids != (UNK_ID, BOS_ID, EOS_ID, PAD_ID) or len(hf) != sp.get_piece_size():
+        raise DataError(f"{out}: special ids {ids} or vocabulary {len(hf)} differ from SentencePiece's")
+
+
+def train_tokenizer(options: TokenizerTrainOptions) -> InputReport:
+    """Train, write and check the tokenizer in `options.out`; returns what was skipped in the input."""
+    existing = [name for name in TOKENIZER_FILES if (options.out / name).exists()]
+    if existing and not options.overwrite:
+        raise DataError(f"{options.out}: already holds a tokenizer ({', '.join(existing)}); pass --overwrite")
+    options.out.mkdir(parents=True, exist_ok=True)
+    for name in existing:
+        (options.out / name).unlink()
+    report = InputReport()
+    model = _train_sentencepiece(options, report)
+    _write_hf_directory(model, options.out)
+    samples = list(PROBES)
+    for line in _training_lines(options, InputReport()):
+        if len(samples) >= len(PROBES) + 200:
+            break
+        samples.append(line)
+    check_same_ids(options.out, samples)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_options(commands.add_parser("train", help="train a tokenizer"), TokenizerTrainOptions)
+    options = options_from_args(TokenizerTrainOptions, parser.parse_args(argv))
+    report = train_tokenizer(options)
+    print(f"wrote {options.out}: vocab {options.vocab_size} ({', '.join(sorted(os.listdir(options.out)))})",
+          file=sys.stderr)
+    for line in report.summary_lines():
+        print(f"  {line}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,163 @@
+"""Training samples from `data_prep.shard` output: fixed-length, packed, shuffled, resumable.
+
+A split's shards are read as one token stream (documents back to back, each ending in EOS). Sample
+`j` is `stream[j*seq_len : j*seq_len + seq_len + 1]`: inputs and shifted targets in one row, the last
+token shared with the next sample, as in Megatron and nanoGPT. Global sample index `g` maps to epoch
+`g // num_samples` and a permutation of that epoch seeded by `(seed, epoch)`. The reader's position is
+a count of consumed global samples, so it resumes exactly, also with another number of data-parallel
+ranks: rank `r` of `w` takes the `r`-th block of `micro_batch_size` samples of every `w` blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.indexed import IndexFormatError, read_index
+from data_prep.manifest import (DataError, Manifest, ShardRecord, TokenizerIdentity, read_manifest,
+                                tokenizer_identity)
+
+__all__ = ["DataError", "Manifest", "PackedSampleReader", "TokenizerIdentity", "read_manifest", "tokenizer_identity"]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_shard(root: Path, shard: ShardRecord, dtype: np.dtype, verify_checksums: bool) -> np.ndarray:
+    """The shard's tokens as a read-only memmap, after checking it against the manifest."""
+    for path, digest in ((shard.bin_path(root), shard.bin), (shard.idx_path(root), shard.idx)):
+        if not path.is_file():
+            raise DataError(f"{path}: shard file missing")
+        if path.stat().st_size != digest.bytes:
+            raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says {digest.bytes} (truncated?)")
+        if verify_checksums and _sha256_file(path) != digest.sha256:
+            raise DataError(f"{path}: sha256 differs from the manifest (corrupt shard)")
+    try:
+        index = read_index(shard.idx_path(root))
+    except IndexFormatError as exc:
+        raise DataError(str(exc)) from exc
+    if index.dtype != dtype or len(index.sizes) != shard.documents or int(index.sizes.sum()) != shard.tokens:
+        raise DataError(f"{shard.idx_path(root)}: index does not match the manifest's dtype/documents/tokens")
+    return np.memmap(shard.bin_path(root), dtype=dtype, mode="r")
+
+
+class _TokenStream:
+    """Several shards' tokens as one indexable stream."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self._parts = parts
+        self._starts = [0]
+        for part in parts:
+            self._starts.append(self._starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens `[start, stop)` as int64, crossing shard boundaries as needed."""
+        out = np.empty(stop - start, dtype=np.int64)
+        i = bisect.bisect_right(self._starts, start) - 1
+        pos = start
+        while pos < stop:
+            take = min(stop, self._starts[i + 1]) - pos
+            offset = pos - self._starts[i]
+            out[pos - start:pos - start + take] = self._parts[i][offset:offset + take]
+            pos += take
+            i += 1
+        return out
+
+
+class PackedSampleReader:
+    """Samples of `seq_len + 1` tokens from one split of a shard directory, for one data-parallel rank."""
+
+    def __init__(self, data_dir: str | Path, *, split: str = "train", seq_len: int, seed: int = 0,
+                 dp_rank: int = 0, dp_world_size: int = 1, verify_checksums: bool = True,
+                 model_vocab_size: int | None = None) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len {seq_len}: must be >= 1")
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_world_size={dp_world_size})")
+        self.manifest = read_manifest(data_dir)
+        vocab = self.manifest.tokenizer.vocab_size
+        if model_vocab_size is not None and vocab > model_vocab_size:
+            raise DataError(f"{self.manifest.path}: tokenizer vocabulary {vocab} does not fit the model's "
+                            f"embedding of {model_vocab_size} rows")
+        shards = self.manifest.split_shards(split)
+        if not shards:
+            raise DataError(f"{self.manifest.path}: no {split!r} shards (splits: "
+                            f"{', '.join(sorted({s.split for s in self.manifest.shards}))})")
+        dtype = np.dtype(self.manifest.dtype)
+        self._stream = _TokenStream([_open_shard(self.manifest.root, s, dtype, verify_checksums) for s in shards])
+        self.num_samples = (len(self._stream) - 1) // seq_len
+        if self.num_samples < 1:
+            raise DataError(f"{self.manifest.path}: {split!r} has {len(self._stream)} tokens, fewer than one "
+                            f"sample of seq_len + 1 = {seq_len + 1}")
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.consumed_samples = 0
+        self._data_sha256 = hashlib.sha256("".join(s.bin.sha256 for s in shards).encode()).hexdigest()
+        self._permutation: tuple[int, np.ndarray] | None = None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._permutation is None or self._permutation[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._permutation = (epoch, rng.permutation(self.num_samples))
+        return self._permutation[1]
+
+    def _sample(self, index: int) -> np.ndarray:
+        start = index * self.seq_len
+        return self._stream.read(start, start + self.seq_len + 1)
+
+    def _rows(self, sample_indices: range | list[int]) -> torch.LongTensor:
+        return torch.from_numpy(np.stack([self._sample(i) for i in sample_indices]))
+
+    def next_batch(self, micro_batch_size: int) -> torch.LongTensor:
+        """This rank's `[micro_batch_size, seq_len + 1]` block of the next global batch; all ranks advance."""
+        first = self.consumed_samples + self.dp_rank * micro_batch_size
+        indices = []
+        for g in range(first, first + micro_batch_size):
+            epoch, position = divmod(g, self.num_samples)
+            indices.append(int(self._epoch_order(epoch)[position]))
+        self.consumed_samples += micro_batch_size * self.dp_world_size
+        return self._rows(indices)
+
+    def eval_batches(self, micro_batch_size: int, max_batches: int | None = None) -> Iterator[torch.LongTensor]:
+        """An unshuffled pass over the split (or its first `max_batches` global batches), sharded by rank.
+
+        Every rank yields the same number of batches; samples left over after the last full global batch
+        are not used.
+        """
+        per_batch = micro_batch_size * self.dp_world_size
+        batches = self.num_samples // per_batch
+        if max_batches is not None:
+            batches = min(batches, max_batches)
+        if batches < 1:
+            raise DataError(f"{self.manifest.path}: {self.split!r} has {self.num_samples} samples, fewer than one "
+                            f"evaluation batch of {micro_batch_size} x {self.dp_world_size} ranks")
+        for b in range(batches):
+            first = b * per_batch + self.dp_rank * micro_batch_size
+            yield self._rows(range(first, first + micro_batch_size))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed, "seq_len": self.seq_len,
+                "split": self.split, "num_samples": self.num_samples, "data_sha256": self._data_sha256}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; refuses a state of another seed, seq_len, split or data."""
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "split", "num_samples", "data_sha256"):
+            if state.get(key) != mine[key]:
+                raise DataError(f"data reader state has {key}={state.get(key)!r} but this reader has {mine[key]!r}; "
+                                "resume with the same data and data settings (or start a new run)")
+        self.consumed_samples = int(state["consumed_samples"])

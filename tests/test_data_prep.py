@@ -1,0 +1,269 @@
+"""data_prep: tokenizer training, sharding, resume after a kill, and input errors, on real tiny data."""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+from data_fixtures import make_tokenizer, tiny_documents, write_jsonl
+from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIndexedDataset
+from transformers import AutoTokenizer
+
+from data_prep.corpora import stdlib_files
+from data_prep.indexed import ShardWriter, token_dtype
+from data_prep.manifest import DataError, load_manifest, read_manifest
+from data_prep.shard import SLEEP_AFTER_SHARD_ENV, ShardOptions, build_shards, split_of
+from data_prep.sources import InputReport, resolve_input
+from data_prep.tokenizer import TokenizerTrainOptions, train_tokenizer
+from pipeline.data import PackedSampleReader, tokenizer_identity
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = tiny_documents(80)
+TRICKY = ["naïve café 日本語 😀\n\n\tindented\r\nline", "digits 0123456789 3.14", "   ", "\n\n", "x</s>y<s>",
+          "trailing spaces   \n", "\u00a0nbsp and \u200bzero width", "emoji 👩‍👩‍👧 family"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"), DOCS)
+
+
+def _shard(tmp_path: Path, tokenizer_dir: Path, docs: list[str], name: str = "data", **kwargs) -> Path:
+    corpus = write_jsonl(tmp_path / f"{name}.jsonl", docs)
+    out = tmp_path / name
+    build_shards(ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=out, **kwargs))
+    return out
+
+
+def _split_docs(manifest_dir: Path, split: str) -> list[np.ndarray]:
+    """Every document of a split, in shard order, read by DeepSpeed's own MMapIndexedDataset."""
+    docs = []
+    for shard in read_manifest(manifest_dir).split_shards(split):
+        dataset = MMapIndexedDataset(str(manifest_dir / shard.name), skip_warmup=True)
+        assert list(dataset.doc_idx) == list(range(len(dataset) + 1))
+        docs += [np.array(dataset[i]) for i in range(len(dataset))]
+    return docs
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------
+
+def test_tokenizer_is_deterministic_and_llama_like(tmp_path: Path, tokenizer_dir: Path) -> None:
+    again = make_tokenizer(tmp_path, DOCS)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        assert (again / name).read_bytes() == (tokenizer_dir / name).read_bytes(), name
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
+    assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2, 3)
+    assert hf.convert_ids_to_tokens(3) == "<pad>" and len(hf) == sp.get_piece_size() == 400
+    for text in TRICKY + DOCS[:20]:
+        ids = hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+        assert ids == sp.encode(text), text
+        assert hf.decode(ids) == sp.decode(ids) == text
+    digit_pieces = [p for p in sp.encode("year 2024 and 31337", out_type=str) if any(c.isdigit() for c in p)]
+    assert all(len(p.strip("▁")) == 1 for p in digit_pieces)  # split digits
+    assert sp.encode("€", out_type=str) != ["<unk>"]  # byte fallback, no unknowns
+
+
+def test_tokenizer_refuses_existing_output(tmp_path: Path, tokenizer_dir: Path) -> None:
+    with pytest.raises(DataError, match="--overwrite"):
+        train_tokenizer(TokenizerTrainOptions(inputs=(str(tmp_path),), out=tokenizer_dir, vocab_size=400))
+    with pytest.raises(DataError, match="--vocab-size"):
+        TokenizerTrainOptions(inputs=("x",), out=tmp_path, vocab_size=100)
+
+
+# --- shards ------------------------------------------------------------------------------------------------
+
+def test_round_trip_through_deepspeed_and_reader(tmp_path: Path, tokenizer_dir: Path) -> None:
+    docs = DOCS + TRICKY + [""]
+    out = _shard(tmp_path, tokenizer_dir, docs, val_fraction=0.2, shard_tokens=700)
+    manifest = read_manifest(out)
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert manifest.dtype == "uint16" and manifest.tokenizer == tokenizer_identity(tokenizer_dir)
+    assert len(manifest.split_shards("train")) > 2 and manifest.split_shards("val")
+    for split in ("train", "val"):
+        expected = [d for d in docs if d and split_of(d, 0, 0.2) == split]
+        stored = _split_docs(out, split)
+        assert [hf.decode(d[:-1]) for d in stored] == expected  # in input order, unicode and blank lines intact
+        assert all(d[-1] == hf.eos_token_id for d in stored)
+        assert [list(d[:-1]) for d in stored] == [
+            hf.encode(t, add_special_tokens=False, split_special_tokens=True) for t in expected]
+        # The reader's unshuffled stream is the same tokens, packed across documents and shards.
+        reader = PackedSampleReader(out, split=split, seq_len=16)
+        rows = list(reader.eval_batches(micro_batch_size=1))
+        stream = np.concatenate([r[0, :-1].numpy() for r in rows] + [rows[-1][0, -1:].numpy()])
+        assert np.array_equal(stream, np.concatenate(stored)[:len(stream)])
+    assert manifest.stats["input"] == {"empty_documents": {"count": 1, "first": [f"{tmp_path}/data.jsonl:89"]}}
+    assert sum(s.documents for s in manifest.shards) == len([d for d in docs if d])
+
+
+@pytest.mark.parametrize("vocab_size", [32000, 128256])
+def test_shard_writer_format_matches_deepspeed(tmp_path: Path, vocab_size: int) -> None:
+    dtype = token_dtype(vocab_size)
+    assert dtype == (np.uint16 if vocab_size <= 65536 else np.int32)
+    docs = [np.array([5, vocab_size - 1, 2]), np.array([2]), np.arange(1000) % vocab_size]
+    writer = ShardWriter(tmp_path / "train-00000", dtype)
+    for doc in docs:
+        writer.add(doc)
+    bin_digest, idx_digest = writer.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-00000.bin", "train-00000.idx"]
+    assert bin_digest.bytes == (tmp_path / "train-00000.bin").stat().st_size == 1004 * dtype.itemsize
+    assert idx_digest.sha256 == hashlib.sha256((tmp_path / "train-00000.idx").read_bytes()).hexdigest()
+    dataset = MMapIndexedDataset(str(tmp_path / "train-00000"), skip_warmup=True)
+    assert dataset.dtype == dtype and list(dataset.doc_idx) == [0, 1, 2, 3]
+    assert all(np.array_equal(dataset[i], doc) for i, doc in enumerate(docs))
+
+
+def test_workers_do_not_change_output(tmp_path: Path, tokenizer_dir: Path) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, workers in ((one, 1), (two, 2)):
+        build_shards(ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=out, val_fraction=0.1,
+                                  shard_tokens=500, workers=workers))
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir())
+    assert filecmp.cmpfiles(one, two, names, shallow=False)[0] == names
+
+
+def _shard_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "data_prep.shard", *args], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path, tokenizer_dir: Path) -> None:
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    args = ["--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--val-fraction", "0.1",
+            "--shard-tokens", "600"]
+    reference = tmp_path / "reference"
+    build_shards(ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=reference, val_fraction=0.1,
+                              shard_tokens=600))
+    out = tmp_path / "killed"
+    proc = _shard_cli([*args, "--out", str(out)], {SLEEP_AFTER_SHARD_ENV: "30"})
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill while it sleeps after committing its first shard
+        if (out / "manifest.json").is_file() and load_manifest(out, require_complete=False).shards:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = load_manifest(out, require_complete=False)
+    assert len(partial.shards) == 1 and not partial.complete
+    with pytest.raises(DataError, match="resume"):
+        read_manifest(out)
+    first = partial.shards[0].bin_path(out)
+    (out / "train-00007.bin.tmp").write_bytes(b"half-written")  # debris of a kill mid-shard
+    first_mtime = first.stat().st_mtime_ns
+
+    resumed = _shard_cli([*args, "--out", str(out), "--workers", "2"])
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    assert (out / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
+    names = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert filecmp.cmpfiles(reference, out, names, shallow=False)[0] == names
+    assert first.stat().st_mtime_ns == first_mtime  # the completed shard was reused, not rewritten
+
+
+def test_refuses_other_options_unless_overwrite(tmp_path: Path, tokenizer_dir: Path) -> None:
+    out = _shard(tmp_path, tokenizer_dir, DOCS[:20])
+    corpus = tmp_path / "data.jsonl"
+    options = dict(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=out)
+    before = (out / "manifest.json").read_bytes()
+    build_shards(ShardOptions(**options, workers=2))  # same output settings: already complete
+    assert (out / "manifest.json").read_bytes() == before
+    with pytest.raises(DataError, match="different options.*--overwrite"):
+        build_shards(ShardOptions(**options, seed=1))
+    assert build_shards(ShardOptions(**options, seed=1, overwrite=True)).options["seed"] == 1
+    other_tokenizer = tmp_path / "other_tokenizer"
+    shutil.copytree(tokenizer_dir, other_tokenizer)
+    with open(other_tokenizer / "tokenizer_config.json", "a") as f:
+        f.write("\n")  # same ids, but not the same files: the data would no longer say what made it
+    with pytest.raises(DataError, match="different tokenizer"):
+        build_shards(ShardOptions(**{**options, "tokenizer": other_tokenizer}, seed=1))
+    with pytest.raises(DataError, match="not empty"):
+        build_shards(ShardOptions(**{**options, "out": tmp_path}))
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+
+def test_bad_records_are_counted_or_strict(tmp_path: Path, tokenizer_dir: Path) -> None:
+    corpus = tmp_path / "mixed.jsonl"
+    corpus.write_bytes(b'{"text": "good one"}\n{"body": "no text"}\nnot json\n\n{"text": "bad \xff byte"}\n'
+                       b'{"text": ""}\n{"text": 5}\n{"text": "last"}\n')
+    out = tmp_path / "out"
+    manifest = build_shards(ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=out, val_fraction=0))
+    counts = manifest.stats["input"]
+    assert counts["missing_text_field"] == {"count": 2, "first": [f"{corpus}:2", f"{corpus}:7"]}
+    assert counts["invalid_json"] == {"count": 1, "first": [f"{corpus}:3"]}
+    assert counts["replaced_undecodable_bytes"]["first"] == [f"{corpus}:5"]
+    assert counts["empty_documents"]["count"] == 1
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert [hf.decode(d[:-1]) for d in _split_docs(out, "train")] == ["good one", "bad \ufffd byte", "last"]
+    strict_out = tmp_path / "strict"
+    with pytest.raises(DataError, match=f"{corpus}:2: missing text field"):
+        build_shards(ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=strict_out, strict=True))
+    with pytest.raises(DataError, match="has not finished"):  # nothing half-written looks complete
+        read_manifest(strict_out)
+
+
+def test_input_kinds(tmp_path: Path, tokenizer_dir: Path) -> None:
+    (tmp_path / "dir" / "sub").mkdir(parents=True)
+    (tmp_path / "dir" / "b.txt").write_text("second file")
+    (tmp_path / "dir" / "sub" / "a.txt").write_text("first\n\nfile ü")
+    (tmp_path / "dir" / "skip.md").write_text("not an input type")
+    pq.write_table(pa.table({"text": ["p1", None, "p2"]}), tmp_path / "t.parquet")
+    datasets.Dataset.from_dict({"text": ["d1", "d2"]}).save_to_disk(str(tmp_path / "saved"))
+    inputs = (str(tmp_path / "dir"), str(tmp_path / "saved"), str(tmp_path / "*.parquet"))
+    out = tmp_path / "out"
+    manifest = build_shards(ShardOptions(inputs=inputs, tokenizer=tokenizer_dir, out=out, val_fraction=0))
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert [hf.decode(d[:-1]) for d in _split_docs(out, "train")] == [
+        "second file", "first\n\nfile ü", "d1", "d2", "p1", "p2"]
+    assert manifest.stats["input"]["missing_text_field"] == {"count": 1, "first": [f"{tmp_path}/t.parquet#row1"]}
+    with pytest.raises(DataError, match="no column 'body'.*--text-field"):
+        list(resolve_input(str(tmp_path / "t.parquet")).documents("body", InputReport()))
+
+
+def test_python_stdlib_corpus_needs_no_network() -> None:
+    source = resolve_input("python-stdlib")
+    description = source.describe()
+    assert description["files"] == len(stdlib_files()) > 500
+    first = next(source.documents("text", InputReport()))
+    assert first.origin.startswith("python-stdlib:") and first.origin.endswith(".py") and first.text
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (["missing/file.txt"], "no such file or directory"),
+    (["python-stdlb"], "unknown input 'python-stdlb'.*python-stdlib"),
+    (["someowner/no-such-dataset"], "cannot load Hugging Face dataset 'someowner/no-such-dataset'"),
+    (["EMPTY"], "no documents in the inputs"),
+])
+def test_cli_errors_are_one_clear_line(tmp_path: Path, tokenizer_dir: Path, inputs: list[str], message: str) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("")
+    inputs = [str(empty) if i == "EMPTY" else i for i in inputs]
+    proc = _shard_cli(["--input", *inputs, "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")],
+                      {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(message, last), stderr
+    if (tmp_path / "out" / "manifest.json").exists():
+        assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
