@@ -101,16 +101,16 @@ class StreamingMaps:
 
 @dataclass
 class _MergedHead:
-    """A head of some merge round: a weighted set of teacher maps and the summed circuit."""
+    """A head of some merge round: a weighted set of teacher maps and the summed circuit.
+
+    Maps are linear, so the merged map applied to the group's values, A_h @ values, is the
+    weighted sum of its members' and is carried along instead of the members' own outputs.
+    """
 
     members: tuple[int, ...]
     member_weights: Tensor  # [B, len(members)]
-    attended: Tensor  # [B, len(members), T, U*d]: each member's map applied to the group's values
+    attended: Tensor  # [B, T, U*d]: A_h @ values
     circuit: Tensor  # [U*d, R]: the summed lifts of the members (X_h = values @ circuit)
-
-    def apply(self, circuit: Tensor) -> Tensor:
-        """A_a X for each member a and the circuit X = values @ circuit: [B, len(members), T, R]."""
-        return self.attended @ circuit
 
 
 def walk_plan(
@@ -124,7 +124,7 @@ def walk_plan(
         group_circuits = circuits(group)
         attended = maps.apply(list(group), group_circuits.values)
         for i, head in enumerate(group):
-            heads[head] = _MergedHead((head,), ones, attended[:, i : i + 1], group_circuits.lifts[i])
+            heads[head] = _MergedHead((head,), ones, attended[:, i], group_circuits.lifts[i])
     for round_groups in plan.rounds:
         heads = [
             heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], rows, objective)
@@ -141,24 +141,19 @@ def _merge(heads: list[_MergedHead], rows: Tensor, objective: str) -> _MergedHea
     circuit = sum(h.circuit for h in heads)
     if objective == "output":
         # target: sum_h A_h X_h; candidates: A_h (sum_h X_h)
-        candidates = torch.stack([_mix(h, h.apply(circuit)) for h in heads], dim=1)[:, :, None]
-        targets = sum(_mix(h, h.apply(h.circuit)) for h in heads)[:, None]
+        candidates = torch.stack([h.attended @ circuit for h in heads], dim=1)[:, :, None]
+        targets = sum(h.attended @ h.circuit for h in heads)[:, None]
     else:
         # targets: A_j X_j for each head j; candidates: A_h X_j
-        candidates = torch.stack([torch.stack([_mix(h, h.apply(j.circuit)) for j in heads], dim=1) for h in heads], dim=1)
+        candidates = torch.stack([torch.stack([h.attended @ j.circuit for j in heads], dim=1) for h in heads], dim=1)
         targets = torch.stack([candidates[:, j, j] for j in range(len(heads))], dim=1)
     mix = _solve(candidates, targets, rows)
     return _MergedHead(
         members=sum((h.members for h in heads), ()),
         member_weights=torch.cat([h.member_weights * mix[:, i : i + 1] for i, h in enumerate(heads)], dim=1),
-        attended=torch.cat([h.attended for h in heads], dim=1),
+        attended=sum(h.attended * mix[:, i, None, None] for i, h in enumerate(heads)),
         circuit=circuit,
     )
-
-
-def _mix(head: _MergedHead, per_member: Tensor) -> Tensor:
-    """Combines per-member outputs [B, members, T, R] with the head's member weights: [B, T, R]."""
-    return torch.einsum("ba,batr->btr", head.member_weights, per_member)
 
 
 def _solve(candidates: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
