@@ -1,0 +1,156 @@
+"""Attention capture for SHD through transformers' ``AttentionInterface``.
+
+Two attention functions are registered (selected per model with ``attn_implementation``):
+
+- ``shd_teacher``: stock SDPA attention; for distilled teacher layers it also keeps the layer's
+  queries and keys (after RoPE, before GQA repetition) and values. The mixing weights need the
+  layer's output projection W_O, which ZeRO-3 partitions; so they are computed in a forward
+  pre-hook of that layer's ``o_proj``, registered *after* ``deepspeed.initialize`` so that it
+  runs after ZeRO-3's own pre-hook has gathered ``o_proj.weight``. The values are dropped there;
+  what is kept per distilled teacher layer is q, k ([B, M(_kv), T, d]) and W [B, N, M].
+- ``shd_student``: stock SDPA attention, plus ``pipeline.shd.shd_loss`` for its layer computed
+  right there, inside the layer's forward. The loss is streaming (no T x T map is kept), and with
+  per-layer activation checkpointing nothing of the layer outlives it except the scalar.
+
+The losses of a forward pass are recorded while ``ShdChannel.recording`` is true. The engine
+clears that flag before ``backward``: non-reentrant activation checkpointing runs each layer's
+forward again during backward (to rebuild its saved tensors, including those of the SHD loss), and
+what those re-runs produce must not be counted a second time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+TEACHER_ATTN = "shd_teacher"
+STUDENT_ATTN = "shd_student"
+
+
+@dataclass
+class ShdChannel:
+    """Side channel between the teacher's and the student's attention functions (one per run)."""
+
+    pairs: dict[int, int]  # student layer -> teacher layer (distilled layers only)
+    num_student_heads: int
+    plan: str = "pairwise"
+    objective: str = "output"
+    tau: float = 1.0
+    block_size: int = 128
+    # per micro-batch state
+    attention_mask: torch.Tensor | None = None  # [B, T], 1 = real token; None = no padding
+    active: bool = False
+    recording: bool = False
+    pending: dict[int, tuple] = field(default_factory=dict)  # teacher layer -> (q, k, v)
+    captures: dict[int, tuple] = field(default_factory=dict)  # teacher layer -> (q, k, W)
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> SHD loss
+    weight_stats: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [2]
+
+    @property
+    def teacher_layers(self) -> set[int]:
+        return set(self.pairs.values())
+
+    def begin(self, attention_mask: torch.Tensor | None) -> None:
+        self.clear()
+        self.attention_mask = attention_mask
+        self.active = True
+        self.recording = True
+
+    def clear(self) -> None:
+        self.active = self.recording = False
+        self.attention_mask = None
+        self.pending.clear()
+        self.captures.clear()
+        self.losses.clear()
+
+
+def teacher_attention(module, query, key, value, attention_mask, **kwargs):
+    chan: ShdChannel | None = getattr(module, "shd_channel", None)
+    if chan is not None and chan.active and module.layer_idx in chan.teacher_layers:
+        chan.pending[module.layer_idx] = (query.detach(), key.detach(), value.detach())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def student_attention(module, query, key, value, attention_mask, **kwargs):
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    chan: ShdChannel | None = getattr(module, "shd_channel", None)
+    if chan is not None and chan.active and module.layer_idx in chan.pairs:
+        from pipeline.shd import shd_loss
+
+        tq, tk, w = chan.captures[chan.pairs[module.layer_idx]]
+        # Computed again when checkpointing recomputes this layer in backward (its saved tensors are
+        # needed), but recorded only in the forward pass.
+        loss = shd_loss(query, key, tq, tk, w, tau=chan.tau, attention_mask=chan.attention_mask,
+                        block_size=chan.block_size)
+        if chan.recording:
+            chan.losses[module.layer_idx] = loss
+    return out
+
+
+def _o_proj_pre_hook(chan: ShdChannel, layer: int):
+    def hook(o_proj: torch.nn.Module, args):
+        if not chan.active or layer not in chan.pending:
+            return None
+        from pipeline.shd import squeeze_weights
+
+        q, k, v = chan.pending.pop(layer)
+        weight = o_proj.weight
+        full = getattr(weight, "ds_shape", weight.shape)
+        if tuple(weight.shape) != tuple(full):  # would mean ZeRO-3 did not gather it before us
+            raise RuntimeError(f"teacher layer {layer}: o_proj.weight is not gathered in its pre-forward "
+                               f"hook (shape {tuple(weight.shape)}, full {tuple(full)})")
+        with torch.no_grad():
+            w = squeeze_weights(q, k, v, weight, chan.num_student_heads, plan=chan.plan,
+                                objective=chan.objective, attention_mask=chan.attention_mask)
+            # statistics for logging: mean over (batch, student head) of the max weight and entropy
+            ent = -(w.clamp_min(1e-12).log() * w).sum(-1)
+            chan.weight_stats[layer] = torch.stack([w.max(-1).values.mean(), ent.mean()]).detach()
+        chan.captures[layer] = (q, k, w)
+        return None
+
+    return hook
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """{layer_idx: attention module} of a LLaMA-family model (modules with q/k/v/o projections)."""
+    out = {}
+    for m in model.modules():
+        if all(hasattr(m, a) for a in ("layer_idx", "q_proj", "k_proj", "o_proj")):
+            out[m.layer_idx] = m
+    return out
+
+
+def attach_teacher(model: torch.nn.Module, chan: ShdChannel) -> list:
+    """Point the distilled teacher layers at the channel; call after deepspeed.initialize."""
+    mods = attention_modules(model)
+    handles = []
+    for t in sorted(chan.teacher_layers):
+        if t not in mods:
+            raise ValueError(f"teacher has no attention module with layer_idx {t}")
+        mods[t].shd_channel = chan
+        handles.append(mods[t].o_proj.register_forward_pre_hook(_o_proj_pre_hook(chan, t)))
+    return handles
+
+
+def attach_student(model: torch.nn.Module, chan: ShdChannel) -> None:
+    mods = attention_modules(model)
+    for s in chan.pairs:
+        if s not in mods:
+            raise ValueError(f"student has no attention module with layer_idx {s}")
+        mods[s].shd_channel = chan
+
+
+def register() -> None:
+    """Register both functions (idempotent); the masks are built as for SDPA."""
+    AttentionInterface.register(TEACHER_ATTN, teacher_attention)
+    AttentionInterface.register(STUDENT_ATTN, student_attention)
+    AttentionMaskInterface.register(TEACHER_ATTN, sdpa_mask)
+    AttentionMaskInterface.register(STUDENT_ATTN, sdpa_mask)
+    assert TEACHER_ATTN in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+
+
+register()

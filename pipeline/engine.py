@@ -1,0 +1,482 @@
+"""The training engine: a frozen ZeRO-3 teacher and a ZeRO-3 student in one process per rank.
+
+One optimizer step (``train_step``)::
+
+    batches  <- grad_accum_steps micro-batches from the reader (this rank's slice of the global batch)
+    N_tok    <- all-reduce(valid tokens of those batches)           # global normaliser, before compute
+    for each micro-batch:
+        teacher forward (no_grad)   -> logits; distilled layers leave q, k, W in the SHD channel
+        student forward             -> logits; distilled layers add their SHD loss in attention
+        loss = w_ce CE + w_kd tau^2 KL + w_shd mean_l SHD_l      (sums / N_tok: a global mean)
+        all-reduce "is any rank's loss non-finite?"  -> if so the backward is poisoned with NaN
+        engine.backward(loss * world * gas)      # DeepSpeed divides by gas and averages over ranks
+    engine.step()                                # skipped by ZeRO-3 when the grad norm is non-finite
+
+The logged loss is the sum over micro-batches and ranks of the ``loss`` tensors that were
+backpropagated, i.e. exactly the optimised objective.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline import attention as attn
+from pipeline import checkpoint as ckpt
+from pipeline.config import ConfigError, Derived, RunConfig, derive, dump_yaml
+from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
+from pipeline.losses import ce_kd_sums
+from pipeline.metrics import MetricsLogger, peak_memory_mib
+from pipeline.universal import is_universal, universal_path
+from pipeline import models
+
+
+class ResumeRefused(ConfigError):
+    pass
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) from the launcher's environment."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m pipeline.train`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def split_tokens(tokens: torch.Tensor, pad_id: int | None, device=None):
+    """[B, T+1] samples -> (inputs [B, T], labels [B, T], valid labels [B, T] bool, 2-D mask or None)."""
+    if device is not None:
+        tokens = tokens.to(device)
+    inp, labels = tokens[:, :-1], tokens[:, 1:]
+    if pad_id is None:
+        return inp, labels, torch.ones_like(labels, dtype=torch.bool), None
+    valid = labels != pad_id
+    mask = (inp != pad_id).long()
+    return inp, labels, valid, (None if bool(mask.all()) else mask)
+
+
+class DistillObjective:
+    """total = w_ce CE + w_kd tau_kd^2 KL(teacher || student) + w_shd mean over distilled layers of SHD.
+
+    Works on any callables returning ``.logits`` (DeepSpeed engines in training, plain modules in
+    tests). ``n_tok`` / ``n_rows`` are the *global* counts of valid tokens / query rows of the step,
+    so the per-step sum of the returned losses over micro-batches and ranks is the global mean.
+    """
+
+    def __init__(self, cfg: RunConfig, vocab: int, chan: attn.ShdChannel | None) -> None:
+        self.cfg, self.d, self.vocab, self.chan = cfg, cfg.distill, vocab, chan
+
+    def __call__(self, student, teacher, inp, labels, valid, mask, n_tok: float, n_rows: float):
+        cfg, d, chan = self.cfg, self.d, self.chan
+        if chan is not None:
+            chan.begin(mask)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=inp, attention_mask=mask, use_cache=False).logits
+        logits = student(input_ids=inp, attention_mask=mask, use_cache=False).logits
+        ce_sum, kl_sum = ce_kd_sums(logits, labels, valid, teacher_logits if cfg.uses_kd else None,
+                                    tau=d.tau_kd, chunk=d.kd_chunk_size, vocab=self.vocab)
+        del teacher_logits
+        terms: dict[str, torch.Tensor] = {}
+        ce = ce_sum / n_tok
+        loss = d.w_ce * ce
+        terms["loss/ce"] = ce
+        if cfg.uses_kd:
+            kd = kl_sum / n_tok
+            loss = loss + d.w_kd * d.tau_kd ** 2 * kd
+            terms["loss/kd"] = kd
+        if chan is not None:
+            chan.recording = False  # what checkpoint recomputation adds later is not counted
+            if set(chan.losses) != set(chan.pairs):
+                raise RuntimeError(f"SHD losses recorded for layers {sorted(chan.losses)}, expected "
+                                   f"{sorted(chan.pairs)}")
+            rows = float(mask.sum()) if mask is not None else float(inp.numel())
+            # shd_loss is a mean over this micro-batch's valid rows: reweight to the global mean
+            per_layer = {l: v * (rows / n_rows) for l, v in sorted(chan.losses.items())}
+            shd = torch.stack(list(per_layer.values())).mean()
+            loss = loss + d.w_shd * shd
+            terms["loss/shd"] = shd
+            for l, v in per_layer.items():
+                terms[f"shd/layer_{l:02d}"] = v
+        terms["loss/total"] = loss
+        return loss, {k: v.detach().float() for k, v in terms.items()}
+
+
+class Trainer:
+    """Builds everything from a validated RunConfig; ``fit()`` runs the loop and returns an exit code."""
+
+    def __init__(self, cfg: RunConfig, *, for_eval: bool = False) -> None:
+        """for_eval: build only the student (no teacher, no SHD capture, no optimizer use)."""
+        from pipeline.data import PackedSampleReader
+
+        self.cfg = cfg
+        # Installed first: a SIGTERM while the (possibly large) models load is honoured at step 1.
+        self.stop = StopRequest().install() if not for_eval else StopRequest()
+        self.rank, self.world = init_distributed()
+        self.device = _device()
+        self.derived: Derived = derive(cfg, self.world)
+
+        # ---- checks before any compute -------------------------------------------------------
+        pre = models.Preflight(cfg)
+        self.manifest, self.vocab, self.pad_id = pre.manifest, pre.vocab, pre.pad_id
+        self.teacher_cfg, self.student_cfg = pre.teacher_cfg, pre.student_cfg
+        student_ds, teacher_ds = models.build_ds_configs(cfg, self.world)
+        self.dtype = models.resolve_dtype(cfg)
+        # ---- data ----------------------------------------------------------------------------
+        self.reader = PackedSampleReader(
+            cfg.data.dir, split="train", seq_len=cfg.data.seq_len, seed=cfg.seed, dp_rank=self.rank,
+            dp_world_size=self.world, verify_checksums=cfg.data.verify_checksums,
+            model_vocab_size=self.student_cfg.vocab_size)
+        self.identity = {
+            "teacher": models.teacher_identity(cfg.teacher.path) if cfg.uses_teacher and not for_eval else None,
+            "tokenizer_sha256": self.manifest.tokenizer.files_sha256,
+            "data_sha256": self.reader.state_dict()["data_sha256"],
+            "student_shape": models.model_shape(self.student_cfg),
+            "seq_len": cfg.data.seq_len,
+        }
+
+        # Decided before the engines are built: a refused resume costs no model loading, and a
+        # universal checkpoint needs load_universal in the student's DeepSpeed config.
+        self.resume_from = None if for_eval else self.resume_path()
+        self.resume_changes: list[str] = []
+        if self.resume_from is not None:
+            self.resume_changes = self.check_resume_identity(self.resume_from)
+            self.check_resume_world(self.resume_from)
+            if is_universal(self.resume_from):
+                student_ds["checkpoint"] = {"load_universal": True}
+
+        # ---- models --------------------------------------------------------------------------
+        self.chan: attn.ShdChannel | None = None
+        if cfg.uses_shd and not for_eval:
+            d = cfg.distill
+            self.chan = attn.ShdChannel(
+                pairs=pre.pairs, num_student_heads=self.student_cfg.num_attention_heads, plan=d.plan,
+                objective=d.objective, tau=d.tau_shd, block_size=d.shd_block_size)
+        self.objective = DistillObjective(cfg, self.vocab, self.chan)
+        student = models.build_student_module(
+            cfg, self.student_cfg, attn.STUDENT_ATTN if self.chan else "sdpa")
+        self.student, self.scheduler = models.build_student_engine(cfg, student, student_ds)
+        self.teacher = None
+        if cfg.uses_teacher and not for_eval:
+            self.teacher = models.build_teacher_engine(
+                cfg, teacher_ds, attn.TEACHER_ATTN if self.chan else "sdpa", self.dtype)
+        if self.chan is not None:
+            attn.attach_student(self.student.module, self.chan)
+            attn.attach_teacher(self.teacher.module, self.chan)  # after initialize: see attention.py
+
+        # ---- state ---------------------------------------------------------------------------
+        self.step = 0
+        self.consumed_tokens = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.resolved_yaml = dump_yaml(cfg, self.derived)
+        self.log: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # one step
+    # ------------------------------------------------------------------------------------------
+
+    def _split(self, tokens: torch.Tensor):
+        return split_tokens(tokens, self.pad_id, self.device)
+
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=op)
+        return t
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        gas, mb = cfg.optim.grad_accum_steps, cfg.data.micro_batch_size
+        t0 = time.perf_counter()
+        batches = [self.reader.next_batch(mb) for _ in range(gas)]
+        # Global normalisers first: one all-reduce, so every micro-batch loss is a share of the
+        # global per-token mean (exact with padding and any number of ranks).
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in batches:
+            _, _, valid, mask = self._split(b)
+            counts[0] += valid.sum()
+            counts[1] += mask.sum() if mask is not None else valid.numel()
+        self._all_reduce(counts)
+        n_tok, n_rows = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+
+        logged: dict[str, torch.Tensor] = {}
+        nonfinite = False
+        for i, b in enumerate(batches):
+            loss, terms = self.objective(self.student, self.teacher, *self._split(b), n_tok, n_rows)
+            if self.step + 1 in cfg.debug.nan_loss_at_steps and self.rank == 0 and i == 0:
+                loss = loss * float("nan")
+                terms["loss/total"] = terms["loss/total"] * float("nan")
+            # Decided on all ranks together; a non-finite loss poisons the gradients so that
+            # ZeRO-3's non-finite grad-norm check skips the step on every rank.
+            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
+            if self._all_reduce(bad, op=dist.ReduceOp.MAX).item() > 0:
+                nonfinite = True
+            backward_loss = loss * (self.world * gas)
+            if nonfinite:
+                backward_loss = backward_loss * float("nan")
+            self.student.backward(backward_loss)
+            if self.chan is not None:
+                self.chan.clear()
+            for k, v in terms.items():
+                logged[k] = logged.get(k, 0.0) + v
+        lr = self.student.get_lr()[0]  # the rate this step uses (the scheduler advances in step())
+        self.student.step()
+        applied = self.student.was_step_applied()
+        if not applied or nonfinite:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+        else:
+            self.consecutive_nonfinite = 0
+
+        # One all-reduce for all logged terms and the preemption flag (step-boundary agreement).
+        keys = sorted(logged)
+        vec = torch.stack([logged[k] for k in keys] + [torch.tensor(float(self.stop.requested))])
+        vec = self._all_reduce(vec.to(self.device, torch.float64)).cpu()
+        self.stop_agreed = vec[-1].item() > 0
+        self.step += 1
+        self.consumed_tokens += self.derived.tokens_per_step
+        step_time = time.perf_counter() - t0
+        gn = self.student.get_global_grad_norm()
+        out = {k: vec[i].item() for i, k in enumerate(keys)}
+        out.update({
+            "optim/lr": lr,
+            "optim/grad_norm": float(gn) if gn is not None and applied else None,
+            "optim/skipped_steps": float(self.skipped_steps),
+            "optim/step_applied": float(applied and not nonfinite),
+            "perf/step_time_s": step_time,
+            "perf/tokens_per_s": self.derived.tokens_per_step / step_time,
+            "perf/peak_mem_mib": peak_memory_mib(),
+            "data/consumed_tokens": float(self.consumed_tokens),
+        })
+        if self.chan is not None:
+            for t, st in sorted(self.chan.weight_stats.items()):
+                out[f"shd_weights/layer_{t:02d}_mean_max"] = st[0].item()
+                out[f"shd_weights/layer_{t:02d}_entropy"] = st[1].item()
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        from pipeline.data import PackedSampleReader
+
+        cfg = self.cfg
+        reader = PackedSampleReader(cfg.data.dir, split=cfg.eval.split, seq_len=cfg.data.seq_len,
+                                    seed=cfg.seed, dp_rank=self.rank, dp_world_size=self.world,
+                                    verify_checksums=False, model_vocab_size=self.student_cfg.vocab_size)
+        mb = cfg.eval.micro_batch_size or cfg.data.micro_batch_size
+        batches = list(reader.eval_batches(mb, max_batches=cfg.eval.max_batches))
+        # Every forward of a ZeRO-3 model is collective: all ranks must run the same number.
+        n = torch.tensor([len(batches)], device=self.device)
+        n = int(self._all_reduce(n, op=dist.ReduceOp.MIN).item())
+        self.student.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        try:
+            for b in batches[:n]:
+                inp, labels, valid, mask = self._split(b)
+                logits = self.student(input_ids=inp, attention_mask=mask, use_cache=False).logits
+                ce_sum, _ = ce_kd_sums(logits, labels, valid, None, chunk=cfg.distill.kd_chunk_size,
+                                       vocab=self.vocab)
+                sums[0] += ce_sum.double()
+                sums[1] += valid.sum()
+        finally:
+            self.student.train()
+        self._all_reduce(sums)
+        loss = (sums[0] / sums[1].clamp_min(1)).item()
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)), "eval/tokens": sums[1].item()}
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    def client_state(self) -> dict:
+        return {
+            "step": self.step,
+            "consumed_samples": self.reader.state_dict()["consumed_samples"],
+            "consumed_tokens": self.consumed_tokens,
+            "reader": self.reader.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "world_size": self.world,
+            "identity": self.identity,
+            "resolved_config": self.resolved_yaml,
+        }
+
+    def save(self) -> Path:
+        root = self.cfg.checkpoint_dir
+        tag = ckpt.tag_for(self.step)
+        path = root / tag
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # leftover of a save that was killed: start it clean
+                shutil.rmtree(path)
+        dist.barrier()
+        self.student.save_checkpoint(str(root), tag=tag, client_state=self.client_state(),
+                                     save_latest=False)
+        ckpt.save_rng(path, self.rank)
+        if self.cfg.debug.hang_in_save_at_step == self.step:
+            (root / "SAVE_HANG").write_text(tag)
+            time.sleep(3600)  # a test SIGKILLs the run here
+        dist.barrier()  # every rank's files are on disk before the commit
+        if self.rank == 0:
+            state = {k: v for k, v in self.client_state().items() if k != "resolved_config"}
+            (path / "student_config.json").write_text(self.student_cfg.to_json_string())
+            ckpt.commit(root, path, state, self.resolved_yaml)
+            for p in ckpt.prune(root, self.cfg.checkpoint.keep_last):
+                self.log.info(f"removed old checkpoint {p.name}")
+            self.log.info(f"saved checkpoint {path}")
+        dist.barrier()
+        return path
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint to resume from (decided before the engines are built: a universal
+        checkpoint needs ``load_universal`` in the student's DeepSpeed config)."""
+        import json
+
+        r = self.cfg.checkpoint.resume
+        if r == "none":
+            return None
+        if r == "auto":
+            p = ckpt.find_latest(self.cfg.checkpoint_dir)
+            if p is None:
+                return None
+            saved_world = json.loads((p / "trainer_state.json").read_text()).get("world_size")
+            u = universal_path(p)
+            if saved_world != self.world and ckpt.is_complete(u):
+                return u
+        else:
+            p = Path(r)
+        if not ckpt.is_complete(p):
+            raise ResumeRefused(f"checkpoint.resume={r}: {p} is not a complete checkpoint "
+                                f"(no {ckpt.COMPLETE} file)")
+        return p
+
+    def check_resume_world(self, p: Path) -> None:
+        import json
+
+        saved_world = json.loads((p / "trainer_state.json").read_text()).get("world_size")
+        if saved_world != self.world and not is_universal(p):
+            raise ResumeRefused(f"{p} was saved by {saved_world} ranks and this run has {self.world}: "
+                                f"convert it first with `python -m pipeline.universal --checkpoint {p}` "
+                                f"(then --resume auto uses the converted copy)")
+
+    def check_resume_identity(self, path: Path) -> list[str]:
+        """Refuse a checkpoint made with another teacher, tokenizer, data or model shape."""
+        import json
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        changes = ckpt.identity_changes(state["identity"], self.identity)
+        if changes and not self.cfg.checkpoint.force_resume:
+            raise ResumeRefused("refusing to resume from " + str(path) + ": it was made with a different\n  "
+                                + "\n  ".join(changes)
+                                + "\nstart a new run (checkpoint.dir / checkpoint.resume=none), or set "
+                                  "checkpoint.force_resume=true (--force-resume) to resume anyway")
+        return changes
+
+    def load(self, path: Path) -> None:
+        import json
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        changes = self.resume_changes
+        load_path, client = self.student.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ResumeRefused(f"DeepSpeed could not load {path}")
+        client = state  # trainer_state.json: written at commit, present in universal copies too
+        self.step = int(client["step"])
+        self.consumed_tokens = int(client["consumed_tokens"])
+        self.skipped_steps = int(client["skipped_steps"])
+        self.reader.load_state_dict(client["reader"])
+        same_world = int(client.get("world_size", -1)) == self.world
+        if not (same_world and ckpt.load_rng(path, self.rank)):
+            torch.manual_seed(self.cfg.seed + self.step * 1000 + self.rank)
+        if changes:
+            self.log.info("WARNING: force_resume with changes:\n  " + "\n  ".join(changes))
+        self.log.info(f"resumed from {path} at step {self.step} "
+                      f"({client['consumed_samples']} samples consumed)")
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        resume = self.resume_from
+        self.log = MetricsLogger(
+            enabled=self.rank == 0, tb_dir=cfg.tb_dir, jsonl_path=Path(cfg.output_dir) / "metrics.jsonl",
+            console_every=cfg.logging.every_steps, progress=cfg.logging.progress_bar,
+            total_steps=cfg.optim.max_steps, start_step=0)
+        try:
+            if resume is not None:
+                self.load(resume)
+            self.log.info(self.describe())
+            return self._loop()
+        finally:
+            self.stop.uninstall()
+            self.log.close()
+
+    def describe(self) -> str:
+        d = self.derived
+        n_s = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.module.parameters())
+        lines = [f"stage {self.cfg.stage} | {self.world} rank(s) | {self.dtype} | student {n_s / 1e6:.2f}M params"
+                 f" | global batch {d.global_batch_size} samples = {d.tokens_per_step} tokens/step"
+                 f" | {self.cfg.optim.max_steps} steps = {d.total_tokens} tokens"]
+        if self.teacher is not None:
+            n_t = sum(getattr(p, "ds_numel", p.numel()) for p in self.teacher.module.parameters())
+            lines.append(f"teacher {self.cfg.teacher.path} ({n_t / 1e6:.2f}M params, frozen, ZeRO-3)")
+        if self.chan is not None:
+            lines.append(f"SHD plan={self.chan.plan} objective={self.chan.objective} "
+                         f"layers (student->teacher) {self.chan.pairs}")
+        return "\n".join(lines)
+
+    def _loop(self) -> int:
+        cfg = self.cfg
+        every_ckpt, every_eval = cfg.checkpoint.every_steps, cfg.eval.every_steps
+        while self.step < cfg.optim.max_steps:
+            scalars = self.train_step()
+            self.log.log_step(self.step, scalars)
+            if self.consecutive_nonfinite:
+                self.log.info(f"step {self.step}: non-finite loss or gradient norm, step skipped "
+                              f"({self.consecutive_nonfinite} in a row, {self.skipped_steps} in total)")
+            if self.consecutive_nonfinite >= cfg.optim.max_consecutive_nonfinite:
+                self.log.info(f"stopping: {self.consecutive_nonfinite} consecutive non-finite steps "
+                              f"(optim.max_consecutive_nonfinite). The last good checkpoint in "
+                              f"{cfg.checkpoint_dir} is kept; lower optim.lr or check the data.")
+                return NONFINITE_EXIT_CODE
+            if self.stop_agreed:
+                self.log.info(f"stop requested (signal {self.stop.signum or 'on another rank'}): saving")
+                self.save()
+                self.log.info(f"exiting with code {PREEMPTED_EXIT_CODE} (preempted, resumable)")
+                return PREEMPTED_EXIT_CODE
+            if every_eval and self.step % every_eval == 0 and self.step < cfg.optim.max_steps:
+                self.log.log_eval(self.step, self.evaluate())
+            if every_ckpt and self.step % every_ckpt == 0 and self.step < cfg.optim.max_steps:
+                self.save()
+            if cfg.debug.sleep_per_step:
+                time.sleep(cfg.debug.sleep_per_step)
+        if cfg.eval.at_end:
+            self.log.log_eval(self.step, self.evaluate())
+        if cfg.checkpoint.save_at_end:
+            self.save()
+        return 0

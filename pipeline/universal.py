@@ -1,0 +1,66 @@
+"""Convert a checkpoint to a DeepSpeed *universal* checkpoint, to resume on a different number of ranks.
+
+    python -m pipeline.universal --checkpoint runs/x/checkpoints            # newest complete one
+    python -m pipeline.universal --checkpoint runs/x/checkpoints/step_00000600
+
+writes ``step_00000600_universal/`` beside it (one process, CPU only). Then start the run with the
+new number of ranks as usual: ``--resume auto`` picks the universal copy of the newest checkpoint
+when the world size differs from the one that saved it (or pass ``--resume <that dir>``). The data
+position is a global sample count, so it carries over; per-rank RNG states are re-seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import checkpoint as ckpt
+
+SUFFIX = "_universal"
+MARKER = "UNIVERSAL"
+
+
+def universal_path(path: Path) -> Path:
+    return path.with_name(path.name + SUFFIX)
+
+
+def is_universal(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def convert(checkpoint: str | Path, workers: int = 1) -> Path:
+    path = Path(checkpoint)
+    if not ckpt.is_complete(path):
+        latest = ckpt.find_latest(path)
+        if latest is None:
+            raise SystemExit(f"error: {path} is neither a complete checkpoint nor a directory holding one")
+        path = latest
+    out = universal_path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                    "--output_folder", str(tmp), "--num_extract_workers", str(workers),
+                    "--num_merge_workers", str(workers)], check=True)
+    for f in ("trainer_state.json", "resolved_config.yaml", "student_config.json"):
+        shutil.copy2(path / f, tmp / f)
+    (tmp / MARKER).write_text(path.name + "\n")
+    ckpt.atomic_write_text(tmp / ckpt.COMPLETE, "")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.universal", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint tag dir, or the checkpoint root (newest)")
+    ap.add_argument("--workers", type=int, default=1)
+    a = ap.parse_args(argv)
+    print(f"wrote {convert(a.checkpoint, a.workers)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Checkpoints and faults on real 2-rank runs: exact kill-and-resume, preemption exit code, commit
+protocol under SIGKILL, non-finite steps, refused resume, universal checkpoint 2 ranks -> 1 rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import COMPLETE, POINTER, complete_checkpoints, tag_for
+from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from tests.conftest import (REF_STEPS, REPO, _env, launch_ranks, logs, read_metrics, ref_config, run_ranks,
+                            step_losses, wait_for, wait_ranks, write_config)
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _last_step(out: Path) -> int:
+    steps = [r["step"] for r in read_metrics(out) if "loss/total" in r]
+    return max(steps) if steps else 0
+
+
+def test_kill_and_resume_is_exact(ref_run, tmp_path, tiny_data, tiny_teacher):
+    """SIGTERM (to one rank only) -> both save and exit 75; resume; SIGKILL in the middle of a save ->
+    the previous complete checkpoint is used; the per-step losses equal the uninterrupted run's."""
+    _, _, ref_records = ref_run
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+
+    # 1) preempted mid-run
+    cfg = ref_config(out, tiny_data, tiny_teacher, **{"debug.sleep_per_step": 0.7})
+    cfg_path = write_config(tmp_path / "a" / "config.yaml", cfg)
+    procs = launch_ranks(2, ["--config", str(cfg_path)], tmp_path / "a")
+    wait_for(lambda: _last_step(out) >= 3, 240, "step 3 of run a", tmp_path / "a")
+    procs[1].send_signal(signal.SIGTERM)  # the ranks agree at the step boundary
+    codes = wait_ranks(procs, tmp_path / "a", 240)
+    assert codes == [PREEMPTED_EXIT_CODE] * 2, logs(tmp_path / "a")
+    stopped = _last_step(out)
+    assert 3 <= stopped < REF_STEPS - 2
+    assert (ckpts / POINTER).read_text().strip() == tag_for(stopped)
+    assert (ckpts / tag_for(stopped) / COMPLETE).is_file()
+    assert "preempted" in (tmp_path / "a" / "rank0.log").read_text()
+
+    # 2) resumed, then SIGKILLed while writing the next even-step checkpoint
+    hang = stopped + 2 if stopped % 2 == 0 else stopped + 1
+    cfg_b = ref_config(out, tiny_data, tiny_teacher, **{"debug.hang_in_save_at_step": hang})
+    cfg_path = write_config(tmp_path / "b" / "config.yaml", cfg_b)
+    procs = launch_ranks(2, ["--config", str(cfg_path)], tmp_path / "b")
+    wait_for(lambda: (ckpts / "SAVE_HANG").is_file(), 240, "the hanging save", tmp_path / "b")
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    wait_ranks(procs, tmp_path / "b", 60)
+    assert (ckpts / tag_for(hang)).is_dir() and not (ckpts / tag_for(hang) / COMPLETE).exists()
+    assert (ckpts / POINTER).read_text().strip() == tag_for(hang - 2)
+
+    # 3) resumed from the last complete checkpoint, runs to the end
+    (ckpts / "SAVE_HANG").unlink()
+    run_ranks(2, ref_config(out, tiny_data, tiny_teacher), tmp_path / "c")
+    assert "resumed from" in (tmp_path / "c" / "logs" / "rank0.log").read_text()
+    got, want = step_losses(read_metrics(out)), step_losses(ref_records)
+    assert sorted(got) == list(range(1, REF_STEPS + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit for bit
+    # keep-last-k pruned older complete checkpoints and the incomplete one left by SIGKILL
+    names = [p.name for p in complete_checkpoints(ckpts)]
+    assert names == [tag_for(s) for s in (REF_STEPS - 4, REF_STEPS - 2, REF_STEPS)]
+    assert not (ckpts / tag_for(hang)).exists() or (ckpts / tag_for(hang) / COMPLETE).exists()
+    state = json.loads((ckpts / tag_for(REF_STEPS) / "trainer_state.json").read_text())
+    assert state["consumed_samples"] == REF_STEPS * 4 and state["identity"]["teacher"]["sha256"]
+    assert (ckpts / tag_for(REF_STEPS) / "resolved_config.yaml").read_text().startswith("derived:")
+    assert not any("teacher" in p.name for p in (ckpts / tag_for(REF_STEPS)).iterdir())
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_data, tiny_teacher):
+    """NaN on rank 0 only: the step is skipped on both ranks (LR schedule does not advance),
+    counted; two in a row stop the run with its exit code and keep the last good checkpoint."""
+    cfg = ref_config(tmp_path / "run", tiny_data, tiny_teacher,
+                     **{"debug.nan_loss_at_steps": [2, 5, 6], "optim.max_consecutive_nonfinite": 2,
+                        "checkpoint.every_steps": 4})
+    recs = {r["step"]: r for r in run_ranks(2, cfg, tmp_path, expect=NONFINITE_EXIT_CODE) if "loss/total" in r}
+    assert sorted(recs) == [1, 2, 3, 4, 5, 6]
+    assert [recs[s]["optim/step_applied"] for s in range(1, 7)] == [1, 0, 1, 1, 0, 0]
+    assert recs[2]["optim/lr"] == recs[3]["optim/lr"]  # a skipped step does not advance the schedule
+    assert recs[6]["optim/skipped_steps"] == 3
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(ckpts)] == [tag_for(4)]
+    assert "consecutive non-finite" in (tmp_path / "logs" / "rank0.log").read_text()
+
+
+def test_resume_refused_when_teacher_changed(ref_run, tmp_path, tiny_data):
+    """A different teacher refuses to resume (fast, before building models), listing the change."""
+    from tests.conftest import make_teacher
+    from pipeline.data import read_manifest
+
+    work, cfg, _ = ref_run
+    vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
+    other = make_teacher(tmp_path / "other_teacher", vocab, seed=1, layers=2)
+    cfg = dict(cfg, teacher={"path": str(other)}, output_dir=str(tmp_path / "run"),
+               checkpoint=dict(cfg["checkpoint"], dir=str(work / "run" / "checkpoints")))
+    cfg["distill"] = dict(cfg["distill"], layer_map=[0, 1])
+    run_ranks(1, cfg, tmp_path, expect=2)
+    text = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "refusing to resume" in text and "teacher:" in text and "force_resume" in text
+
+
+def test_universal_checkpoint_two_ranks_to_one(ref_run, tmp_path, tiny_data, tiny_teacher):
+    """2-rank checkpoint -> `python -m pipeline.universal` -> resumed on 1 rank (same global batch):
+    reader position kept, the first resumed step equals the 2-rank run."""
+    import shutil
+
+    work, _, ref_records = ref_run
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(work / "run" / "checkpoints" / tag_for(6), ckpts / tag_for(6))
+    (ckpts / POINTER).write_text(tag_for(6) + "\n")
+    # without conversion: refused with the command to run
+    cfg = ref_config(tmp_path / "run", tiny_data, tiny_teacher,
+                     **{"checkpoint.dir": str(ckpts), "data.micro_batch_size": 4, "checkpoint.every_steps": 0,
+                        "checkpoint.save_at_end": False, "eval.at_end": False})
+    run_ranks(1, cfg, tmp_path / "refused", expect=2)
+    assert "python -m pipeline.universal" in (tmp_path / "refused" / "logs" / "rank0.log").read_text()
+
+    subprocess.run([sys.executable, "-m", "pipeline.universal", "--checkpoint", str(ckpts)], cwd=REPO,
+                   env=_env(), check=True, capture_output=True)
+    assert (ckpts / (tag_for(6) + "_universal") / COMPLETE).is_file()
+    recs = run_ranks(1, cfg, tmp_path / "resumed")
+    assert "resumed from" in (tmp_path / "resumed" / "logs" / "rank0.log").read_text()
+    assert "24 samples consumed" in (tmp_path / "resumed" / "logs" / "rank0.log").read_text()
+    got, want = step_losses(recs), step_losses(ref_records)
+    assert sorted(got) == list(range(7, REF_STEPS + 1))
+    assert got[7] == pytest.approx(want[7], rel=1e-6)  # weights and data position carried over exactly
+    for s in range(8, REF_STEPS + 1):
+        assert got[s] == pytest.approx(want[s], rel=1e-2)
+    lr = {r["step"]: r["optim/lr"] for r in recs if "optim/lr" in r}
+    lr_ref = {r["step"]: r["optim/lr"] for r in ref_records if "optim/lr" in r}
+    assert all(lr[s] == pytest.approx(lr_ref[s]) for s in lr)  # schedule position carried over

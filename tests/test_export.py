@@ -1,0 +1,46 @@
+"""Export round trip: the exported HF directory gives the training-time student's logits, and
+``pipeline.evaluate`` reads both a checkpoint (2 ranks, ZeRO-3) and the exported directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, _env, launch_ranks, logs, wait_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_export_round_trip_and_evaluate(ref_run, tmp_path, tiny_data):
+    work, cfg, _ = ref_run
+    ckpts = work / "run" / "checkpoints"
+    # training-time student: the ZeRO-3 engine on the ranks that saved it, loaded from the checkpoint
+    dump = tmp_path / "engine_logits.pt"
+    procs = launch_ranks(2, ["--checkpoint", str(ckpts), "--dump-logits", str(dump)], tmp_path / "eval",
+                         module="pipeline.evaluate")
+    assert wait_ranks(procs, tmp_path / "eval", 240) == [0, 0], logs(tmp_path / "eval")
+    assert "perplexity" in (tmp_path / "eval" / "rank0.log").read_text()
+
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(ckpts), "--out", str(out)],
+                       cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ref = torch.load(dump)
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(out).vocab_size == model.config.vocab_size
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(out), "--data",
+                        str(tiny_data[1]), "--seq-len", "32", "--max-batches", "2"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("perplexity ")
