@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Per-node launcher: starts this node's training processes (one per GPU), forwards preemption
+# signals to them, and exits with one code for the node. train.sbatch runs it once per node
+# (srun --ntasks-per-node=1), launch/local.sh runs it for a single machine, and
+# tests/test_launch.py runs it for a real two-"node" rendezvous on loopback.
+#
+#   launch/slurm/node_launch.sh [--dry-run] --nnodes N [--node-rank R] --nproc-per-node P \
+#       --master-addr HOST --master-port PORT -- --config CONFIG.yaml [train args ...]
+#
+# Rank r of node R gets the environment torchrun would give it (RANK=R*P+r, LOCAL_RANK=r,
+# WORLD_SIZE=N*P, LOCAL_WORLD_SIZE=P, MASTER_ADDR, MASTER_PORT) and runs
+# `python -m pipeline.train ARGS`. --node-rank defaults to $SLURM_NODEID.
+#
+# Why not torchrun or the DeepSpeed launcher as the per-node process:
+#   - torchrun exits 1 when any worker fails, so the preemption code (75, "checkpoint saved,
+#     requeue me") would never reach the SLURM script; it also dies on SIGUSR1 (default action)
+#     and answers SIGTERM by killing its workers 30 s later, possibly in the middle of a save;
+#   - the DeepSpeed launcher (launch.py) answers SIGTERM by killing its workers at once.
+# This script instead forwards SIGUSR1/SIGTERM to every rank and waits for them to save.
+#
+# Signals (to this script):
+#   USR1, TERM  forwarded as they are to every rank: the ranks agree at the next step boundary,
+#               save a complete checkpoint and exit with PREEMPTED_EXIT_CODE.
+#   INT         (Ctrl-C) first: TERM to every rank (save and stop); second: KILL every rank.
+# When some rank has exited and others are still running SHD_EXIT_GRACE_S seconds later
+# (default 120), those are SIGKILLed: after a crash they would otherwise wait in a collective
+# until the communication timeout.
+#
+# Exit code of the node: 0 when every rank exited 0; else the code of the rank that failed first
+# otherwise than by preemption (its log says why); else PREEMPTED_EXIT_CODE.
+set -euo pipefail
+
+usage() {
+  sed -n '7,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+die() { echo "node_launch.sh: error: $*" >&2; exit 2; }
+
+dry_run="${DRY_RUN:-0}"
+nnodes="" node_rank="${SLURM_NODEID:-}" nproc="" master_addr="" master_port=""
+while (($#)); do
+  case "$1" in
+    --dry-run) dry_run=1; shift ;;
+    --nnodes) nnodes="${2:-}"; shift 2 ;;
+    --node-rank) node_rank="${2:-}"; shift 2 ;;
+    --nproc-per-node) nproc="${2:-}"; shift 2 ;;
+    --master-addr) master_addr="${2:-}"; shift 2 ;;
+    --master-port) master_port="${2:-}"; shift 2 ;;
+    --) shift; break ;;
+    -h|--help) usage ;;
+    *) die "unknown option '$1' (the training arguments go after '--')" ;;
+  esac
+done
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+{ is_int "$nnodes" && ((nnodes >= 1)); } || die "--nnodes '$nnodes': give the number of nodes (>= 1)"
+{ is_int "$nproc" && ((nproc >= 1)); } || die "--nproc-per-node '$nproc': give the processes per node (>= 1)"
+is_int "$node_rank" || die "--node-rank '$node_rank': give this node's rank (or run under srun, which sets SLURM_NODEID)"
+((node_rank < nnodes)) || die "--node-rank $node_rank must be < --nnodes $nnodes"
+[[ -n "$master_addr" ]] || die "--master-addr: give the rendezvous host (node rank 0)"
+{ is_int "$master_port" && ((master_port > 0 && master_port < 65536)); } || die "--master-port '$master_port': give a TCP port"
+(($#)) || die "no training arguments after '--' (expected: -- --config CONFIG.yaml [key=value ...])"
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# The code is taken from the one place that defines it (pipeline/faults.py).
+preempted="$(cd "$root" && python -c 'from pipeline.faults import PREEMPTED_EXIT_CODE; print(PREEMPTED_EXIT_CODE)')" \
+  || die "cannot import pipeline.faults with '$(command -v python)': activate the project's environment (source launch/env_setup.sh)"
+grace="${SHD_EXIT_GRACE_S:-120}"
+world=$((nnodes * nproc))
+# Threads per rank: this node's CPUs shared out (torchrun would set 1, which starves CPU-only
+# ranks and data loading). The CPUs are those Slurm gave the task, else those `nproc` sees.
+cpus="${SLURM_CPUS_PER_TASK:-$(command nproc)}"
+omp="${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}"
+
+rank_env() {  # sets renv to the environment of local rank $1 (NAME=VALUE words)
+  local r="$1"
+  renv=("RANK=$((node_rank * nproc + r))" "LOCAL_RANK=$r" "WORLD_SIZE=$world" "LOCAL_WORLD_SIZE=$nproc"
+        "NODE_RANK=$node_rank" "GROUP_RANK=$node_rank" "MASTER_ADDR=$master_addr"
+        "MASTER_PORT=$master_port" "OMP_NUM_THREADS=$omp")
+  # Shown in the dry run because it decides CPU vs GPU; exported anyway when set.
+  if [[ -n "${DS_ACCELERATOR:-}" ]]; then renv+=("DS_ACCELERATOR=$DS_ACCELERATOR"); fi
+}
+renv=()
+cmd=(python -m pipeline.train "$@")
+
+if [[ "$dry_run" == "1" ]]; then
+  for ((r = 0; r < nproc; r++)); do
+    rank_env "$r"
+    line="$(printf '%q ' env "${renv[@]}" "${cmd[@]}")"
+    printf '[node %d rank %d] %s\n' "$node_rank" "$((node_rank * nproc + r))" "${line% }"
+  done
+  exit 0
+fi
+
+# No `cd`: relative paths in the arguments and in the config (output_dir, data.dir) keep meaning
+# what they mean where the launcher was started (the repository root under train.sbatch).
+pids=()
+codes=()      # exit code per local rank, empty while running
+int_count=0
+
+forward() {  # send signal $1 to every rank still running
+  local pid
+  for pid in "${pids[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done
+}
+# shellcheck disable=SC2329  # invoked by the INT trap
+on_int() {
+  int_count=$((int_count + 1))
+  if ((int_count == 1)); then
+    echo "[node $node_rank] interrupted: asking the ranks to save and stop (Ctrl-C again kills them)" >&2
+    forward TERM
+  else
+    forward KILL
+  fi
+}
+trap 'echo "[node $node_rank] SIGUSR1: forwarding to the ranks" >&2; forward USR1' USR1
+trap 'echo "[node $node_rank] SIGTERM: forwarding to the ranks" >&2; forward TERM' TERM
+trap on_int INT
+
+for ((r = 0; r < nproc; r++)); do
+  # Each rank's lines are prefixed with its global rank so an 8-rank log stays readable;
+  # $! is python's own pid (the output goes through a process substitution, not a pipe),
+  # so signals and exit codes are those of the rank itself. The filter ignores USR1/TERM/INT:
+  # Slurm's cgroup process tracking signals every process of the step, and a filter killed by
+  # the preemption signal would break the rank's stdout in the middle of its checkpoint save.
+  rank_env "$r"
+  env "${renv[@]}" "${cmd[@]}" \
+    > >(trap '' USR1 TERM INT; exec sed -u "s/^/[rank $((node_rank * nproc + r))] /") 2>&1 &
+  pids+=("$!")
+  codes+=("")
+done
+echo "[node $node_rank] started ranks $((node_rank * nproc))..$((node_rank * nproc + nproc - 1)) of $world" \
+     "(pids ${pids[*]}), master $master_addr:$master_port" >&2
+
+# Poll rather than `wait -n`: it needs no bash >= 5.1 feature, and bash reaps exited children in
+# the background and keeps their status for `wait PID`. `sleep & wait` keeps traps responsive.
+first_exit_at="" first_fail="" first_fail_rank=""
+running=$nproc
+while ((running > 0)); do
+  sleep 1 & wait $! || true
+  for ((r = 0; r < nproc; r++)); do
+    [[ -z "${codes[r]}" ]] || continue
+    kill -0 "${pids[r]}" 2>/dev/null && continue
+    code=0; wait "${pids[r]}" || code=$?
+    codes[r]=$code
+    running=$((running - 1))
+    if ((code != 0 && code != preempted)) && [[ -z "$first_fail" ]]; then
+      first_fail=$code first_fail_rank=$((node_rank * nproc + r))
+    fi
+    [[ -n "$first_exit_at" ]] || first_exit_at=$SECONDS
+  done
+  if ((running > 0)) && [[ -n "$first_exit_at" ]] && ((SECONDS - first_exit_at > grace)); then
+    echo "[node $node_rank] $running rank(s) still running ${grace}s after another exited" \
+         "(codes so far: ${codes[*]}): killing them (SHD_EXIT_GRACE_S)" >&2
+    forward KILL
+  fi
+done
+wait  # the output filters (sed) flush and exit once their rank has gone
+
+result=0
+for c in "${codes[@]}"; do
+  if ((c == preempted)); then result=$c; fi
+done
+if [[ -n "$first_fail" ]]; then
+  # The first failure in time is the cause; ranks that failed later were usually its victims
+  # (a broken collective, or killed above).
+  result=$first_fail
+  echo "[node $node_rank] rank $first_fail_rank failed first, with exit code $first_fail:" \
+       "its '[rank $first_fail_rank]' lines above say why" >&2
+fi
+echo "[node $node_rank] exit codes of local ranks: ${codes[*]} -> node exits $result" >&2
+exit "$result"

@@ -1,0 +1,384 @@
+"""The launch scripts: what they would run on a Slurm allocation, the requeue decision, signal
+forwarding, and a real two-"node" rendezvous on loopback through the same per-node launcher.
+
+No scheduler runs here, so the cluster is simulated: tiny stand-in `scontrol`/`srun` scripts are
+written into tmp_path and put first on PATH (they stand in for Slurm, not for our code). The
+multiprocess tests run the real launcher and the real training engine on CPU (gloo).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.faults import PREEMPTED_EXIT_CODE
+from tests.conftest import (REF_STEPS, _free_port, read_metrics, ref_config, step_losses, wait_for,
+                            write_config)
+
+REPO = Path(__file__).resolve().parents[1]
+SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+PREP = REPO / "launch" / "slurm" / "prep.sbatch"
+NODE_LAUNCH = REPO / "launch" / "slurm" / "node_launch.sh"
+LOCAL = REPO / "launch" / "local.sh"
+HOSTS = ("gpu-a017", "gpu-a018")
+JOB_ID = 4242421
+
+
+def _script(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/bash\n" + text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A simulated 2-node x 8-GPU allocation: (env, calls file). The stand-in `scontrol` records
+    every call; `srun` records its arguments and its signals and exits with $FAKE_SRUN_RC."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    _script(bin_dir / "scontrol", f"""
+echo "scontrol $*" >> {calls}
+if [ "$1 $2" = "show hostnames" ]; then printf '%s\\n' {' '.join(HOSTS)}; fi
+exit "${{FAKE_SCONTROL_RC:-0}}"
+""")
+    _script(bin_dir / "srun", f"""
+echo "srun $*" >> {calls}
+trap 'echo "srun got USR1" >> {calls}; exit {PREEMPTED_EXIT_CODE}' USR1
+trap 'echo "srun got TERM" >> {calls}; exit {PREEMPTED_EXIT_CODE}' TERM
+if [ -n "${{FAKE_SRUN_WAIT:-}}" ]; then
+  echo started > {tmp_path / "srun_started"}
+  while :; do sleep 0.05; done
+fi
+exit "${{FAKE_SRUN_RC:-0}}"
+""")
+    env = dict(os.environ)
+    for k in list(env):  # a real allocation of the machine running the tests must not leak in
+        if k.startswith(("SLURM_", "SHD_", "MASTER_", "NPROC", "DRY_RUN", "CUDA_VISIBLE", "OMP_NUM_THREADS")):
+            del env[k]
+    env.update(PATH=f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+               SLURM_JOB_ID=str(JOB_ID), SLURM_JOB_NAME="shd-train", SLURM_JOB_NODELIST="gpu-a[017-018]",
+               SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="64",
+               SLURM_SUBMIT_DIR=str(REPO), SHD_ENV_SETUP="0", SHD_LOG_DIR=str(tmp_path / "logs"))
+    return env, calls
+
+
+def _run(cmd, env, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+def _rank_commands(stdout: str) -> dict[int, tuple[int, dict, list[str]]]:
+    """{global rank: (node rank, env, argv)} from the `[node N rank R] env K=V ... cmd` lines."""
+    out = {}
+    for line in stdout.splitlines():
+        if not line.startswith("[node "):
+            continue
+        head, _, cmd = line.partition("] ")
+        node, rank = int(head.split()[1]), int(head.split()[3])
+        words = shlex.split(cmd)
+        assert words[0] == "env"
+        i = 1
+        env = {}
+        while "=" in words[i]:
+            k, v = words[i].split("=", 1)
+            env[k] = v
+            i += 1
+        out[rank] = (node, env, words[i:])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# train.sbatch: dry run on a simulated allocation
+# ------------------------------------------------------------------------------------------------
+
+def test_sbatch_dry_run_two_nodes_eight_gpus(cluster, tmp_path):
+    env, calls = cluster
+    cfg = tmp_path / "my run.yaml"  # a space: the commands must be quoted correctly
+    cfg.write_text("stage: distill\n")
+    overrides = ["optim.max_steps=2000", "output_dir=runs/distill a", "--force-resume"]
+    res = _run(["bash", SBATCH, "--dry-run", cfg, *overrides], env)
+    assert res.returncode == 0, res.stderr
+
+    port = 10000 + JOB_ID % 50000
+    ranks = _rank_commands(res.stdout)
+    assert sorted(ranks) == list(range(16))
+    for rank, (node, renv, argv) in ranks.items():
+        assert node == rank // 8
+        assert renv["RANK"] == str(rank) and renv["LOCAL_RANK"] == str(rank % 8)
+        assert renv["WORLD_SIZE"] == "16" and renv["LOCAL_WORLD_SIZE"] == "8"
+        assert renv["NODE_RANK"] == str(node)
+        assert renv["MASTER_ADDR"] == HOSTS[0] and renv["MASTER_PORT"] == str(port)
+        assert renv["OMP_NUM_THREADS"] == "8"  # 64 CPUs of the task / 8 ranks
+        assert argv == ["python", "-m", "pipeline.train", "--config", str(cfg), "--resume", "auto", *overrides]
+
+    lines = res.stdout.splitlines()
+    # the srun line: one task per node, the per-node launcher with the allocation's numbers
+    srun = shlex.split(next(line for line in lines if line.startswith("srun ")))
+    assert {"--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=64"} <= set(srun)
+    launcher = srun[srun.index("launch/slurm/node_launch.sh"):]
+    assert launcher[:11] == ["launch/slurm/node_launch.sh", "--nnodes", "2", "--nproc-per-node", "8",
+                             "--master-addr", HOSTS[0], "--master-port", str(port), "--", "--config"]
+    # per node: the same launcher command, told its node rank by Slurm
+    for r in (0, 1):
+        assert f"# node rank {r} ({HOSTS[r]}) runs:" in lines
+        node_line = next(line for line in lines if line.startswith(f"SLURM_NODEID={r} "))
+        assert shlex.split(node_line)[1:] == launcher
+    assert f"scontrol requeue {JOB_ID}" in res.stdout
+    assert calls.read_text().splitlines() == ["scontrol show hostnames gpu-a[017-018]"]  # nothing else ran
+
+
+def test_sbatch_dry_run_overrides_and_gpu_sources(cluster, tmp_path):
+    env, _ = cluster
+    cfg = REPO / "configs" / "tiny_cpu.yaml"
+    # MASTER_PORT/MASTER_ADDR overrides; GPU count from --gpus-per-node=h100:4 instead
+    env2 = dict(env, MASTER_PORT="23456", MASTER_ADDR="gpu-a017-ib", SLURM_GPUS_PER_NODE="h100:4")
+    del env2["SLURM_GPUS_ON_NODE"]
+    ranks = _rank_commands(_run(["bash", SBATCH, cfg], dict(env2, DRY_RUN="1")).stdout)
+    assert sorted(ranks) == list(range(8))
+    assert {(r[1]["MASTER_ADDR"], r[1]["MASTER_PORT"], r[1]["WORLD_SIZE"]) for r in ranks.values()} == {
+        ("gpu-a017-ib", "23456", "8")}
+    # CUDA_VISIBLE_DEVICES as the last resort; NPROC_PER_NODE beats everything
+    env3 = dict(env, CUDA_VISIBLE_DEVICES="0,1", DRY_RUN="1")
+    del env3["SLURM_GPUS_ON_NODE"]
+    assert len(_rank_commands(_run(["bash", SBATCH, cfg], env3).stdout)) == 4
+    assert len(_rank_commands(_run(["bash", SBATCH, cfg], dict(env3, NPROC_PER_NODE="3")).stdout)) == 6
+    # nothing tells the GPU count: the error says what to set
+    del env3["CUDA_VISIBLE_DEVICES"]
+    res = _run(["bash", SBATCH, cfg], env3)
+    assert res.returncode == 2 and "--gpus-per-node" in res.stderr and "NPROC_PER_NODE" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["configs/tiny_cpu.yaml", "--resume", "none"], "always passes --resume auto"),
+    (["configs/nope.yaml"], "config 'configs/nope.yaml' not found"),
+    ([], "usage: sbatch launch/slurm/train.sbatch"),
+])
+def test_sbatch_refuses_with_a_clear_message(cluster, args, message):
+    env, _ = cluster
+    res = _run(["bash", SBATCH, "--dry-run", *args], env)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_sbatch_outside_slurm_says_so(cluster):
+    env, _ = cluster
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    res = _run(["bash", SBATCH, "--dry-run", "configs/tiny_cpu.yaml"], env)
+    assert res.returncode == 2 and "not inside a Slurm job" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# train.sbatch: the requeue decision and the signal path (simulated srun/scontrol)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("step_rc, requeued, job_rc", [
+    (PREEMPTED_EXIT_CODE, True, 0),   # checkpoint saved after a stop request -> requeue
+    (0, False, 0),                    # finished
+    (3, False, 3),                    # non-finite loss: requeueing would fail the same way
+    (2, False, 2),                    # bad config
+])
+def test_sbatch_requeues_only_after_a_preemption_exit(cluster, step_rc, requeued, job_rc):
+    env, calls = cluster
+    res = _run(["bash", SBATCH, "configs/tiny_cpu.yaml", "optim.max_steps=5"], dict(env, FAKE_SRUN_RC=str(step_rc)))
+    assert res.returncode == job_rc, res.stderr
+    log = calls.read_text().splitlines()
+    srun = next(line for line in log if line.startswith("srun "))
+    assert "launch/slurm/node_launch.sh" in srun and "--resume auto optim.max_steps=5" in srun
+    assert (f"scontrol requeue {JOB_ID}" in log) == requeued
+    if step_rc not in (0, PREEMPTED_EXIT_CODE):
+        assert "not requeued" in res.stderr
+
+
+def test_sbatch_requeue_failure_is_reported(cluster):
+    env, calls = cluster
+    res = _run(["bash", SBATCH, "configs/tiny_cpu.yaml"],
+               dict(env, FAKE_SRUN_RC=str(PREEMPTED_EXIT_CODE), FAKE_SCONTROL_RC="1"))
+    assert res.returncode == PREEMPTED_EXIT_CODE
+    assert f"'scontrol requeue {JOB_ID}' failed" in res.stderr and "resubmit the same command" in res.stderr
+
+
+def _signal_running_sbatch(env, tmp_path, sig) -> tuple[int, list[str], str]:
+    proc = subprocess.Popen(["bash", str(SBATCH), "configs/tiny_cpu.yaml"], env=dict(env, FAKE_SRUN_WAIT="1"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "srun_started").exists(), 30, "the stand-in srun")
+        time.sleep(0.2)  # let the batch shell reach its `wait`
+        proc.send_signal(sig)  # what `#SBATCH --signal=B:USR1@300` / scancel do to the batch shell
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return proc.returncode, (tmp_path / "calls").read_text().splitlines(), err
+
+
+def test_usr1_to_the_batch_shell_reaches_srun_then_requeues(cluster, tmp_path):
+    env, _ = cluster
+    rc, log, err = _signal_running_sbatch(env, tmp_path, signal.SIGUSR1)
+    assert "srun got USR1" in log, err  # srun forwards it to node_launch.sh on every node
+    assert f"scontrol requeue {JOB_ID}" in log and rc == 0, err
+
+
+def test_sigterm_to_the_batch_shell_does_not_requeue_unless_asked(cluster, tmp_path):
+    env, _ = cluster
+    rc, log, err = _signal_running_sbatch(env, tmp_path, signal.SIGTERM)
+    assert "srun got TERM" in log and f"scontrol requeue {JOB_ID}" not in log, err
+    assert rc == PREEMPTED_EXIT_CODE and "SHD_REQUEUE_ON_TERM=1" in err
+    (tmp_path / "srun_started").unlink()
+    (tmp_path / "calls").unlink()
+    rc, log, err = _signal_running_sbatch(dict(env, SHD_REQUEUE_ON_TERM="1"), tmp_path, signal.SIGTERM)
+    assert f"scontrol requeue {JOB_ID}" in log and rc == 0, err
+
+
+# ------------------------------------------------------------------------------------------------
+# local.sh, prep.sbatch, node_launch.sh
+# ------------------------------------------------------------------------------------------------
+
+def test_local_dry_run_uses_two_cpu_processes(cluster):
+    env, _ = cluster  # no GPU on this machine (and CUDA_VISIBLE_DEVICES removed)
+    res = _run([LOCAL, "--dry-run", "configs/tiny_cpu.yaml", "optim.max_steps=3"], env)
+    assert res.returncode == 0, res.stderr
+    ranks = _rank_commands(res.stdout)
+    assert sorted(ranks) == [0, 1]
+    for rank, (node, renv, argv) in ranks.items():
+        assert node == 0 and renv["RANK"] == str(rank) and renv["WORLD_SIZE"] == "2"
+        assert renv["DS_ACCELERATOR"] == "cpu" and renv["MASTER_ADDR"] == "127.0.0.1"
+        assert argv == ["python", "-m", "pipeline.train", "--config", "configs/tiny_cpu.yaml", "optim.max_steps=3"]
+    assert len(_rank_commands(_run([LOCAL, "--dry-run", "configs/tiny_cpu.yaml"], dict(env, NPROC="3")).stdout)) == 3
+    assert "2 process(es) on CPU" in res.stderr
+
+
+def test_prep_dry_run_uses_the_allocations_cpus(cluster):
+    env, _ = cluster
+    res = _run(["bash", PREP, "--dry-run", "--input", "a b.jsonl", "--tokenizer", "tok", "--out", "out"],
+               dict(env, SLURM_CPUS_PER_TASK="16"))
+    assert res.returncode == 0, res.stderr
+    cmd = next(line for line in res.stdout.splitlines() if line.startswith("python "))
+    assert shlex.split(cmd) == ["python", "-m", "data_prep.shard", "--input", "a b.jsonl", "--tokenizer", "tok",
+                                "--out", "out", "--workers", "16"]
+    res = _run(["bash", PREP, "--dry-run", "--input", "x", "--workers", "3"], env)
+    assert shlex.split(res.stdout.splitlines()[1])[-2:] == ["--workers", "3"]
+
+
+def test_node_launch_kills_ranks_left_hanging_after_a_crash(tmp_path):
+    """Rank 1 crashes; rank 0 would wait in a collective forever: after SHD_EXIT_GRACE_S it is killed
+    and the node exits with the crash's code. (`python` here is a stand-in for the ranks only.)"""
+    real = sys.executable
+    _script(tmp_path / "bin" / "python", f"""
+if [ "$1" = "-c" ]; then exec {real} "$@"; fi
+echo "rank $RANK of $WORLD_SIZE"
+if [ "$RANK" = 1 ]; then echo "boom" >&2; exit 7; fi
+echo $$ > {tmp_path}/rank0.pid
+exec sleep 600
+""")
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", SHD_EXIT_GRACE_S="1")
+    start = time.time()
+    res = _run([NODE_LAUNCH, "--nnodes", "1", "--node-rank", "0", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", "1234", "--", "--config", "x.yaml"], env)
+    assert res.returncode == 7 and time.time() - start < 30
+    assert "[rank 1] boom" in res.stdout and "[rank 0] rank 0 of 2" in res.stdout
+    assert "rank 1 failed first, with exit code 7" in res.stderr and "killing them" in res.stderr
+    pid = int((tmp_path / "rank0.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Real runs (engine on CPU, gloo)
+# ------------------------------------------------------------------------------------------------
+
+def _real_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NPROC"))}
+    env.update(DS_ACCELERATOR="cpu", SHD_ENV_SETUP="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return env
+
+
+@pytest.mark.multiprocess
+def test_two_nodes_on_loopback_equal_one_node(ref_run, tmp_path, tiny_data, tiny_teacher):
+    """Two node_launch.sh invocations (node ranks 0 and 1, one process each; what srun starts on two
+    nodes) rendezvous on 127.0.0.1 and train exactly like the single-node 2-process reference run."""
+    _, _, ref_records = ref_run
+    cfg = ref_config(tmp_path / "run", tiny_data, tiny_teacher)
+    cfg_path = write_config(tmp_path / "config.yaml", cfg)
+    port = str(_free_port())
+    procs = []
+    for node in (0, 1):
+        log = open(tmp_path / f"node{node}.log", "wb")
+        procs.append(subprocess.Popen(
+            [str(NODE_LAUNCH), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+             "--master-addr", "127.0.0.1", "--master-port", port, "--", "--config", str(cfg_path),
+             "--resume", "auto"], cwd=REPO, env=_real_env(), stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    logs = "\n".join((tmp_path / f"node{n}.log").read_text(errors="replace")[-4000:] for n in (0, 1))
+    assert codes == [0, 0], logs
+    assert "[rank 1]" in logs and "exit codes of local ranks: 0 -> node exits 0" in logs
+    got, want = step_losses(read_metrics(tmp_path / "run")), step_losses(ref_records)
+    assert sorted(got) == list(range(1, REF_STEPS + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit for bit
+
+
+@pytest.mark.multiprocess
+def test_local_sh_usr1_checkpoints_exits_75_and_resumes_exactly(ref_run, tmp_path, tiny_data, tiny_teacher):
+    """launch/local.sh with 2 CPU ranks: SIGUSR1 to the launcher (what Slurm's warning signal becomes)
+    -> every rank saves and the launcher exits 75; the same command again resumes and finishes with
+    the reference run's losses."""
+    _, _, ref_records = ref_run
+    out = tmp_path / "run"
+    slow = write_config(tmp_path / "slow.yaml",
+                        ref_config(out, tiny_data, tiny_teacher, **{"debug.sleep_per_step": 0.7}))
+    env = dict(_real_env(), NPROC="2")
+    log = open(tmp_path / "a.log", "wb")
+    proc = subprocess.Popen([str(LOCAL), str(slow)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def at_step_3():
+            return any(r.get("step", 0) >= 3 for r in read_metrics(out) if "loss/total" in r)
+        wait_for(at_step_3, 300, "step 3")
+        proc.send_signal(signal.SIGUSR1)  # local.sh exec'd node_launch.sh: this is the launcher
+        assert proc.wait(timeout=300) == PREEMPTED_EXIT_CODE, (tmp_path / "a.log").read_text()[-4000:]
+    finally:
+        proc.kill()
+    assert "SIGUSR1: forwarding to the ranks" in (tmp_path / "a.log").read_text()
+    stopped = max(r["step"] for r in read_metrics(out) if "loss/total" in r)
+    assert stopped < REF_STEPS
+
+    cfg = write_config(tmp_path / "cfg.yaml", ref_config(out, tiny_data, tiny_teacher))
+    res = subprocess.run([str(LOCAL), str(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "resumed from" in res.stdout + res.stderr
+    got, want = step_losses(read_metrics(out)), step_losses(ref_records)
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
+
+
+def test_prep_usr1_stops_the_tokenizer_and_requeues(cluster, tmp_path):
+    """prep.sbatch at the time-limit warning: the tokenizer's process group is stopped and the job
+    requeued (data_prep.shard skips completed shards on the next run). `python` is a stand-in here."""
+    env, calls = cluster
+    real = sys.executable
+    _script(tmp_path / "bin" / "python", f"""
+if [ "$1" = "-c" ]; then exec {real} "$@"; fi
+echo "$*" > {tmp_path}/prep_args
+exec sleep 600
+""")
+    proc = subprocess.Popen(["bash", str(PREP), "--input", "x", "--tokenizer", "t", "--out", "o"],
+                            env=dict(env, SLURM_CPUS_PER_TASK="4"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "prep_args").exists(), 30, "the stand-in tokenizer")
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert (tmp_path / "prep_args").read_text().split() == [
+        "-m", "data_prep.shard", "--input", "x", "--tokenizer", "t", "--out", "o", "--workers", "4"]
+    assert proc.returncode == 0 and f"scontrol requeue {JOB_ID}" in calls.read_text(), err
