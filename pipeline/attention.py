@@ -39,6 +39,9 @@ class ShdChannel:
     num_student_heads: int
     plan: str = "pairwise"
     objective: str = "output"
+    selection: str = "soft"
+    merge: str = "prob"
+    sharpen: float = 1.0
     tau: float = 1.0
     block_size: int = 128
     # per micro-batch state
@@ -49,6 +52,13 @@ class ShdChannel:
     captures: dict[int, tuple] = field(default_factory=dict)  # teacher layer -> (q, k, W)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> SHD loss
     weight_stats: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [2]
+
+    @classmethod
+    def from_config(cls, distill, pairs: dict[int, int], num_student_heads: int) -> "ShdChannel":
+        """The channel for a run's `distill` config section (pipeline.config.DistillConfig)."""
+        return cls(pairs=pairs, num_student_heads=num_student_heads, plan=distill.plan,
+                   objective=distill.objective, selection=distill.selection, merge=distill.merge,
+                   sharpen=distill.sharpen, tau=distill.tau_shd, block_size=distill.shd_block_size)
 
     @property
     def teacher_layers(self) -> set[int]:
@@ -85,7 +95,7 @@ def student_attention(module, query, key, value, attention_mask, **kwargs):
         # Computed again when checkpointing recomputes this layer in backward (its saved tensors are
         # needed), but recorded only in the forward pass.
         loss = shd_loss(query, key, tq, tk, w, tau=chan.tau, attention_mask=chan.attention_mask,
-                        block_size=chan.block_size)
+                        block_size=chan.block_size, merge=chan.merge, sharpen=chan.sharpen)
         if chan.recording:
             chan.losses[module.layer_idx] = loss
     return out
@@ -105,7 +115,8 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
                                f"hook (shape {tuple(weight.shape)}, full {tuple(full)})")
         with torch.no_grad():
             w = squeeze_weights(q, k, v, weight, chan.num_student_heads, plan=chan.plan,
-                                objective=chan.objective, attention_mask=chan.attention_mask)
+                                objective=chan.objective, attention_mask=chan.attention_mask,
+                                selection=chan.selection)
             # statistics for logging: mean over (batch, student head) of the max weight and entropy
             ent = -(w.clamp_min(1e-12).log() * w).sum(-1)
             chan.weight_stats[layer] = torch.stack([w.max(-1).values.mean(), ent.mean()]).detach()

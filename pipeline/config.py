@@ -93,6 +93,11 @@ class DistillConfig:
     tau_shd: float = _f(1.0, "Temperature of the SHD attention maps.")
     plan: Literal["pairwise", "group", "mean", "select"] = _f("pairwise", "Head-squeezing plan.")
     objective: Literal["output", "per_head"] = _f("output", "Objective that chooses the mixing weights.")
+    selection: Literal["soft", "hard"] = _f("soft", "soft = optimal mixing weights; hard = each merge snapped "
+                                                    "to its best single head (dynamic selection).")
+    merge: Literal["prob", "logit"] = _f("prob", "Merge squeezed teacher maps in probability space (paper) "
+                                                 "or in score space (product of experts, stays sharp).")
+    sharpen: float = _f(1.0, "Target temperature applied after merging (< 1 sharpens; 1 = off).")
     student_layers: Optional[list[int]] = _f(None, "Student layers that get the SHD term; empty = all.")
     layer_map: Optional[list[int]] = _f(None, "Teacher layer for each student layer (length = student "
                                              "layers); empty = uniform g(l) = round((l+1) Lt/Ls) - 1.")
@@ -432,6 +437,7 @@ def validate(cfg: RunConfig) -> None:
         need(getattr(d, k) >= 0, f"distill.{k} must be >= 0, got {getattr(d, k)}")
     need(d.tau_kd > 0, f"distill.tau_kd must be > 0, got {d.tau_kd}")
     need(d.tau_shd > 0, f"distill.tau_shd must be > 0, got {d.tau_shd}")
+    need(d.sharpen > 0, f"distill.sharpen must be > 0 (1 = off, < 1 sharpens), got {d.sharpen}")
     need(d.kd_chunk_size >= 1, f"distill.kd_chunk_size must be >= 1, got {d.kd_chunk_size}")
     need(d.shd_block_size >= 1, f"distill.shd_block_size must be >= 1, got {d.shd_block_size}")
     if cfg.stage == "distill":

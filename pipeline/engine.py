@@ -169,9 +169,7 @@ class Trainer:
         self.chan: attn.ShdChannel | None = None
         if cfg.uses_shd and not for_eval:
             d = cfg.distill
-            self.chan = attn.ShdChannel(
-                pairs=pre.pairs, num_student_heads=self.student_cfg.num_attention_heads, plan=d.plan,
-                objective=d.objective, tau=d.tau_shd, block_size=d.shd_block_size)
+            self.chan = attn.ShdChannel.from_config(d, pre.pairs, self.student_cfg.num_attention_heads)
         self.objective = DistillObjective(cfg, self.vocab, self.chan)
         student = models.build_student_module(
             cfg, self.student_cfg, attn.STUDENT_ATTN if self.chan else "sdpa")

@@ -59,6 +59,8 @@ def test_overrides_and_types():
     ({"teacher.path": "null"}, "teacher.path is required for stage 'distill'"),
     ({"stage": "pretrain"}, "teacher.path is set but stage is 'pretrain'"),
     ({"distill.tau_kd": "0"}, "distill.tau_kd must be > 0"),
+    ({"distill.sharpen": "0"}, "distill.sharpen must be > 0"),
+    ({"distill.merge": "mean"}, "'distill.merge': expected one of 'prob'"),
     ({"distill.w_ce": "0", "distill.w_kd": "0", "distill.w_shd": "0"}, "nothing to train"),
 ])
 def test_bad_values_fail_with_their_message(over, fragment):

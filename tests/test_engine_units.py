@@ -49,9 +49,7 @@ def test_chunked_ce_kd_matches_dense():
 def _setup(tiny_data, teacher_dir, tmp_path, **over):
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, teacher_dir, **over))
     pre = models.Preflight(cfg)
-    chan = attn.ShdChannel(pairs=pre.pairs, num_student_heads=pre.student_cfg.num_attention_heads,
-                           plan=cfg.distill.plan, objective=cfg.distill.objective, tau=cfg.distill.tau_shd,
-                           block_size=cfg.distill.shd_block_size)
+    chan = attn.ShdChannel.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads)
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32,
@@ -106,24 +104,27 @@ def _reference_shd(cfg, pre, teacher, student, inp, mask):
     per = {}
     for sl, tl in pairs.items():
         tq, tk, tv, wo = t[tl]
-        w = squeeze_weights(tq, tk, tv, wo, pre.student_cfg.num_attention_heads, plan=cfg.distill.plan,
-                            objective=cfg.distill.objective, attention_mask=mask)
-        per[sl] = shd_loss_reference(s[sl][0], s[sl][1], tq, tk, w, tau=cfg.distill.tau_shd, attention_mask=mask)
+        d = cfg.distill
+        w = squeeze_weights(tq, tk, tv, wo, pre.student_cfg.num_attention_heads, plan=d.plan,
+                            objective=d.objective, attention_mask=mask, selection=d.selection)
+        per[sl] = shd_loss_reference(s[sl][0], s[sl][1], tq, tk, w, tau=d.tau_shd, attention_mask=mask,
+                                     merge=d.merge, sharpen=d.sharpen)
     return per
 
 
-@pytest.mark.parametrize("heads, kv, plan, objective, pad", [
-    (3, 3, "pairwise", "output", 0),
-    (3, 1, "group", "per_head", 5),
-    (4, 2, "mean", "output", 0),
-    (4, 4, "select", "output", 3),
+@pytest.mark.parametrize("heads, kv, plan, objective, pad, variant", [
+    (3, 3, "pairwise", "output", 0, {}),
+    (3, 1, "group", "per_head", 5, {}),
+    (4, 2, "mean", "output", 0, {}),
+    (4, 4, "select", "output", 3, {}),
+    (3, 1, "pairwise", "output", 4, {"distill.selection": "hard", "distill.merge": "logit", "distill.sharpen": 0.5}),
 ])
 def test_shd_in_engine_equals_reference_on_rebuilt_maps(tiny_data, tiny_teacher, tmp_path, heads, kv, plan,
-                                                         objective, pad):
+                                                         objective, pad, variant):
     cfg, pre, chan, teacher, student = _setup(
         tiny_data, tiny_teacher, tmp_path, **{"student.num_heads": heads, "student.num_kv_heads": kv,
                                               "distill.plan": plan, "distill.objective": objective,
-                                              "distill.layer_map": [0, 2], "distill.tau_shd": 1.5})
+                                              "distill.layer_map": [0, 2], "distill.tau_shd": 1.5, **variant})
     assert pre.pairs == {0: 0, 1: 2}
     inp, labels, valid, mask = split_tokens(_batch(pre, pad_last=pad), pre.pad_id)
     assert (mask is not None) == bool(pad)

@@ -140,8 +140,8 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("padding", [None, "left"])
-def test_no_full_attention_map_is_ever_built(padding):
+@pytest.mark.parametrize("padding,merge", [(None, "prob"), ("left", "prob"), (None, "logit")])
+def test_no_full_attention_map_is_ever_built(padding, merge):
     """Forward and backward of the loss, and the weights, stay within B * H * block * T numbers."""
     batch, teacher_heads, student_heads, length, block = 1, 8, 3, 512, 32
     case = make_case(
@@ -156,6 +156,59 @@ def test_no_full_attention_map_is_ever_built(padding):
         weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, student_heads, attention_mask=case.attention_mask)
     q = case.student_q.clone().requires_grad_(True)
     with _LargestTensor() as loss_probe:
-        shd_loss(q, case.student_k, case.teacher_q, case.teacher_k, weights, attention_mask=case.attention_mask, block_size=block).backward()
+        shd_loss(q, case.student_k, case.teacher_q, case.teacher_k, weights, attention_mask=case.attention_mask,
+                 block_size=block, merge=merge, sharpen=0.5).backward()
     assert loss_probe.largest <= budget < full_map
     assert weights_probe.largest <= batch * teacher_heads * WEIGHTS_BLOCK_SIZE * length < full_map
+
+
+@pytest.mark.parametrize("merge", ["prob", "logit"])
+@pytest.mark.parametrize("sharpen", [1.0, 0.5])
+@pytest.mark.parametrize("heads", [(8, 4, 3, 1), (16, 4, 6, 2)], ids=lambda h: f"{h[0]}->{h[2]}")
+def test_target_variants_stream_like_the_dense_oracle(merge, sharpen, heads):
+    teacher, teacher_kv, student, student_kv = heads
+    case = make_case(batch=2, length=21, teacher_heads=teacher, teacher_kv_heads=teacher_kv,
+                     student_heads=student, student_kv_heads=student_kv, padding="left", seed=6)
+    for selection in ["soft", "hard"]:
+        weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, student,
+                                  attention_mask=case.attention_mask, selection=selection)
+        kwargs = dict(tau=1.4, merge=merge, sharpen=sharpen)
+        streamed = _loss_and_grads(shd_loss, case, weights, block_size=4, **kwargs)
+        dense = _loss_and_grads(shd_loss_reference, case, weights, **kwargs)
+        for got, want in zip(streamed, dense):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_logit_merge_is_sharper_than_prob_merge_and_agrees_on_one_head():
+    """A product of experts is at least as sharp as the mixture; with one-hot weights both are the head."""
+    from pipeline.shd import attention_maps
+    from pipeline.shd.loss import merged_target
+    from pipeline.shd.masking import allowed_keys
+
+    case = make_case(batch=1, length=16, padding=None, seed=1)
+    length = 16
+    hidden = ~allowed_keys(None, 0, length, "cpu")
+    scores = (case.teacher_q @ case.teacher_k.repeat_interleave(2, 1).transpose(-1, -2)) * 8**-0.5
+    even = torch.full((1, 1, 8), 1 / 8, dtype=torch.float64)
+    entropy = lambda p: -(torch.xlogy(p, p)).sum(-1).mean()
+    prob = merged_target(scores.clone(), hidden, even, "prob", 1.0)
+    logit = merged_target(scores.clone(), hidden, even, "logit", 1.0)
+    assert entropy(logit) < entropy(prob)
+    one_hot = torch.zeros(1, 1, 8, dtype=torch.float64)
+    one_hot[0, 0, 5] = 1.0
+    head = attention_maps(case.teacher_q, case.teacher_k)[:, 5:6]
+    for merge in ["prob", "logit"]:
+        torch.testing.assert_close(merged_target(scores.clone(), hidden, one_hot, merge, 1.0), head)
+    sharpened = merged_target(scores.clone(), hidden, even, "prob", 0.25)
+    assert entropy(sharpened) < entropy(prob)
+
+
+def test_variants_are_validated():
+    case = make_case()
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3)
+    with pytest.raises(ValueError, match="prob, logit"):
+        shd_loss(case.student_q, case.student_k, case.teacher_q, case.teacher_k, weights, merge="geometric")
+    with pytest.raises(ValueError, match="sharpen"):
+        shd_loss(case.student_q, case.student_k, case.teacher_q, case.teacher_k, weights, sharpen=0.0)
+    with pytest.raises(ValueError, match="soft, hard"):
+        squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3, selection="argmax")

@@ -142,3 +142,22 @@ def test_bad_shapes_are_refused_with_the_expected_shape():
         squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="9 student heads"):
         squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 9)
+
+
+@pytest.mark.parametrize("objective", ["output", "per_head"])
+def test_hard_selection_picks_the_best_single_head(objective):
+    """Dynamic selection: each group's weight goes to the head whose map alone reconstructs best."""
+    case = make_case(batch=3, teacher_heads=3, teacher_kv_heads=3, length=10, padding=None, seed=8)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 1,
+                              plan="group", objective=objective, selection="hard")
+    dense = squeeze_weights_reference(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 1,
+                                      plan="group", objective=objective, selection="hard")
+    torch.testing.assert_close(weights, dense, rtol=0, atol=0)
+    chosen = []
+    for b in range(3):
+        maps = attention_maps(case.teacher_q[b : b + 1], case.teacher_k[b : b + 1])[0]
+        circuits = torch.einsum("htd,ehd->hte", case.teacher_v[b], case.o_proj_weight.reshape(24, 3, 8))
+        costs = _merge_objective(maps, circuits, objective, torch.eye(3, dtype=torch.float64))
+        assert weights[b, 0].tolist() == torch.eye(3)[costs.argmin()].tolist()
+        chosen.append(int(costs.argmin()))
+    assert len(set(chosen)) > 1, "the case should make different sequences pick different heads"

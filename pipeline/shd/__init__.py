@@ -9,14 +9,16 @@ Pure PyTorch (no DeepSpeed). The method is specified in docs/shd-method.md:
 - `layer_map` matches student layers to teacher layers.
 """
 
-from .loss import shd_loss
+from .loss import MERGES, shd_loss
 from .plan import PLANS, SqueezePlan, layer_map, squeeze_plan
 from .reference import attention_maps, shd_loss_reference, squeeze_weights_reference
-from .weights import OBJECTIVES, squeeze_weights
+from .weights import OBJECTIVES, SELECTIONS, squeeze_weights
 
 __all__ = [
+    "MERGES",
     "OBJECTIVES",
     "PLANS",
+    "SELECTIONS",
     "SqueezePlan",
     "attention_maps",
     "layer_map",

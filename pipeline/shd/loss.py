@@ -1,9 +1,16 @@
 """The SHD attention loss of one layer, streamed over blocks of query rows.
 
 L = tau^2 * mean over (sequence, valid query row) and student heads of
-    KL( sum_m W[n, m] softmax(z_m / tau) || softmax(Z_n / tau) )
+    KL( target_n || softmax(Z_n / tau) )
 
-with teacher scores z_m and student scores Z_n (causal and padding masked). A full map is
+with student scores Z_n and the squeezed teacher target of student head n (causal and padding
+masked), built from the teacher scores z_m by `merge`:
+    "prob"  (the paper's): target_n = sum_m W[n, m] softmax(z_m / tau)
+    "logit" (product of experts): target_n = softmax(sum_m W[n, m] z_m / tau), which keeps what the
+            member heads agree on and stays as sharp as they are,
+then sharpened when `sharpen` (a target temperature tau_t) is below 1: target^(1/tau_t),
+renormalised per row. The loss's gradient is tau * (softmax(Z_n / tau) - target_n) per row for
+every variant, since the target does not depend on the student. A full map is
 B*H*T^2 numbers per layer, so the loss never holds one: each block of query rows recomputes the
 teacher and student scores it needs (keys cut at the block's last row, since later keys are
 masked), so extra memory is O(B * H * block_size * T).
@@ -21,6 +28,36 @@ import torch
 from torch import Tensor
 
 from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, repeat_kv, valid_rows
+
+MERGES = ("prob", "logit")
+"""How squeezed teacher maps are merged: in probability space (paper) or in score space."""
+
+
+def merged_target(teacher_scores: Tensor, hidden: Tensor, weights: Tensor, merge: str, sharpen: float) -> Tensor:
+    """Student heads' target rows [B, N, rows, keys] from teacher scores [B, M, rows, keys].
+
+    `teacher_scores` are already divided by sqrt(d) * tau and are overwritten (they are a scratch
+    buffer of the block); `hidden` marks the masked keys.
+    """
+    if merge == "prob":
+        probs = teacher_scores.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+        target = torch.einsum("bnm,bmij->bnij", weights, probs)
+        del probs
+        if sharpen != 1.0:  # log 0 = -inf stays 0 after the softmax
+            target = target.log_().div_(sharpen).softmax(dim=-1)
+        return target
+    mixed = torch.einsum("bnm,bmij->bnij", weights, teacher_scores.masked_fill_(hidden, 0.0))
+    return mixed.div_(sharpen).masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+
+
+def check_variant(tau: float, merge: str, sharpen: float) -> None:
+    """Refuses an unknown merge or a non-positive temperature, naming the accepted values."""
+    if merge not in MERGES:
+        raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    if sharpen <= 0:
+        raise ValueError(f"sharpen (the target temperature) must be > 0, got {sharpen}")
 
 
 def _check_inputs(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, weights: Tensor) -> None:
@@ -47,6 +84,8 @@ def _blockwise(
     tau: float,
     attention_mask: Tensor | None,
     block_size: int,
+    merge: str,
+    sharpen: float,
     with_grad: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Loss (and, if asked, its gradients w.r.t. student q and repeated k) in one blockwise pass."""
@@ -71,10 +110,8 @@ def _blockwise(
         hidden = ~allowed_keys(attention_mask, start, end, device)
         # in-place masking and early deletes keep at most two [B, M, block, T] buffers alive
         teacher_scores = (tq[:, :, start:end] @ tk[:, :, :end].transpose(-1, -2)).mul_(teacher_scale / tau)
-        teacher_probs = teacher_scores.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+        target = merged_target(teacher_scores, hidden, mix, merge, sharpen)
         del teacher_scores
-        target = torch.einsum("bnm,bmij->bnij", mix, teacher_probs)
-        del teacher_probs
         student_scores = (sq[:, :, start:end] @ sk[:, :, :end].transpose(-1, -2)).mul_(student_scale / tau)
         log_student = student_scores.masked_fill_(hidden, float("-inf")).log_softmax(dim=-1)
         del student_scores
@@ -97,9 +134,10 @@ def _fold_kv_grad(grad_k: Tensor, num_kv: int) -> Tensor:
 
 class _StreamingSHDLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size):
+    def forward(ctx, student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen):
         loss, grad_q, grad_k = _blockwise(
-            student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, with_grad=True
+            student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
+            with_grad=True,
         )
         ctx.save_for_backward(grad_q.to(student_q.dtype), _fold_kv_grad(grad_k, student_k.shape[1]).to(student_k.dtype))
         return loss.to(loss_dtype(student_q))
@@ -108,7 +146,7 @@ class _StreamingSHDLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_q, grad_k = ctx.saved_tensors
         scale = grad_output.to(grad_q.dtype)
-        return grad_q * scale, grad_k * scale, None, None, None, None, None, None
+        return grad_q * scale, grad_k * scale, None, None, None, None, None, None, None, None
 
 
 def shd_loss(
@@ -121,22 +159,29 @@ def shd_loss(
     tau: float = 1.0,
     attention_mask: Tensor | None = None,
     block_size: int = 128,
+    merge: str = "prob",
+    sharpen: float = 1.0,
 ) -> Tensor:
     """SHD loss of one layer (a scalar), streamed over query blocks; gradients reach student q, k only.
 
     student_q [B, N, T, d_s], student_k [B, N_kv, T, d_s], teacher_q [B, M, T, d_t], teacher_k
     [B, M_kv, T, d_t], all after rotary embedding; weights [B, N, M] from `squeeze_weights`;
     attention_mask [B, T] (1 = real token) or None. Each side uses its own 1/sqrt(d) scale.
+    `merge` ("prob" or "logit") and `sharpen` (target temperature, 1 = none) choose the target.
     Computed in float32 (float64 when an input is float64); the loss is float32 for bf16 inputs.
     """
     _check_inputs(student_q, student_k, teacher_q, teacher_k, weights)
     check_mask(attention_mask, student_q.shape[0], student_q.shape[2])
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    check_variant(tau, merge, sharpen)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     teacher_q, teacher_k, weights = teacher_q.detach(), teacher_k.detach(), weights.detach()
     if torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad):
-        return _StreamingSHDLoss.apply(student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size)
-    loss, _, _ = _blockwise(student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, with_grad=False)
+        return _StreamingSHDLoss.apply(
+            student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen
+        )
+    loss, _, _ = _blockwise(
+        student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
+        with_grad=False,
+    )
     return loss.to(loss_dtype(student_q))

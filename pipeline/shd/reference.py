@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .loss import check_variant
 from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, repeat_kv, valid_rows
 from .plan import squeeze_plan
 from .weights import check_teacher_inputs, circuit_fn, constant_weights, needs_maps, walk_plan
@@ -43,9 +44,10 @@ def squeeze_weights_reference(
     plan: str = "pairwise",
     objective: str = "output",
     attention_mask: Tensor | None = None,
+    selection: str = "soft",
 ) -> Tensor:
     """`squeeze_weights` from explicit maps and full d_model circuits (same signature, no QR)."""
-    check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective)
+    check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective, selection)
     batch, num_heads, length, _ = teacher_q.shape
     structure = squeeze_plan(num_heads, num_student_heads, plan)
     dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
@@ -54,7 +56,8 @@ def squeeze_weights_reference(
     maps = DenseMaps(attention_maps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask))
     values = teacher_v.to(dtype)
     rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-    return walk_plan(structure, maps, circuit_fn(values, o_proj_weight, num_heads, reduce=False), rows, objective)
+    circuits = circuit_fn(values, o_proj_weight, num_heads, reduce=False)
+    return walk_plan(structure, maps, circuits, rows, objective, selection)
 
 
 def shd_loss_reference(
@@ -67,17 +70,29 @@ def shd_loss_reference(
     tau: float = 1.0,
     attention_mask: Tensor | None = None,
     block_size: int = 128,
+    merge: str = "prob",
+    sharpen: float = 1.0,
 ) -> Tensor:
     """`shd_loss` from full maps, differentiated by autograd (`block_size` is accepted and unused)."""
     del block_size
     check_mask(attention_mask, student_q.shape[0], student_q.shape[2])
+    check_variant(tau, merge, sharpen)
     batch, num_student, length, _ = student_q.shape
     dtype = compute_dtype(student_q, student_k, teacher_q, teacher_k)
-    teacher_maps = attention_maps(teacher_q.detach().to(dtype), teacher_k.detach().to(dtype), attention_mask, tau)
-    target = torch.einsum("bnm,bmij->bnij", weights.detach().to(dtype), teacher_maps)
+    hidden = ~allowed_keys(attention_mask, 0, length, student_q.device)
+    mix = weights.detach().to(dtype)
+    if merge == "prob":
+        teacher_maps = attention_maps(teacher_q.detach().to(dtype), teacher_k.detach().to(dtype), attention_mask, tau)
+        target = torch.einsum("bnm,bmij->bnij", mix, teacher_maps)
+        target = target ** (1.0 / sharpen)
+        target = target / target.sum(-1, keepdim=True)
+    else:
+        teacher_keys = repeat_kv(teacher_k.detach(), teacher_q.shape[1]).to(dtype)
+        teacher_scores = (teacher_q.detach().to(dtype) @ teacher_keys.transpose(-1, -2)) * teacher_q.shape[-1] ** -0.5
+        mixed = torch.einsum("bnm,bmij->bnij", mix, teacher_scores.masked_fill(hidden, 0.0))
+        target = (mixed / (tau * sharpen)).masked_fill(hidden, float("-inf")).softmax(-1)
     keys = repeat_kv(student_k, num_student).to(dtype)
     scores = (student_q.to(dtype) @ keys.transpose(-1, -2)) * (student_q.shape[-1] ** -0.5 / tau)
-    hidden = ~allowed_keys(attention_mask, 0, length, student_q.device)
     log_student = scores.masked_fill(hidden, float("-inf")).log_softmax(-1).masked_fill(hidden, 0.0)
     row_kl = (torch.xlogy(target, target) - target * log_student).sum(-1)  # [B, N, T]
     rows = valid_rows(attention_mask, batch, length, dtype, student_q.device)

@@ -85,3 +85,16 @@ def _enumerate_supports(gram: Tensor, cross: Tensor) -> Tensor:
             best_w = torch.where(better[:, None], w, best_w)
             best_f = torch.where(better, f, best_f)
     return best_w
+
+
+def best_vertex(gram: Tensor, cross: Tensor, tolerance: Tensor) -> Tensor:
+    """The single head (a simplex vertex) whose map alone best reproduces the target: one-hot [B, K].
+
+    Vertex k < K-1 costs G_kk - 2 c_k relative to the last head's 0. Indistinguishable heads
+    (Gram within `tolerance`) select the first, as the "select" plan does.
+    """
+    batch, free = cross.shape
+    costs = torch.cat([gram.diagonal(dim1=1, dim2=2) - 2.0 * cross, cross.new_zeros(batch, 1)], dim=1)
+    degenerate = gram.abs().flatten(1).amax(dim=1) <= tolerance if free else torch.ones(batch, dtype=torch.bool)
+    choice = torch.where(degenerate.to(costs.device), torch.zeros_like(costs[:, 0], dtype=torch.long), costs.argmin(dim=1))
+    return torch.nn.functional.one_hot(choice, free + 1).to(cross.dtype)

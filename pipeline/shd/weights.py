@@ -23,11 +23,15 @@ from torch import Tensor
 
 from .masking import allowed_keys, check_mask, compute_dtype, is_right_padded, repeat_kv, valid_rows
 from .plan import SqueezePlan, squeeze_plan
-from .simplex import simplex_least_squares
+from .simplex import best_vertex, simplex_least_squares
 
 OBJECTIVES = ("output", "per_head")
 """"output": one merged map on the merged circuit reproduces the heads' summed output (paper).
 "per_head": the merged map reproduces each head's own output on its own circuit."""
+
+SELECTIONS = ("soft", "hard")
+""""soft": the optimal weights on the simplex; "hard": snapped to the best single head of each
+merge (dynamic selection by the same reconstruction objective, per sequence)."""
 
 WEIGHTS_BLOCK_SIZE = 128
 """Query rows per block when maps must be applied with an explicit (non right-padded) mask."""
@@ -114,7 +118,7 @@ class _MergedHead:
 
 
 def walk_plan(
-    plan: SqueezePlan, maps: MapOperator, circuits: CircuitFn, rows: Tensor, objective: str
+    plan: SqueezePlan, maps: MapOperator, circuits: CircuitFn, rows: Tensor, objective: str, selection: str
 ) -> Tensor:
     """Runs the merge rounds of a "pairwise" or "group" plan and returns W [B, N, M]."""
     batch = rows.shape[0]
@@ -127,7 +131,7 @@ def walk_plan(
             heads[head] = _MergedHead((head,), ones, attended[:, i], group_circuits.lifts[i])
     for round_groups in plan.rounds:
         heads = [
-            heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], rows, objective)
+            heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], rows, objective, selection)
             for g in round_groups
         ]
     weights = torch.zeros(batch, plan.num_student_heads, plan.num_teacher_heads, dtype=rows.dtype, device=rows.device)
@@ -136,7 +140,7 @@ def walk_plan(
     return weights
 
 
-def _merge(heads: list[_MergedHead], rows: Tensor, objective: str) -> _MergedHead:
+def _merge(heads: list[_MergedHead], rows: Tensor, objective: str, selection: str) -> _MergedHead:
     """Merges heads into one with simplex weights chosen by the reconstruction objective."""
     circuit = sum(h.circuit for h in heads)
     if objective == "output":
@@ -147,7 +151,7 @@ def _merge(heads: list[_MergedHead], rows: Tensor, objective: str) -> _MergedHea
         # targets: A_j X_j for each head j; candidates: A_h X_j
         candidates = torch.stack([torch.stack([h.attended @ j.circuit for j in heads], dim=1) for h in heads], dim=1)
         targets = torch.stack([candidates[:, j, j] for j in range(len(heads))], dim=1)
-    mix = _solve(candidates, targets, rows)
+    mix = _solve(candidates, targets, rows, hard=selection == "hard")
     return _MergedHead(
         members=sum((h.members for h in heads), ()),
         member_weights=torch.cat([h.member_weights * mix[:, i : i + 1] for i, h in enumerate(heads)], dim=1),
@@ -156,10 +160,11 @@ def _merge(heads: list[_MergedHead], rows: Tensor, objective: str) -> _MergedHea
     )
 
 
-def _solve(candidates: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
+def _solve(candidates: Tensor, targets: Tensor, rows: Tensor, hard: bool) -> Tensor:
     """Simplex weights over heads minimising sum_j ||targets_j - sum_h w_h candidates_{h,j}||^2.
 
-    candidates [B, H, J, T, R], targets [B, J, T, R]; only valid query rows count.
+    candidates [B, H, J, T, R], targets [B, J, T, R]; only valid query rows count. `hard`
+    restricts the weights to the simplex's vertices (one head).
     """
     row_weight = rows[:, None, :, None]
     reference = candidates[:, -1]
@@ -170,7 +175,8 @@ def _solve(candidates: Tensor, targets: Tensor, rows: Tensor) -> Tensor:
     # differences below ~1000 ulps of the candidates' own size are rounding, not signal
     scale = (candidates * row_weight[:, None]).pow(2).sum(dim=(2, 3, 4)).amax(dim=1).double()
     tolerance = (1e3 * torch.finfo(rows.dtype).eps) ** 2 * scale
-    return simplex_least_squares(gram, cross, tolerance).to(rows.dtype)
+    solver = best_vertex if hard else simplex_least_squares
+    return solver(gram, cross, tolerance).to(rows.dtype)
 
 
 def constant_weights(plan: SqueezePlan, batch: int, dtype: torch.dtype, device) -> Tensor:
@@ -189,9 +195,14 @@ def needs_maps(plan: SqueezePlan) -> bool:
     return plan.name in ("pairwise", "group") and bool(plan.rounds)
 
 
-def check_teacher_inputs(q: Tensor, k: Tensor, v: Tensor, o_proj_weight: Tensor | None, objective: str) -> None:
+def check_teacher_inputs(
+    q: Tensor, k: Tensor, v: Tensor, o_proj_weight: Tensor | None, objective: str, selection: str
+) -> None:
+    """Refuses unknown options and inconsistent teacher shapes, naming the expected ones."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown squeeze objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown squeeze selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("teacher q, k, v must be [B, heads, T, head_dim] tensors")
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
@@ -259,15 +270,17 @@ def squeeze_weights(
     plan: str = "pairwise",
     objective: str = "output",
     attention_mask: Tensor | None = None,
+    selection: str = "soft",
 ) -> Tensor:
     """The mixing matrix W [B, N, M] of one layer (rows non-negative, summing to 1).
 
     teacher_q [B, M, T, d] after rotary embedding; teacher_k and teacher_v [B, M_kv, T, d] before
     grouped-query repetition; o_proj_weight the layer's `o_proj.weight` ([d_model, M*d]) or None
-    for the value-space variant. Computed without autograd in float32 (float64 when the inputs
+    for the value-space variant. `selection="hard"` snaps every merge to its best single head
+    (rows of W are then one-hot). Computed without autograd in float32 (float64 when the inputs
     are), using O(T * d) memory per head: no [T, T] map is built.
     """
-    check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective)
+    check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective, selection)
     batch, num_heads, length, head_dim = teacher_q.shape
     check_mask(attention_mask, batch, length)
     structure = squeeze_plan(num_heads, num_student_heads, plan)
@@ -280,4 +293,5 @@ def squeeze_weights(
         values = teacher_v.to(dtype)
         maps = StreamingMaps(queries, keys, attention_mask, head_dim**-0.5)
         rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-        return walk_plan(structure, maps, circuit_fn(values, o_proj_weight, num_heads, reduce=True), rows, objective)
+        circuits = circuit_fn(values, o_proj_weight, num_heads, reduce=True)
+        return walk_plan(structure, maps, circuits, rows, objective, selection)
