@@ -14,6 +14,9 @@ if [ "${SHD_NO_VENV:-0}" != "1" ]; then
   fi
   # shellcheck disable=SC1091
   source "$_shd_root/.venv/bin/activate"
+  # DeepSpeed's C++ ops are compiled against this venv's torch; a cache shared with other
+  # environments gets rebuilt (50-140 s) whenever another venv builds into it.
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$_shd_root/.venv/torch_extensions}"
 fi
 
 if ! python -c "import torch" >/dev/null 2>&1; then

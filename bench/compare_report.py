@@ -1,0 +1,255 @@
+"""Reading training runs and reporting a distillation comparison (used by bench/distill_compare.py).
+
+Pure functions over the files the engine writes (``<run>/metrics.jsonl``, see pipeline/metrics.py):
+no training, no DeepSpeed, so the report can be tested and regenerated on its own.
+
+A run's record (``summarize_run``):
+    held-out perplexity (the engine's evaluation at the end of the run, ``eval/perplexity``),
+    final train CE (mean of ``loss/ce`` over the last 10 % of steps: comparable across variants,
+    unlike ``loss/total`` whose terms differ), tokens/s (median of ``perf/tokens_per_s``), peak
+    memory (max of ``perf/peak_mem_mib``, rank 0: peak RSS on CPU, max allocated on CUDA), and the
+    SHD mixing-weight statistics (``shd_weights/layer_XX_mean_max`` and ``..._entropy``: per layer,
+    mean over sequences and student heads of the largest weight of a row of W and of its entropy),
+    averaged over layers and over the last 10 % of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+# Pairs of interest: (a, b, what it answers). A difference is ppl(a) - ppl(b), per seed.
+PAIRS = (
+    ("kd", "ce", "logit KD vs CE only"),
+    ("kd_shd", "ce", "KD+SHD vs CE only"),
+    ("kd_shd", "kd", "KD+SHD vs KD"),
+    ("kd_shd", "kd_mean", "SHD (pairwise) vs constant mean merge"),
+    ("kd_shd", "kd_select", "SHD (pairwise) vs select first head"),
+    ("kd_group", "kd_shd", "group vs pairwise"),
+    ("kd_group", "kd_mean", "SHD (group) vs constant mean merge"),
+    ("shd_only", "ce", "SHD without KD vs CE only"),
+    ("kd_hard", "kd_shd", "hard selection vs soft weights"),
+    ("kd_logit", "kd_shd", "score-space vs probability merge"),
+    ("kd_sharp", "kd_shd", "sharpened vs plain merged target"),
+)
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a metrics.jsonl, one per step, the last write winning.
+
+    A resumed run appends to the file, so a step can appear twice; the later record is the one of
+    the run that finished.
+    """
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    if not Path(path).exists():
+        return [], []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: ignore it
+            continue
+        if "eval/perplexity" in rec:
+            evals[rec["step"]] = rec
+        elif "loss/total" in rec:
+            train[rec["step"]] = rec
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+
+
+def _tail_mean(values: list[float], frac: float = 0.1) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan")
+    n = max(1, int(round(len(vals) * frac)))
+    return sum(vals[-n:]) / n
+
+
+def summarize_run(run_dir: Path, tokens_per_step: int | None = None) -> dict:
+    """The numbers of one finished run (see the module docstring)."""
+    train, evals = read_metrics(Path(run_dir) / "metrics.jsonl")
+    if not train:
+        raise ValueError(f"{run_dir}: no training records in metrics.jsonl")
+    tps = tokens_per_step or (train[0].get("data/consumed_tokens") / max(train[0]["step"], 1))
+
+    def tokens(rec: dict) -> float:
+        return rec.get("data/consumed_tokens") or rec["step"] * tps
+
+    out = {
+        "steps": train[-1]["step"],
+        "tokens": tokens(train[-1]),
+        "final_eval_ppl": evals[-1]["eval/perplexity"] if evals else float("nan"),
+        "final_eval_loss": evals[-1]["eval/loss"] if evals else float("nan"),
+        "final_train_ce": _tail_mean([r.get("loss/ce") for r in train]),
+        "final_train_total": _tail_mean([r.get("loss/total") for r in train]),
+        "tokens_per_s": statistics.median([r["perf/tokens_per_s"] for r in train[1:] or train]),
+        "step_time_s": statistics.median([r["perf/step_time_s"] for r in train[1:] or train]),
+        "peak_mem_mib": max(r.get("perf/peak_mem_mib", float("nan")) for r in train),
+        "skipped_steps": train[-1].get("optim/skipped_steps", 0.0),
+        "curve_train": [[tokens(r), r.get("loss/ce"), r.get("loss/total")] for r in train],
+        "curve_eval": [[r["step"] * tps, r["eval/perplexity"]] for r in evals],
+    }
+    for stat in ("mean_max", "entropy"):
+        per_layer = sorted({k for r in train for k in r if k.startswith("shd_weights/") and k.endswith(stat)})
+        if per_layer:
+            out[f"w_{stat}"] = _tail_mean([sum(r[k] for k in per_layer) / len(per_layer)
+                                           for r in train if all(k in r for k in per_layer)])
+    return out
+
+
+def uniform_reference(num_teacher_heads: int, num_student_heads: int, plan: str) -> dict:
+    """The mixing-weight statistics W would have if every alpha were 1/2 (pairwise) or every
+    group weight equal (group): the point the measured statistics are compared against."""
+    from pipeline.shd.plan import squeeze_plan
+
+    sp = squeeze_plan(num_teacher_heads, num_student_heads, "pairwise" if plan == "pairwise" else "group")
+    rows = [{m: 1.0} for m in range(num_teacher_heads)]
+    for rnd in sp.rounds:
+        new = []
+        for group in rnd:
+            merged: dict[int, float] = {}
+            for i in group:  # equal weights at every merge (alpha = 1/2 for a pair)
+                for m, w in rows[i].items():
+                    merged[m] = merged.get(m, 0.0) + w / len(group)
+            new.append(merged)
+        rows = new
+    mean_max = sum(max(r.values()) for r in rows) / len(rows)
+    entropy = sum(-sum(w * math.log(w) for w in r.values()) for r in rows) / len(rows)
+    return {"w_mean_max": mean_max, "w_entropy": entropy}
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else float("nan"))
+
+
+def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Per variant: mean/std/per-seed of the held-out perplexity and the means of the rest."""
+    agg = {}
+    for variant, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        ppl = [by_seed[s]["final_eval_ppl"] for s in seeds]
+        mean, std = _stats(ppl)
+        a = {"seeds": seeds, "ppl_per_seed": ppl, "ppl_mean": mean, "ppl_std": std}
+        for key in ("final_train_ce", "tokens_per_s", "step_time_s", "peak_mem_mib", "w_mean_max", "w_entropy",
+                    "tokens", "steps"):
+            vals = [by_seed[s].get(key) for s in seeds]
+            a[key] = _stats([v for v in vals if v is not None])[0] if any(v is not None for v in vals) else None
+        agg[variant] = a
+    return agg
+
+
+def paired_differences(runs: dict[str, dict[int, dict]]) -> list[dict]:
+    """For each pair of interest present: ppl(a) - ppl(b) on the seeds both have (same init and
+    data order), its mean, its standard deviation over seeds and whether |mean| > std."""
+    out = []
+    for a, b, what in PAIRS:
+        if a not in runs or b not in runs:
+            continue
+        seeds = sorted(set(runs[a]) & set(runs[b]))
+        diffs = [runs[a][s]["final_eval_ppl"] - runs[b][s]["final_eval_ppl"] for s in seeds]
+        mean, std = _stats(diffs)
+        rel = [d / runs[b][s]["final_eval_ppl"] * 100 for d, s in zip(diffs, seeds)]
+        exceeds = None if len(diffs) < 2 or not math.isfinite(std) else abs(mean) > std
+        out.append({"a": a, "b": b, "what": what, "seeds": seeds, "diffs": diffs, "mean": mean, "std": std,
+                    "mean_rel_pct": statistics.fmean(rel) if rel else float("nan"), "exceeds_spread": exceeds})
+    return out
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def markdown(settings: dict, labels: dict[str, str], agg: dict[str, dict], pairs: list[dict],
+             teacher: dict | None = None, reference: dict | None = None, title: str = "Distillation comparison") -> str:
+    """The results table (and paired differences) as Markdown."""
+    lines = [f"# {title}", ""]
+    s = settings
+    lines.append(f"Teacher `{s.get('teacher')}` ({s.get('teacher_heads')} heads) -> student {s.get('student_layers')} "
+                 f"layers x {s.get('student_heads')} heads; seq_len {s.get('seq_len')}, {s.get('tokens_per_step')} "
+                 f"tokens/step, {s.get('steps')} steps = {s.get('tokens'):,} tokens per run, {s.get('nproc')} "
+                 f"process(es); seeds {s.get('seeds')} (paired: same init and data order across variants).")
+    if teacher and teacher.get("final_eval_ppl") is not None:
+        lines.append(f"Teacher held-out perplexity: {_f(teacher['final_eval_ppl'])}.")
+    lines += ["", "| variant | held-out ppl (mean ± std) | per seed | final train CE | tokens/s | peak mem (MiB) "
+              "| W mean max | W entropy |", "|---|---|---|---|---|---|---|---|"]
+    for v, a in agg.items():
+        per_seed = ", ".join(_f(p) for p in a["ppl_per_seed"])
+        std = f" ± {_f(a['ppl_std'])}" if a["ppl_std"] is not None and math.isfinite(a["ppl_std"]) else ""
+        lines.append(f"| {labels.get(v, v)} | {_f(a['ppl_mean'])}{std} | {per_seed} | {_f(a['final_train_ce'], '{:.3f}')} "
+                     f"| {_f(a['tokens_per_s'], '{:.0f}')} | {_f(a['peak_mem_mib'], '{:.0f}')} "
+                     f"| {_f(a.get('w_mean_max'), '{:.3f}')} | {_f(a.get('w_entropy'), '{:.3f}')} |")
+    lines.append("")
+    lines.append("Held-out perplexity: the engine's evaluation at the end of each run on the same validation "
+                 "batches. Final train CE: mean of the CE term over the last 10 % of steps. W: SHD mixing "
+                 "weights (rows of W, one per student head), mean over layers and the last 10 % of steps.")
+    if reference:
+        refs = ", ".join(f"{p}: mean max {r['w_mean_max']:.3f}, entropy {r['w_entropy']:.3f}" for p, r in reference.items())
+        lines.append(f"With every alpha = 1/2 (equal weights) W would have {refs}; `select` has mean max 1, entropy 0.")
+    if pairs:
+        lines += ["", "## Paired differences of held-out perplexity (a - b, per seed)", "",
+                  "| a vs b | question | mean diff | std | mean diff % | per seed | exceeds spread? |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in pairs:
+            ex = {True: "yes", False: "no", None: "n/a (1 seed)"}[p["exceeds_spread"]]
+            lines.append(f"| {p['a']} vs {p['b']} | {p['what']} | {_f(p['mean'], '{:+.2f}')} | {_f(p['std'])} "
+                         f"| {_f(p['mean_rel_pct'], '{:+.1f}')} | {', '.join(_f(d, '{:+.2f}') for d in p['diffs'])} | {ex} |")
+        lines.append("")
+        lines.append("Negative = a has the lower (better) perplexity. 'Exceeds spread': |mean| > standard "
+                     "deviation of the per-seed differences.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, labels: dict[str, str], runs: dict[str, dict[int, dict]], teacher: dict | None = None,
+         title: str = "") -> Path:
+    """Two panels: train CE loss and held-out perplexity against tokens (mean over seeds, band = min..max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for v, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        # train CE, smoothed by a running mean over ~5 % of the steps
+        curves = [by_seed[s]["curve_train"] for s in seeds]
+        n = min(len(c) for c in curves)
+        if n:
+            x = [curves[0][i][0] for i in range(n)]
+            ys = [[c[i][1] for i in range(n)] for c in curves]
+            mean = [statistics.fmean(col) for col in zip(*ys)]
+            w = max(1, n // 20)
+            smooth = [statistics.fmean(mean[max(0, i - w + 1): i + 1]) for i in range(n)]
+            (line,) = ax_loss.plot(x, smooth, label=labels.get(v, v))
+        evs = [by_seed[s]["curve_eval"] for s in seeds]
+        m = min(len(e) for e in evs)
+        if m:
+            x = [evs[0][i][0] for i in range(m)]
+            cols = [[e[i][1] for e in evs] for i in range(m)]
+            ax_ppl.plot(x, [statistics.fmean(c) for c in cols], marker="o", ms=3, label=labels.get(v, v),
+                        color=line.get_color() if n else None)
+            if len(seeds) > 1:
+                ax_ppl.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2,
+                                    color=line.get_color() if n else None)
+    if teacher and teacher.get("final_eval_ppl") and math.isfinite(teacher["final_eval_ppl"]):
+        ax_ppl.axhline(teacher["final_eval_ppl"], ls="--", color="gray", label="teacher")
+    ax_loss.set(xlabel="training tokens", ylabel="train CE loss (smoothed)", title="training loss (CE term)")
+    ax_ppl.set(xlabel="training tokens", ylabel="held-out perplexity", title="held-out perplexity", yscale="log")
+    for ax in (ax_loss, ax_ppl):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

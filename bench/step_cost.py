@@ -1,0 +1,248 @@
+"""What does SHD cost per training step? CE+KD vs CE+KD+SHD vs CE+KD+dense attention distillation.
+
+    python bench/step_cost.py                                 # pairs tiny,mid; T = 256, 1024, 2048
+    python bench/step_cost.py --pairs tiny --seq-lens 256,1024 --steps 3
+    python bench/step_cost.py --out bench/results/step_cost.json
+
+One process, one configuration per fresh process (peak memory on CPU is the process's peak RSS,
+which cannot be reset), batch of --batch sequences of T tokens, fp32, student with non-reentrant
+activation checkpointing in every variant. Step = teacher forward (no grad) + student forward +
+loss + backward + AdamW step; the median over --steps timed steps after --warmup untimed ones.
+
+Variants:
+- ``kd``: 0.5 CE + 0.5 tau^2 KL (tau 2), the engine's ``DistillObjective`` (chunked CE/KD).
+- ``shd``: the same + SHD (pairwise, objective output) exactly as the engine computes it: the
+  engine's ``shd_teacher``/``shd_student`` attention functions and ``ShdChannel`` (mixing weights
+  from q, k, v and W_O in the teacher's o_proj pre-hook; streaming ``shd_loss`` inside the
+  student's attention, recomputed under checkpointing, no T x T map kept).
+- ``dense``: the same CE/KD + attention distillation the way other projects do it: teacher and
+  student run *eager* attention with ``output_attentions=True``, the teacher's [B, M, T, T] maps
+  are merged with the same pairwise weights (computed from those maps and the values), and the
+  loss is KL(target || student map) on the full [B, N, T, T] student maps (kept for backward).
+
+The engine has no dense variant, so all three run here on plain transformers models (no
+DeepSpeed, no process group): the same code for each, so the comparison is like for like. The
+engine's own per-step overhead (ZeRO-3 gathers, all-reduces) is not included; see docs/engine.md
+for in-engine step times at the demo's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PAIRS = {
+    # the demo's pair (configs/demo_teacher.yaml -> configs/demo_student.yaml), 8 -> 3 heads
+    "tiny": dict(vocab=4096, teacher=dict(layers=4, hidden=128, heads=8, kv=2, ffn=384),
+                 student=dict(layers=2, hidden=96, heads=3, kv=3, ffn=256)),
+    # a mid-size pair, 16 -> 4 heads (~30M teacher, ~8M student with vocabulary 8000)
+    "mid": dict(vocab=8000, teacher=dict(layers=8, hidden=512, heads=16, kv=4, ffn=1408),
+                student=dict(layers=4, hidden=256, heads=4, kv=4, ffn=704)),
+}
+VARIANTS = ("kd", "shd", "dense")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _llama(spec: dict, vocab: int, max_pos: int, attn: str, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
+                      num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                      num_key_value_heads=spec["kv"], max_position_embeddings=max_pos, use_cache=False)
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg).float()
+
+
+def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmup: int) -> dict:
+    """One configuration in this process; returns its measurements."""
+    import torch
+
+    from pipeline import attention as attn
+    from pipeline.config import config_from_dict
+    from pipeline.engine import DistillObjective
+    from pipeline.losses import ce_kd_sums
+    from pipeline.shd.masking import valid_rows
+    from pipeline.shd.plan import layer_map, squeeze_plan
+    from pipeline.shd.reference import DenseMaps
+    from pipeline.shd.weights import circuit_fn, walk_plan
+
+    p = PAIRS[pair]
+    ts, ss, vocab = p["teacher"], p["student"], p["vocab"]
+    t_attn, s_attn = {"kd": ("sdpa", "sdpa"), "shd": (attn.TEACHER_ATTN, attn.STUDENT_ATTN),
+                      "dense": ("eager", "eager")}[variant]
+    teacher = _llama(ts, vocab, seq_len, t_attn, 0).eval().requires_grad_(False)
+    student = _llama(ss, vocab, seq_len, s_attn, 1).train()
+    # the engine's activation checkpointing (pipeline/models.py): per layer, non-reentrant
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    cfg = config_from_dict({
+        "stage": "distill", "teacher": {"path": "unused"}, "data": {"dir": "unused", "seq_len": seq_len},
+        "student": {"num_layers": ss["layers"], "num_heads": ss["heads"], "hidden_size": ss["hidden"]},
+        "distill": {"w_ce": 0.5, "w_kd": 0.5, "tau_kd": 2.0, "w_shd": 0.0 if variant == "kd" else 1.0,
+                    "plan": "pairwise", "objective": "output", "kd_chunk_size": 512, "shd_block_size": 128},
+    }, [])
+    pairs = dict(enumerate(layer_map(ss["layers"], ts["layers"])))
+    chan = None
+    if variant == "shd":
+        chan = attn.ShdChannel(pairs=pairs, num_student_heads=ss["heads"], plan="pairwise", objective="output",
+                               tau=1.0, block_size=128)
+        attn.attach_teacher(teacher, chan)
+        attn.attach_student(student, chan)
+    objective = DistillObjective(cfg, vocab, chan)
+    plan = squeeze_plan(ts["heads"], ss["heads"], "pairwise")
+    values: dict[int, torch.Tensor] = {}
+    if variant == "dense":  # the teacher's values of distilled layers, for the mixing weights
+        mods = attn.attention_modules(teacher)
+        for t in set(pairs.values()):
+            def keep(mod, args, out, t=t):
+                b, n, _ = out.shape
+                values[t] = out.view(b, n, ts["kv"], -1).transpose(1, 2)
+            mods[t].v_proj.register_forward_hook(keep)
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, vocab, (batch, seq_len + 1), generator=g)
+    inp, labels = tokens[:, :-1], tokens[:, 1:]
+    valid = torch.ones_like(labels, dtype=torch.bool)
+    n_tok = float(valid.sum())
+
+    def dense_step():
+        with torch.no_grad():
+            tout = teacher(input_ids=inp, use_cache=False, output_attentions=True)
+        sout = student(input_ids=inp, use_cache=False, output_attentions=True)
+        ce_sum, kl_sum = ce_kd_sums(sout.logits, labels, valid, tout.logits, tau=2.0, chunk=512, vocab=vocab)
+        loss = 0.5 * ce_sum / n_tok + 0.5 * 4.0 * kl_sum / n_tok
+        rows = valid_rows(None, batch, seq_len, torch.float32, inp.device)
+        attn_losses = []
+        for s, t in pairs.items():
+            maps = tout.attentions[t]  # [B, M, T, T]
+            o_w = attn.attention_modules(teacher)[t].o_proj.weight
+            with torch.no_grad():
+                w = walk_plan(plan, DenseMaps(maps), circuit_fn(values[t], o_w, ts["heads"], reduce=False), rows,
+                              "output", "soft")
+                target = torch.einsum("bnm,bmij->bnij", w, maps)
+            smap = sout.attentions[s]  # [B, N, T, T], part of the graph
+            kl = (target * (target.clamp_min(1e-12).log() - smap.clamp_min(1e-12).log())).sum(-1)
+            attn_losses.append(kl.mean())
+        loss = loss + torch.stack(attn_losses).mean()
+        del tout
+        return loss
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        if variant == "dense":
+            loss = dense_step()
+        else:
+            loss, _ = objective(student, teacher, inp, labels, valid, None, n_tok, float(inp.numel()))
+        loss.backward()
+        if chan is not None:
+            chan.clear()
+        opt.step()
+        return loss.detach().item()
+
+    base = _rss_mib()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    peak = _peak_mib()
+    return {"pair": pair, "seq_len": seq_len, "variant": variant, "batch": batch, "steps": steps,
+            "step_s": statistics.median(times), "step_s_all": times, "peak_mib": peak,
+            "base_mib": base, "step_mem_mib": peak - base, "loss": loss, "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", default="tiny,mid", help=f"comma list from {','.join(PAIRS)}")
+    ap.add_argument("--seq-lens", default="256,1024,2048")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/step_cost.json"))
+    ap.add_argument("--one", nargs=3, metavar=("PAIR", "T", "VARIANT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        pair, t, variant = args.one
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print("RESULT " + json.dumps(run_one(pair, int(t), variant, args.batch, args.steps, args.warmup)), flush=True)
+        return 0
+
+    rows = []
+    for pair in args.pairs.split(","):
+        for t in [int(x) for x in args.seq_lens.split(",")]:
+            for variant in args.variants.split(","):
+                cmd = [sys.executable, __file__, "--one", pair, str(t), variant, "--batch", str(args.batch),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                try:
+                    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+                    res = [json.loads(line[7:]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+                    row = res[0] if res else {"pair": pair, "seq_len": t, "variant": variant,
+                                              "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+                except subprocess.TimeoutExpired:
+                    row = {"pair": pair, "seq_len": t, "variant": variant, "error": f"timeout {args.timeout} s"}
+                rows.append(row)
+                msg = (f"{row['step_s'] * 1000:9.0f} ms  peak {row['peak_mib']:7.0f} MiB  step mem "
+                       f"{row['step_mem_mib']:7.0f} MiB") if "error" not in row else row["error"]
+                print(f"{pair:5s} T={t:5d} {variant:6s} {msg}", flush=True)
+    table = report(rows)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpus": os.cpu_count(), "threads": args.threads, "batch": args.batch, "pairs": PAIRS, "rows": rows,
+                               "note": "plain transformers models, one process, no DeepSpeed; fp32"}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def report(rows: list[dict]) -> str:
+    """Markdown table with each variant's ratio to CE+KD of the same pair and T."""
+    kd = {(r["pair"], r["seq_len"]): r for r in rows if r["variant"] == "kd" and "error" not in r}
+    lines = ["| pair | T | variant | step (ms) | x CE+KD | peak mem (MiB) | x CE+KD | step mem (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['pair']} | {r['seq_len']} | {r['variant']} | {r['error']} | | | | |")
+            continue
+        base = kd.get((r["pair"], r["seq_len"]))
+        ts = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
+        ms = f"{r['peak_mib'] / base['peak_mib']:.2f}" if base else "-"
+        lines.append(f"| {r['pair']} | {r['seq_len']} | {r['variant']} | {r['step_s'] * 1000:.0f} | {ts} "
+                     f"| {r['peak_mib']:.0f} | {ms} | {r['step_mem_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

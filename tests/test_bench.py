@@ -1,0 +1,138 @@
+"""The comparison bench's bookkeeping (bench/compare_report.py, bench/distill_compare.py planning)
+on synthetic metrics: no training here (the demo tests run the real thing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import compare_report as report  # noqa: E402
+import distill_compare as dc  # noqa: E402
+
+
+def _write_run(run_dir: Path, ppl_curve: list[float], ce0: float, *, steps: int = 20, shd: bool = False,
+               resumed_dup: bool = False) -> Path:
+    run_dir.mkdir(parents=True)
+    lines = []
+    for s in range(1, steps + 1):
+        rec = {"step": s, "loss/ce": ce0 - 0.01 * s, "loss/total": ce0 - 0.01 * s, "perf/tokens_per_s": 1000.0 + s,
+               "perf/step_time_s": 0.5, "perf/peak_mem_mib": 400.0 + s, "data/consumed_tokens": 512.0 * s,
+               "optim/skipped_steps": 0.0}
+        if shd:
+            rec.update({"shd_weights/layer_01_mean_max": 0.5, "shd_weights/layer_01_entropy": 0.9,
+                        "shd_weights/layer_03_mean_max": 0.7, "shd_weights/layer_03_entropy": 0.5})
+        lines.append(rec)
+    every = steps // len(ppl_curve)
+    for i, p in enumerate(ppl_curve):
+        lines.append({"step": every * (i + 1), "eval/loss": math.log(p), "eval/perplexity": p, "eval/tokens": 99.0})
+    if resumed_dup:  # a resumed run appends: the later record of a step wins
+        lines.append({"step": steps, "eval/loss": 0.0, "eval/perplexity": ppl_curve[-1] - 1, "eval/tokens": 99.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "trunc')
+    return run_dir
+
+
+def test_summarize_run_reads_the_engine_metrics(tmp_path):
+    r = report.summarize_run(_write_run(tmp_path / "a", [50.0, 40.0], 5.0, shd=True, resumed_dup=True))
+    assert r["steps"] == 20 and r["tokens"] == 20 * 512
+    assert r["final_eval_ppl"] == 39.0  # the appended (resumed) record wins
+    assert r["final_train_ce"] == pytest.approx(5.0 - 0.01 * 19.5)  # mean of the last 10 % (2 steps)
+    assert r["peak_mem_mib"] == 420.0
+    assert r["w_mean_max"] == pytest.approx(0.6) and r["w_entropy"] == pytest.approx(0.7)
+    assert [p for _, p in r["curve_eval"]] == [50.0, 39.0]
+
+
+def test_paired_differences_and_spread():
+    runs = {"kd": {1: {"final_eval_ppl": 10.0}, 2: {"final_eval_ppl": 12.0}, 3: {"final_eval_ppl": 11.0}},
+            "kd_shd": {1: {"final_eval_ppl": 9.0}, 2: {"final_eval_ppl": 11.1}, 3: {"final_eval_ppl": 10.2}},
+            "kd_mean": {1: {"final_eval_ppl": 8.0}, 2: {"final_eval_ppl": 12.0}, 3: {"final_eval_ppl": 10.2}}}
+    pairs = {(p["a"], p["b"]): p for p in report.paired_differences(runs)}
+    p = pairs[("kd_shd", "kd")]
+    assert p["diffs"] == pytest.approx([-1.0, -0.9, -0.8]) and p["mean"] == pytest.approx(-0.9)
+    assert p["exceeds_spread"] is True
+    q = pairs[("kd_shd", "kd_mean")]
+    assert q["diffs"] == pytest.approx([1.0, -0.9, 0.0]) and q["exceeds_spread"] is False
+    assert ("kd_group", "kd_shd") not in pairs  # only pairs whose variants ran
+    one = report.paired_differences({k: {1: v[1]} for k, v in runs.items()})
+    assert all(p["exceeds_spread"] is None for p in one)
+
+
+def test_uniform_reference_matches_the_plans():
+    # 8 -> 3 pairwise: rounds 8 -> 4 -> 3, groups of 4, 2, 2 teacher heads
+    ref = report.uniform_reference(8, 3, "pairwise")
+    assert ref["w_mean_max"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2) / 3)
+    assert ref["w_entropy"] == pytest.approx((math.log(4) + 2 * math.log(2)) / 3)
+    # 8 -> 3 group: contiguous groups of 3, 3, 2
+    ref = report.uniform_reference(8, 3, "group")
+    assert ref["w_mean_max"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert report.uniform_reference(4, 4, "pairwise") == {"w_mean_max": 1.0, "w_entropy": 0.0}
+
+
+def test_markdown_and_plot(tmp_path):
+    runs = {v: {s: report.summarize_run(_write_run(tmp_path / v / str(s), [60.0 - s, 40.0 - i - s], 5.0 + i,
+                                                    shd=v == "kd_shd"))
+                for s in (1, 2)} for i, v in enumerate(("ce", "kd", "kd_shd"))}
+    labels = {v: dc.VARIANTS[v][0] for v in runs}
+    agg = report.aggregate(runs)
+    assert agg["kd"]["ppl_per_seed"] == [38.0, 37.0] and agg["kd"]["ppl_mean"] == 37.5
+    setting = {"teacher": "t", "teacher_heads": 8, "student_layers": 2, "student_heads": 3, "seq_len": 128,
+               "tokens_per_step": 512, "steps": 20, "tokens": 10240, "nproc": 2, "seeds": [1, 2]}
+    md = report.markdown(setting, labels, agg, report.paired_differences(runs), {"final_eval_ppl": 20.0},
+                         {"pairwise": report.uniform_reference(8, 3, "pairwise")})
+    for label in labels.values():
+        assert f"| {label} |" in md
+    assert "37.50 ± 0.71" in md and "kd_shd vs kd" in md and "Teacher held-out perplexity: 20.00" in md
+    png = report.plot(tmp_path / "p.png", labels, runs, {"final_eval_ppl": 20.0})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_overrides_and_variant_configs(tmp_path):
+    args = dc.parse_args(["--out", str(tmp_path), "--data", "D", "--tokenizer", "T", "--teacher", "H"])
+    budget = dc.BUDGETS[args.budget]
+    cfgs = {v: dc.student_config(args, budget, v, 3, Path("H"), Path("T"), Path("D"), 128, 50, tmp_path / v,
+                                 tmp_path / "tb" / v) for v in dc.VARIANTS}
+    assert cfgs["ce"]["stage"] == "pretrain" and cfgs["ce"]["teacher"]["path"] is None
+    assert cfgs["kd"]["distill"]["w_shd"] == 0.0 and cfgs["kd"]["distill"]["w_kd"] == 0.5
+    assert cfgs["shd_only"]["distill"]["w_kd"] == 0.0 and cfgs["shd_only"]["distill"]["w_shd"] == 1.0
+    assert {cfgs[v]["distill"]["plan"] for v in ("kd_shd", "kd_group", "kd_mean", "kd_select")} == \
+        {"pairwise", "group", "mean", "select"}
+    # same student, seed, data order, schedule and evaluation for every variant
+    keys = lambda c: (c["student"], c["seed"], c["data"], c["optim"], c["eval"])  # noqa: E731
+    assert len({json.dumps(keys(c), sort_keys=True) for c in cfgs.values()}) == 1
+    assert dc.apply_overrides({"a": {"b": 1}}, ["a.c=2.5", "x.y=null", "a.b=[1, 2]"]) == \
+        {"a": {"b": [1, 2], "c": 2.5}, "x": {"y": None}}
+
+
+def test_sweep_plan_dry_run(tmp_path):
+    """--teacher-heads x --seq-lens x --steps-list: one teacher per (heads, seq_len), students per setting."""
+    r = subprocess.run([sys.executable, str(REPO / "bench/distill_compare.py"), "--dry-run", "--out",
+                        str(tmp_path / "o"), "--teacher-heads", "8,16", "--student-heads", "4", "--seq-lens",
+                        "128,512", "--steps-list", "10,20", "--variants", "kd,kd_shd", "--seeds", "2",
+                        "--budget", "ci"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(": teacher: pre-train") == 4
+    assert "16-head" in r.stdout and "h16_T512_s20" in r.stdout
+    assert r.stdout.count("kd_shd seed 2:") == 8  # 2 heads x 2 seq lens x 2 lengths
+    assert not any((tmp_path / "o").rglob("DONE*"))
+
+
+def test_step_cost_smoke_dense_and_streaming_agree(tmp_path):
+    """bench/step_cost.py runs its three variants; the dense attention loss (maps from eager
+    attention with output_attentions) and the engine's streaming SHD give the same total loss."""
+    out = tmp_path / "step_cost.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench/step_cost.py"), "--pairs", "tiny", "--seq-lens", "64",
+                        "--steps", "1", "--warmup", "1", "--threads", "1", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"kd", "shd", "dense"} and not any("error" in row for row in rows.values()), rows
+    assert rows["shd"]["loss"] == pytest.approx(rows["dense"]["loss"], rel=1e-4)
+    assert rows["shd"]["loss"] != pytest.approx(rows["kd"]["loss"], rel=1e-6)  # the attention term is there
+    assert "| tiny | 64 | dense |" in r.stdout
