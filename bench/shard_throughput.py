@@ -1,7 +1,7 @@
 """Benchmark: `data_prep.shard` throughput against plain batch encoding of the same texts.
 
-    python bench/data_prep.py                      # trains a tokenizer on python-stdlib first (cached)
-    python bench/data_prep.py --tokenizer DIR --json bench/results/data_prep.json
+    python bench/shard_throughput.py               # trains a tokenizer on python-stdlib first (cached)
+    python bench/shard_throughput.py --tokenizer DIR --json bench/results/data_prep.json
 
 Measures, on the `python-stdlib` corpus (no network):
   * plain: `tokenizer(texts, add_special_tokens=False, split_special_tokens=True)` on all documents,
@@ -23,11 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-# Run as a script, this file's folder is first on sys.path and this file's name would shadow the
-# data_prep package; drop it (`python -m bench.data_prep` does not need this).
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 from data_prep.manifest import load_hf_tokenizer
 from data_prep.shard import ShardOptions, build_shards
