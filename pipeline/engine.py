@@ -397,10 +397,20 @@ class Trainer:
 
         state = json.loads((path / "trainer_state.json").read_text())
         changes = self.resume_changes
+        groups = self.student.optimizer.param_groups
+        weight_decays = [g["weight_decay"] for g in groups]
         load_path, client = self.student.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise ResumeRefused(f"DeepSpeed could not load {path}")
+        if is_universal(path):
+            # DeepSpeed's ZeRO-3 universal load copies param group 0's hyperparameters into every
+            # group (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), which would decay
+            # norms and biases: put back each group's own weight decay.
+            for group, decay in zip(groups, weight_decays):
+                group["weight_decay"] = decay
+            self.log.info(f"optimizer param groups' weight_decay after universal load: "
+                          f"{[g['weight_decay'] for g in groups]}")
         client = state  # trainer_state.json: written at commit, present in universal copies too
         self.step = int(client["step"])
         self.consumed_tokens = int(client["consumed_tokens"])

@@ -177,7 +177,7 @@ REF_STEPS = 10
 
 def ref_config(out_dir: Path, tiny_data, teacher: Path, **over) -> dict:
     base = {"optim.max_steps": REF_STEPS, "checkpoint.every_steps": 2, "checkpoint.keep_last": 3,
-            "eval.at_end": True}
+            "eval.at_end": True, "optim.weight_decay": 0.1}
     base.update(over)
     return tiny_config(out_dir, tiny_data, teacher, **base)
 

@@ -120,6 +120,7 @@ def test_universal_checkpoint_two_ranks_to_one(ref_run, tmp_path, tiny_data, tin
     cfg = ref_config(tmp_path / "run", tiny_data, tiny_teacher,
                      **{"checkpoint.dir": str(ckpts), "data.micro_batch_size": 4, "checkpoint.every_steps": 0,
                         "checkpoint.save_at_end": False, "eval.at_end": False})
+    assert cfg["optim"]["weight_decay"] > 0, "the reference run must decay weights for the group check below"
     run_ranks(1, cfg, tmp_path / "refused", expect=2)
     assert "python -m pipeline.universal" in (tmp_path / "refused" / "logs" / "rank0.log").read_text()
 
@@ -129,6 +130,9 @@ def test_universal_checkpoint_two_ranks_to_one(ref_run, tmp_path, tiny_data, tin
     recs = run_ranks(1, cfg, tmp_path / "resumed")
     assert "resumed from" in (tmp_path / "resumed" / "logs" / "rank0.log").read_text()
     assert "24 samples consumed" in (tmp_path / "resumed" / "logs" / "rank0.log").read_text()
+    # norms and biases keep weight decay 0 (DeepSpeed's universal load gives every group group 0's)
+    assert f"weight_decay after universal load: [{cfg['optim']['weight_decay']}, 0.0]" in (
+        tmp_path / "resumed" / "logs" / "rank0.log").read_text()
     got, want = step_losses(recs), step_losses(ref_records)
     assert sorted(got) == list(range(7, REF_STEPS + 1))
     assert got[7] == pytest.approx(want[7], rel=1e-6)  # weights and data position carried over exactly
