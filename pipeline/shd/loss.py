@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, repeat_kv, valid_rows
+from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, normalized_weights, repeat_kv, valid_rows
 
 MERGES = ("prob", "logit")
 """How squeezed teacher maps are merged: in probability space (paper) or in score space."""
@@ -96,7 +96,7 @@ def _blockwise(
     sk = repeat_kv(student_k, num_student).to(dtype)
     tq = teacher_q.to(dtype)
     tk = repeat_kv(teacher_k, teacher_q.shape[1]).to(dtype)
-    mix = weights.to(dtype)
+    mix = normalized_weights(weights, dtype)
     student_scale = student_dim**-0.5
     teacher_scale = teacher_q.shape[-1] ** -0.5
     rows = valid_rows(attention_mask, batch, length, dtype, device)
@@ -165,7 +165,8 @@ def shd_loss(
     """SHD loss of one layer (a scalar), streamed over query blocks; gradients reach student q, k only.
 
     student_q [B, N, T, d_s], student_k [B, N_kv, T, d_s], teacher_q [B, M, T, d_t], teacher_k
-    [B, M_kv, T, d_t], all after rotary embedding; weights [B, N, M] from `squeeze_weights`;
+    [B, M_kv, T, d_t], all after rotary embedding; weights [B, N, M] from `squeeze_weights` (rows
+are renormalised to sum to 1 in the compute dtype, which bf16 rounding would otherwise break);
     attention_mask [B, T] (1 = real token) or None. Each side uses its own 1/sqrt(d) scale.
     `merge` ("prob" or "logit") and `sharpen` (target temperature, 1 = none) choose the target.
     Computed in float32 (float64 when an input is float64); the loss is float32 for bf16 inputs.

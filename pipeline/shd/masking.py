@@ -69,6 +69,12 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def normalized_weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """Mixing weights in the compute dtype with rows summing to 1 (bf16 rounding breaks that)."""
+    weights = weights.detach().to(dtype)
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
 def loss_dtype(student_q: Tensor) -> torch.dtype:
     """A loss keeps float32/float64 inputs' dtype and is float32 for half-precision inputs."""
     return student_q.dtype if student_q.dtype in (torch.float32, torch.float64) else torch.float32

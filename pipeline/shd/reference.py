@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .loss import check_variant
-from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, repeat_kv, valid_rows
+from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, normalized_weights, repeat_kv, valid_rows
 from .plan import squeeze_plan
 from .weights import check_teacher_inputs, circuit_fn, constant_weights, needs_maps, walk_plan
 
@@ -80,7 +80,7 @@ def shd_loss_reference(
     batch, num_student, length, _ = student_q.shape
     dtype = compute_dtype(student_q, student_k, teacher_q, teacher_k)
     hidden = ~allowed_keys(attention_mask, 0, length, student_q.device)
-    mix = weights.detach().to(dtype)
+    mix = normalized_weights(weights, dtype)
     if merge == "prob":
         teacher_maps = attention_maps(teacher_q.detach().to(dtype), teacher_k.detach().to(dtype), attention_mask, tau)
         target = torch.einsum("bnm,bmij->bnij", mix, teacher_maps)
