@@ -67,6 +67,20 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def resolve(path: str | Path) -> Path:
+    """`path` itself if it is a complete checkpoint, else the newest complete one under it.
+
+    For the command-line tools that take `--checkpoint` (export, evaluate, universal).
+    """
+    path = Path(path)
+    if is_complete(path):
+        return path
+    latest = find_latest(path)
+    if latest is None:
+        raise SystemExit(f"error: {path} is neither a complete checkpoint nor a directory holding one")
+    return latest
+
+
 def find_latest(root: Path) -> Path | None:
     """The newest complete checkpoint: the pointer's target if complete, else the newest found."""
     ptr = root / POINTER

@@ -55,11 +55,7 @@ def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None) -
     from pipeline.engine import Trainer
     import yaml
 
-    if not ckpt.is_complete(path):
-        latest = ckpt.find_latest(path)
-        if latest is None:
-            raise SystemExit(f"error: {path} is neither a complete checkpoint nor a directory holding one")
-        path = latest
+    path = ckpt.resolve(path)
     saved = yaml.safe_load((path / "resolved_config.yaml").read_text())
     saved.pop("derived", None)
     # the student alone, CE only: the teacher need not exist where the evaluation runs

@@ -26,12 +26,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
     from pipeline import checkpoint as ckpt
 
-    path = Path(checkpoint)
-    if not ckpt.is_complete(path):
-        latest = ckpt.find_latest(path)
-        if latest is None:
-            raise SystemExit(f"error: {path} is neither a complete checkpoint nor a directory holding one")
-        path = latest
+    path = ckpt.resolve(checkpoint)
     config = AutoConfig.from_pretrained(path / "student_config.json")
     config._attn_implementation = "sdpa"  # the training-time function is SDPA plus a side loss
     config.use_cache = True

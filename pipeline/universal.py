@@ -32,12 +32,7 @@ def is_universal(path: Path) -> bool:
 
 
 def convert(checkpoint: str | Path, workers: int = 1) -> Path:
-    path = Path(checkpoint)
-    if not ckpt.is_complete(path):
-        latest = ckpt.find_latest(path)
-        if latest is None:
-            raise SystemExit(f"error: {path} is neither a complete checkpoint nor a directory holding one")
-        path = latest
+    path = ckpt.resolve(checkpoint)
     out = universal_path(path)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
