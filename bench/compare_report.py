@@ -20,7 +20,9 @@ import math
 import statistics
 from pathlib import Path
 
-# Pairs of interest: (a, b, what it answers). A difference is ppl(a) - ppl(b), per seed.
+# Pairs of interest: (a, b, what it answers). A difference is ppl(a) - ppl(b), per seed. With an
+# attention-loss weight sweep (variant names "kd_shd@0.3", see ``split_variant``) a pair compares a and
+# b at the same weight; ce and kd have no attention term and are compared as they are.
 PAIRS = (
     ("kd", "ce", "logit KD vs CE only"),
     ("kd_shd", "ce", "KD+SHD vs CE only"),
@@ -33,7 +35,24 @@ PAIRS = (
     ("kd_hard", "kd_shd", "hard selection vs soft weights"),
     ("kd_logit", "kd_shd", "score-space vs probability merge"),
     ("kd_sharp", "kd_shd", "sharpened vs plain merged target"),
+    # every attention variant against the two baselines of docs/shd-method.md's question
+    *((v, "kd", f"{v} vs KD") for v in ("kd_mean", "kd_select", "kd_group", "kd_hard", "kd_logit", "kd_sharp")),
+    *((v, "kd_select", f"{v} vs select first head")
+      for v in ("kd_mean", "kd_group", "kd_hard", "kd_logit", "kd_sharp")),
 )
+# variants without an attention term: a weight sweep leaves them alone
+NO_ATTENTION = ("ce", "kd")
+
+
+def split_variant(name: str) -> tuple[str, float | None]:
+    """("kd_shd", 0.3) for "kd_shd@0.3"; (name, None) without a weight suffix."""
+    base, sep, weight = name.partition("@")
+    return base, (float(weight) if sep else None)
+
+
+def variant_name(base: str, w_shd: float | None) -> str:
+    """Inverse of split_variant."""
+    return base if w_shd is None or base in NO_ATTENTION else f"{base}@{w_shd:g}"
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
@@ -145,20 +164,57 @@ def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
 
 
 def paired_differences(runs: dict[str, dict[int, dict]]) -> list[dict]:
-    """For each pair of interest present: ppl(a) - ppl(b) on the seeds both have (same init and
-    data order), its mean, its standard deviation over seeds and whether |mean| > std."""
+    """For each pair of interest present (per attention-loss weight when swept): ppl(a) - ppl(b) on
+    the seeds both have (same init and data order), its mean, its standard deviation over seeds
+    and whether |mean| > std."""
+    weights = sorted({split_variant(v)[1] for v in runs}, key=lambda w: (w is not None, w or 0.0))
     out = []
-    for a, b, what in PAIRS:
-        if a not in runs or b not in runs:
-            continue
-        seeds = sorted(set(runs[a]) & set(runs[b]))
-        diffs = [runs[a][s]["final_eval_ppl"] - runs[b][s]["final_eval_ppl"] for s in seeds]
-        mean, std = _stats(diffs)
-        rel = [d / runs[b][s]["final_eval_ppl"] * 100 for d, s in zip(diffs, seeds)]
-        exceeds = None if len(diffs) < 2 or not math.isfinite(std) else abs(mean) > std
-        out.append({"a": a, "b": b, "what": what, "seeds": seeds, "diffs": diffs, "mean": mean, "std": std,
-                    "mean_rel_pct": statistics.fmean(rel) if rel else float("nan"), "exceeds_spread": exceeds})
+    for w in weights:
+        for base_a, base_b, what in PAIRS:
+            a, b = variant_name(base_a, w), variant_name(base_b, w)
+            if a not in runs or b not in runs or (w is not None and base_a in NO_ATTENTION):
+                continue
+            seeds = sorted(set(runs[a]) & set(runs[b]))
+            diffs = [runs[a][s]["final_eval_ppl"] - runs[b][s]["final_eval_ppl"] for s in seeds]
+            mean, std = _stats(diffs)
+            rel = [d / runs[b][s]["final_eval_ppl"] * 100 for d, s in zip(diffs, seeds)]
+            exceeds = None if len(diffs) < 2 or not math.isfinite(std) else abs(mean) > std
+            out.append({"a": a, "b": b, "what": what + (f" (w_shd {w:g})" if w is not None else ""), "seeds": seeds,
+                        "diffs": diffs, "mean": mean, "std": std,
+                        "mean_rel_pct": statistics.fmean(rel) if rel else float("nan"), "exceeds_spread": exceeds})
     return out
+
+
+def sweep_table(settings: list[tuple[str, dict, list[dict]]], labels: dict[str, str]) -> str:
+    """One table over all settings (tag, aggregate, pairs): per variant and setting the held-out
+    perplexity and its paired differences against KD and against `select` at the same weight; a
+    variant "wins" a setting when it beats both by more than the paired seed spread."""
+    variants = list(dict.fromkeys(v for _, agg, _ in settings for v in agg))
+    head = "| variant | " + " | ".join(f"{tag}: ppl | vs KD | vs select" for tag, _, _ in settings) + " | wins |"
+    lines = ["## All settings: held-out perplexity and paired differences", "", head,
+             "|---|" + "---|---|---|" * len(settings) + "---|"]
+
+    def diff(pairs: list[dict], a: str, b: str) -> tuple[str, bool]:
+        p = next((p for p in pairs if p["a"] == a and p["b"] == b), None)
+        if p is None:
+            return "", False
+        beats = bool(p["exceeds_spread"]) and p["mean"] < 0
+        return f"{_f(p['mean'], '{:+.2f}')} ± {_f(p['std'])}" + (" *" if beats else ""), beats
+
+    for v in variants:
+        base, w = split_variant(v)
+        cells, wins = [], 0
+        for _, agg, pairs in settings:
+            a = agg.get(v)
+            ppl = f"{_f(a['ppl_mean'])} ± {_f(a['ppl_std'])}" if a else "-"
+            vs_kd, beats_kd = diff(pairs, v, "kd")
+            vs_sel, beats_sel = diff(pairs, v, variant_name("kd_select", w))
+            wins += beats_kd and (beats_sel or base == "kd_select")
+            cells += [ppl, vs_kd, vs_sel]
+        lines.append(f"| {labels.get(v, v)} | " + " | ".join(cells) + f" | {wins}/{len(settings)} |")
+    lines += ["", "Differences: mean ± std over paired seeds of ppl(variant) - ppl(baseline); * = lower by more "
+              "than the spread. wins = settings where the variant beats KD and select (at the same w_shd) that way."]
+    return "\n".join(lines) + "\n"
 
 
 def _f(x, fmt="{:.2f}") -> str:

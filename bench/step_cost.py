@@ -14,7 +14,7 @@ Variants:
 - ``shd``: the same + SHD (pairwise, objective output) exactly as the engine computes it: the
   engine's ``shd_teacher``/``shd_student`` attention functions and ``ShdChannel`` (mixing weights
   from q, k, v and W_O in the teacher's o_proj pre-hook; streaming ``shd_loss`` inside the
-  student's attention, recomputed under checkpointing, no T x T map kept).
+  student's attention, computed once per step under checkpointing, no T x T map kept).
 - ``dense``: the same CE/KD + attention distillation the way other projects do it: teacher and
   student run *eager* attention with ``output_attentions=True``, the teacher's [B, M, T, T] maps
   are merged with the same pairwise weights (computed from those maps and the values), and the
@@ -85,10 +85,8 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
     from pipeline.config import config_from_dict
     from pipeline.engine import DistillObjective
     from pipeline.losses import ce_kd_sums
-    from pipeline.shd.masking import valid_rows
-    from pipeline.shd.plan import layer_map, squeeze_plan
-    from pipeline.shd.reference import DenseMaps
-    from pipeline.shd.weights import circuit_fn, walk_plan
+    from pipeline.shd.plan import layer_map
+    from pipeline.shd.reference import weights_from_maps
 
     p = PAIRS[pair]
     ts, ss, vocab = p["teacher"], p["student"], p["vocab"]
@@ -113,7 +111,6 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         attn.attach_teacher(teacher, chan)
         attn.attach_student(student, chan)
     objective = DistillObjective(cfg, vocab, chan)
-    plan = squeeze_plan(ts["heads"], ss["heads"], "pairwise")
     values: dict[int, torch.Tensor] = {}
     if variant == "dense":  # the teacher's values of distilled layers, for the mixing weights
         mods = attn.attention_modules(teacher)
@@ -135,14 +132,12 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         sout = student(input_ids=inp, use_cache=False, output_attentions=True)
         ce_sum, kl_sum = ce_kd_sums(sout.logits, labels, valid, tout.logits, tau=2.0, chunk=512, vocab=vocab)
         loss = 0.5 * ce_sum / n_tok + 0.5 * 4.0 * kl_sum / n_tok
-        rows = valid_rows(None, batch, seq_len, torch.float32, inp.device)
         attn_losses = []
         for s, t in pairs.items():
             maps = tout.attentions[t]  # [B, M, T, T]
             o_w = attn.attention_modules(teacher)[t].o_proj.weight
             with torch.no_grad():
-                w = walk_plan(plan, DenseMaps(maps), circuit_fn(values[t], o_w, ts["heads"], reduce=False), rows,
-                              "output", "soft")
+                w = weights_from_maps(maps, values[t], o_w, ss["heads"], plan="pairwise", objective="output")
                 target = torch.einsum("bnm,bmij->bnij", w, maps)
             smap = sout.attentions[s]  # [B, N, T, T], part of the graph
             kl = (target * (target.clamp_min(1e-12).log() - smap.clamp_min(1e-12).log())).sum(-1)

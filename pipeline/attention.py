@@ -6,16 +6,19 @@ Two attention functions are registered (selected per model with ``attn_implement
   queries and keys (after RoPE, before GQA repetition) and values. The mixing weights need the
   layer's output projection W_O, which ZeRO-3 partitions; so they are computed in a forward
   pre-hook of that layer's ``o_proj``, registered *after* ``deepspeed.initialize`` so that it
-  runs after ZeRO-3's own pre-hook has gathered ``o_proj.weight``. The values are dropped there;
+  runs after ZeRO-3's own pre-hook has gathered ``o_proj.weight``; o_proj's input, the layer's
+  attention output per head, is reused there (``head_outputs``). The values are dropped there;
   what is kept per distilled teacher layer is q, k ([B, M(_kv), T, d]) and W [B, N, M].
 - ``shd_student``: stock SDPA attention, plus ``pipeline.shd.shd_loss`` for its layer computed
   right there, inside the layer's forward. The loss is streaming (no T x T map is kept), and with
   per-layer activation checkpointing nothing of the layer outlives it except the scalar.
 
-The losses of a forward pass are recorded while ``ShdChannel.recording`` is true. The engine
-clears that flag before ``backward``: non-reentrant activation checkpointing runs each layer's
-forward again during backward (to rebuild its saved tensors, including those of the SHD loss), and
-what those re-runs produce must not be counted a second time.
+The losses of a forward pass are computed and recorded while ``ShdChannel.recording`` is true.
+The engine clears that flag before ``backward``: non-reentrant activation checkpointing runs each
+layer's forward again during backward to rebuild its saved tensors, and that re-run skips the SHD
+loss. The loss saves nothing through autograd's saved-tensor hooks (its gradient w.r.t. q and k,
+computed in the forward pass, is kept on the autograd node), so the re-run has nothing to rebuild
+for it, and the loss's blockwise pass runs once per step instead of twice.
 """
 
 from __future__ import annotations
@@ -88,16 +91,13 @@ def teacher_attention(module, query, key, value, attention_mask, **kwargs):
 def student_attention(module, query, key, value, attention_mask, **kwargs):
     out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     chan: ShdChannel | None = getattr(module, "shd_channel", None)
-    if chan is not None and chan.active and module.layer_idx in chan.pairs:
+    if chan is not None and chan.active and chan.recording and module.layer_idx in chan.pairs:
         from pipeline.shd import shd_loss
 
         tq, tk, w = chan.captures[chan.pairs[module.layer_idx]]
-        # Computed again when checkpointing recomputes this layer in backward (its saved tensors are
-        # needed), but recorded only in the forward pass.
-        loss = shd_loss(query, key, tq, tk, w, tau=chan.tau, attention_mask=chan.attention_mask,
-                        block_size=chan.block_size, merge=chan.merge, sharpen=chan.sharpen)
-        if chan.recording:
-            chan.losses[module.layer_idx] = loss
+        chan.losses[module.layer_idx] = shd_loss(query, key, tq, tk, w, tau=chan.tau,
+                                                 attention_mask=chan.attention_mask, block_size=chan.block_size,
+                                                 merge=chan.merge, sharpen=chan.sharpen)
     return out
 
 
@@ -113,10 +113,13 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
         if tuple(weight.shape) != tuple(full):  # would mean ZeRO-3 did not gather it before us
             raise RuntimeError(f"teacher layer {layer}: o_proj.weight is not gathered in its pre-forward "
                                f"hook (shape {tuple(weight.shape)}, full {tuple(full)})")
+        batch, num_heads, length, _ = q.shape
+        # o_proj's input is the layer's attention output per head: reused, not recomputed
+        head_outputs = args[0].detach().view(batch, length, num_heads, v.shape[-1]).transpose(1, 2)
         with torch.no_grad():
             w = squeeze_weights(q, k, v, weight, chan.num_student_heads, plan=chan.plan,
                                 objective=chan.objective, attention_mask=chan.attention_mask,
-                                selection=chan.selection)
+                                selection=chan.selection, head_outputs=head_outputs)
             # statistics for logging: mean over (batch, student head) of the max weight and entropy
             ent = -(w.clamp_min(1e-12).log() * w).sum(-1)
             chan.weight_stats[layer] = torch.stack([w.max(-1).values.mean(), ent.mean()]).detach()

@@ -106,7 +106,7 @@ class DistillObjective:
             loss = loss + d.w_kd * d.tau_kd ** 2 * kd
             terms["loss/kd"] = kd
         if chan is not None:
-            chan.recording = False  # what checkpoint recomputation adds later is not counted
+            chan.recording = False  # checkpoint recomputation in backward must not compute it again
             if set(chan.losses) != set(chan.pairs):
                 raise RuntimeError(f"SHD losses recorded for layers {sorted(chan.losses)}, expected "
                                    f"{sorted(chan.pairs)}")

@@ -18,7 +18,6 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -64,6 +64,35 @@ def test_paired_differences_and_spread():
     assert all(p["exceeds_spread"] is None for p in one)
 
 
+def test_weight_sweep_pairs_and_table():
+    """--w-shd-list: variants "x@w" are compared at the same weight; kd (no attention term) with all."""
+    assert dc.expand_variants(["kd", "kd_select", "kd_logit"], [0.3, 1.0]) == \
+        ["kd", "kd_select@0.3", "kd_select@1", "kd_logit@0.3", "kd_logit@1"]
+    assert report.split_variant("kd_logit@0.3") == ("kd_logit", 0.3) and report.split_variant("kd") == ("kd", None)
+    ppl = {"kd": [10.0, 12.0, 11.0], "kd_select@0.3": [9.5, 11.4, 10.6], "kd_logit@0.3": [9.0, 11.0, 10.0],
+           "kd_select@1": [9.0, 11.0, 10.0], "kd_logit@1": [9.2, 11.5, 9.9]}
+    runs = {v: {s: {"final_eval_ppl": p} for s, p in zip((1, 2, 3), ps)} for v, ps in ppl.items()}
+    pairs = {(p["a"], p["b"]): p for p in report.paired_differences(runs)}
+    assert pairs[("kd_logit@0.3", "kd_select@0.3")]["diffs"] == pytest.approx([-0.5, -0.4, -0.6])
+    assert pairs[("kd_logit@1", "kd_select@1")]["diffs"] == pytest.approx([0.2, 0.5, -0.1])
+    assert pairs[("kd_logit@0.3", "kd")]["exceeds_spread"] is True
+    assert ("kd_logit@0.3", "kd_select@1") not in pairs and "w_shd 0.3" in pairs[("kd_logit@0.3", "kd")]["what"]
+    agg = report.aggregate(runs)
+    all_pairs = report.paired_differences(runs)
+    table = report.sweep_table([("h8", agg, all_pairs), ("h16", agg, all_pairs)],
+                               {v: dc.variant_label(v) for v in runs})
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| CE")}
+    assert rows["CE + KD + SHD, score-space merge, w_shd 0.3"].endswith("| 2/2 |")  # beats KD and select twice
+    assert rows["CE + KD + SHD, score-space merge, w_shd 1"].endswith("| 0/2 |")  # ties select at w 1
+    assert rows["CE + KD + attn KD, select, w_shd 1"].endswith("| 2/2 |")  # select: beating KD is enough
+    args = dc.parse_args(["--variants", "kd,kd_shd", "--w-shd-list", "0.1,1", "--out", "o"])
+    cfg = dc.student_config(args, dc.BUDGETS["ci"], "kd_shd@0.1", 1, Path("H"), Path("T"), Path("D"), 128, 5,
+                            Path("r"), Path("tb"))
+    assert cfg["distill"]["w_shd"] == 0.1 and cfg["distill"]["plan"] == "pairwise"
+    with pytest.raises(SystemExit):
+        dc.parse_args(["--w-shd-list", "0,1"])
+
+
 def test_uniform_reference_matches_the_plans():
     # 8 -> 3 pairwise: rounds 8 -> 4 -> 3, groups of 4, 2, 2 teacher heads
     ref = report.uniform_reference(8, 3, "pairwise")

@@ -4,7 +4,6 @@ protocol under SIGKILL, non-finite steps, refused resume, universal checkpoint 2
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, config_from_dict
 from pipeline.engine import DistillObjective, split_tokens
 from pipeline.losses import ce_kd_sums, ce_kd_sums_reference
 from pipeline.shd import shd_loss_reference, squeeze_weights
-from tests.conftest import make_teacher, tiny_config
+from tests.conftest import tiny_config
 
 
 def test_chunked_ce_kd_matches_dense():
@@ -210,13 +210,22 @@ def _reference_shd_with_grad(cfg, pre, teacher, student, inp, mask):
     return out
 
 
-def test_activation_checkpointing_same_loss_and_grads(tiny_data, tiny_teacher, tmp_path):
+def test_activation_checkpointing_same_loss_and_grads(tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    """Same loss and gradients with and without checkpointing, and the SHD pass runs once per
+    distilled layer either way (the recomputation in backward does not repeat it)."""
+    import pipeline.shd.loss as shd_loss_module
+
+    passes = []
+    blockwise = shd_loss_module._blockwise
+    monkeypatch.setattr(shd_loss_module, "_blockwise", lambda *a, **k: passes.append(1) or blockwise(*a, **k))
     results = []
     for ac in (False, True):
         cfg, pre, chan, teacher, student = _setup(tiny_data, tiny_teacher, tmp_path / str(ac),
                                                   **{"student.activation_checkpointing": ac})
         assert student.model.layers[0].gradient_checkpointing is ac
+        passes.clear()
         results.append(_objective_loss_and_grads(cfg, pre, chan, teacher, student, _batch(pre)))
+        assert len(passes) == len(chan.pairs), (ac, len(passes))
     (l0, t0, g0), (l1, t1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-7)
     for k in t0:

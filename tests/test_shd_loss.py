@@ -183,11 +183,10 @@ def test_logit_merge_is_sharper_than_prob_merge_and_agrees_on_one_head():
     """A product of experts is at least as sharp as the mixture; with one-hot weights both are the head."""
     from pipeline.shd import attention_maps
     from pipeline.shd.loss import merged_target
-    from pipeline.shd.masking import allowed_keys
+    from pipeline.shd.masking import BlockMask
 
     case = make_case(batch=1, length=16, padding=None, seed=1)
-    length = 16
-    hidden = ~allowed_keys(None, 0, length, "cpu")
+    hidden = BlockMask(None, True, 0, 16, "cpu")
     scores = (case.teacher_q @ case.teacher_k.repeat_interleave(2, 1).transpose(-1, -2)) * 8**-0.5
     even = torch.full((1, 1, 8), 1 / 8, dtype=torch.float64)
     entropy = lambda p: -(torch.xlogy(p, p)).sum(-1).mean()

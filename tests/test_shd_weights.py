@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.shd import attention_maps, squeeze_weights, squeeze_weights_reference
+from pipeline.shd.masking import repeat_kv
 from tests.shd_cases import make_case
 
 
@@ -95,6 +96,15 @@ def test_streaming_weights_equal_weights_from_dense_maps(plan, objective, heads)
         assert (streamed >= 0).all()
         torch.testing.assert_close(streamed.sum(-1), torch.ones(2, student, dtype=torch.float64), rtol=0, atol=1e-12)
         torch.testing.assert_close(streamed, dense, rtol=1e-8, atol=1e-10)
+        # the teacher's own attention outputs (what o_proj reads) reused instead of recomputed
+        reused = squeeze_weights(*args, **kwargs, head_outputs=_head_outputs(case))
+        torch.testing.assert_close(reused, dense, rtol=1e-8, atol=1e-10)
+
+
+def _head_outputs(case):
+    """Each teacher head's attention output A_h V_kv(h) [B, M, T, d], from explicit maps."""
+    maps = attention_maps(case.teacher_q, case.teacher_k, case.attention_mask)
+    return maps @ repeat_kv(case.teacher_v, case.teacher_q.shape[1])
 
 
 def test_weights_use_only_real_rows():
@@ -130,6 +140,11 @@ def test_float32_and_bf16_inputs_give_float32_weights_close_to_float64():
         )
         assert low.dtype == torch.float32
         torch.testing.assert_close(low.double(), exact, rtol=0, atol=tol)
+        reused = squeeze_weights(
+            *(t.to(dtype) for t in (case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight)),
+            3, attention_mask=case.attention_mask, head_outputs=_head_outputs(case).to(dtype),
+        )
+        torch.testing.assert_close(reused.double(), exact, rtol=0, atol=tol)
 
 
 def test_bad_shapes_are_refused_with_the_expected_shape():
@@ -140,6 +155,9 @@ def test_bad_shapes_are_refused_with_the_expected_shape():
         squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3, objective="l2")
     with pytest.raises(ValueError, match="attention_mask has shape"):
         squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"head_outputs has shape \(2, 8, 19, 4\), expected \[B, M, T, d\]"):
+        squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3,
+                        head_outputs=torch.zeros(2, 8, 19, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="9 student heads"):
         squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 9)
 

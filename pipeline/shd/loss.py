@@ -27,27 +27,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, normalized_weights, repeat_kv, valid_rows
+from .masking import (BlockMask, check_mask, compute_dtype, is_right_padded, loss_dtype, normalized_weights, repeat_kv,
+                      valid_rows)
 
 MERGES = ("prob", "logit")
 """How squeezed teacher maps are merged: in probability space (paper) or in score space."""
 
 
-def merged_target(teacher_scores: Tensor, hidden: Tensor, weights: Tensor, merge: str, sharpen: float) -> Tensor:
+def merged_target(teacher_scores: Tensor, mask: BlockMask, weights: Tensor, merge: str, sharpen: float) -> Tensor:
     """Student heads' target rows [B, N, rows, keys] from teacher scores [B, M, rows, keys].
 
     `teacher_scores` are already divided by sqrt(d) * tau and are overwritten (they are a scratch
-    buffer of the block); `hidden` marks the masked keys.
+    buffer of the block); `mask` hides the keys the rows may not see.
     """
     if merge == "prob":
-        probs = teacher_scores.masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+        probs = mask.fill_(teacher_scores, float("-inf")).softmax(dim=-1)
         target = torch.einsum("bnm,bmij->bnij", weights, probs)
         del probs
         if sharpen != 1.0:  # log 0 = -inf stays 0 after the softmax
             target = target.log_().div_(sharpen).softmax(dim=-1)
         return target
-    mixed = torch.einsum("bnm,bmij->bnij", weights, teacher_scores.masked_fill_(hidden, 0.0))
-    return mixed.div_(sharpen).masked_fill_(hidden, float("-inf")).softmax(dim=-1)
+    mixed = torch.einsum("bnm,bmij->bnij", weights, mask.fill_(teacher_scores, 0.0))
+    return mask.fill_(mixed.div_(sharpen), float("-inf")).softmax(dim=-1)
 
 
 def check_variant(tau: float, merge: str, sharpen: float) -> None:
@@ -101,21 +102,25 @@ def _blockwise(
     teacher_scale = teacher_q.shape[-1] ** -0.5
     rows = valid_rows(attention_mask, batch, length, dtype, device)
     count = num_student * rows.sum().clamp_min(1.0)
+    right_padded = is_right_padded(attention_mask)
+    # hidden student scores get the lowest finite value, not -inf: their log-probabilities stay
+    # finite, so target * log_student is 0 there without another masking pass
+    lowest = torch.finfo(dtype).min
 
     total = torch.zeros((), dtype=dtype, device=device)
     grad_q = torch.zeros_like(sq) if with_grad else None
     grad_k = torch.zeros_like(sk) if with_grad else None
     for start in range(0, length, block_size):
         end = min(length, start + block_size)
-        hidden = ~allowed_keys(attention_mask, start, end, device)
+        mask = BlockMask(attention_mask, right_padded, start, end, device)
         # in-place masking and early deletes keep at most two [B, M, block, T] buffers alive
         teacher_scores = (tq[:, :, start:end] @ tk[:, :, :end].transpose(-1, -2)).mul_(teacher_scale / tau)
-        target = merged_target(teacher_scores, hidden, mix, merge, sharpen)
+        target = merged_target(teacher_scores, mask, mix, merge, sharpen)
         del teacher_scores
         student_scores = (sq[:, :, start:end] @ sk[:, :, :end].transpose(-1, -2)).mul_(student_scale / tau)
-        log_student = student_scores.masked_fill_(hidden, float("-inf")).log_softmax(dim=-1)
+        log_student = mask.fill_(student_scores, lowest).log_softmax(dim=-1)
         del student_scores
-        row_kl = (torch.xlogy(target, target) - target * log_student.masked_fill(hidden, 0.0)).sum(dim=-1)
+        row_kl = (torch.xlogy(target, target) - target * log_student).sum(dim=-1)
         block_rows = rows[:, None, start:end]
         total = total + (row_kl * block_rows).sum()
         if with_grad:
@@ -139,12 +144,16 @@ class _StreamingSHDLoss(torch.autograd.Function):
             student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
             with_grad=True,
         )
-        ctx.save_for_backward(grad_q.to(student_q.dtype), _fold_kv_grad(grad_k, student_k.shape[1]).to(student_k.dtype))
+        # Kept on ctx, not saved with save_for_backward: saved-tensor hooks (activation
+        # checkpointing) would drop them and re-run this whole pass in backward to get them back;
+        # kept here they cost the size of q and k per layer, and the layer's recomputation can
+        # skip the loss (pipeline/attention.py).
+        ctx.grads = (grad_q.to(student_q.dtype), _fold_kv_grad(grad_k, student_k.shape[1]).to(student_k.dtype))
         return loss.to(loss_dtype(student_q))
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_q, grad_k = ctx.saved_tensors
+        grad_q, grad_k = ctx.grads
         scale = grad_output.to(grad_q.dtype)
         return grad_q * scale, grad_k * scale, None, None, None, None, None, None, None, None
 

@@ -33,6 +33,30 @@ def allowed_keys(attention_mask: Tensor | None, row_start: int, row_end: int, de
     return causal & (real_keys | (keys == rows))
 
 
+class BlockMask:
+    """Hides, in place, the keys that query rows [start, end) may not see (keys cut at `end`).
+
+    With right padding or none, causal masking alone is exact for every real row (padding keys
+    come after them), so only the block's diagonal square needs masking; padding rows then see
+    other padding keys, which is harmless because they carry no weight. Otherwise the full
+    `allowed_keys` mask of the block is applied.
+    """
+
+    def __init__(self, attention_mask: Tensor | None, right_padded: bool, start: int, end: int, device):
+        if right_padded:
+            self.columns = slice(start, end)
+            square = torch.arange(end - start, device=device)
+            self.hidden = square[None, :] > square[:, None]
+        else:
+            self.columns = slice(0, end)
+            self.hidden = ~allowed_keys(attention_mask, start, end, device)
+
+    def fill_(self, scores: Tensor, value: float) -> Tensor:
+        """scores [..., rows, end] with the hidden keys set to value; returns scores."""
+        scores[..., self.columns].masked_fill_(self.hidden, value)
+        return scores
+
+
 def is_right_padded(attention_mask: Tensor | None) -> bool:
     """True when every padding token follows all real tokens of its sequence.
 

@@ -13,7 +13,8 @@ from torch import Tensor
 from .loss import check_variant
 from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, normalized_weights, repeat_kv, valid_rows
 from .plan import squeeze_plan
-from .weights import check_teacher_inputs, circuit_fn, constant_weights, needs_maps, walk_plan
+from .simplex import best_vertex, simplex_least_squares
+from .weights import check_teacher_inputs, constant_weights, needs_maps
 
 
 def attention_maps(queries: Tensor, keys: Tensor, attention_mask: Tensor | None = None, tau: float = 1.0) -> Tensor:
@@ -22,16 +23,6 @@ def attention_maps(queries: Tensor, keys: Tensor, attention_mask: Tensor | None 
     keys = repeat_kv(keys, queries.shape[1])
     scores = (queries @ keys.transpose(-1, -2)) * (queries.shape[-1] ** -0.5 / tau)
     return scores.masked_fill(~allowed_keys(attention_mask, 0, length, queries.device), float("-inf")).softmax(-1)
-
-
-class DenseMaps:
-    """Teacher maps held in full; `apply` is a plain matrix product."""
-
-    def __init__(self, maps: Tensor):
-        self.maps = maps
-
-    def apply(self, heads: list[int], values: Tensor) -> Tensor:
-        return self.maps[:, heads] @ values[:, None]
 
 
 def squeeze_weights_reference(
@@ -46,18 +37,74 @@ def squeeze_weights_reference(
     attention_mask: Tensor | None = None,
     selection: str = "soft",
 ) -> Tensor:
-    """`squeeze_weights` from explicit maps and full d_model circuits (same signature, no QR)."""
+    """`squeeze_weights` from explicit maps (same signature); see `weights_from_maps`."""
     check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective, selection)
-    batch, num_heads, length, _ = teacher_q.shape
-    structure = squeeze_plan(num_heads, num_student_heads, plan)
     dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
+    maps = attention_maps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask)
+    return weights_from_maps(maps, teacher_v.to(dtype), o_proj_weight, num_student_heads, plan=plan,
+                             objective=objective, attention_mask=attention_mask, selection=selection)
+
+
+def weights_from_maps(
+    maps: Tensor,
+    values: Tensor,
+    o_proj_weight: Tensor | None,
+    num_student_heads: int,
+    *,
+    plan: str = "pairwise",
+    objective: str = "output",
+    attention_mask: Tensor | None = None,
+    selection: str = "soft",
+) -> Tensor:
+    """W [B, N, M] from teacher maps [B, M, T, T] and values [B, M_kv, T, d], literally: circuits
+    X_m = V_m W_O^(m)T in d_model dimensions, every candidate A_h X formed in full, the merged
+    map carried as a [T, T] matrix; only the simplex solver is shared with `squeeze_weights`."""
+    batch, num_heads, length, _ = maps.shape
+    structure = squeeze_plan(num_heads, num_student_heads, plan)
     if not needs_maps(structure):
-        return constant_weights(structure, batch, dtype, teacher_q.device)
-    maps = DenseMaps(attention_maps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask))
-    values = teacher_v.to(dtype)
-    rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-    circuits = circuit_fn(values, o_proj_weight, num_heads, reduce=False)
-    return walk_plan(structure, maps, circuits, rows, objective, selection)
+        return constant_weights(structure, batch, maps.dtype, maps.device)
+    per_head_values = repeat_kv(values, num_heads)
+    if o_proj_weight is None:
+        circuits = per_head_values
+    else:
+        w_o = o_proj_weight.to(maps.dtype).view(-1, num_heads, values.shape[-1])
+        circuits = torch.einsum("bmtd,emd->bmte", per_head_values, w_o)
+    rows = valid_rows(attention_mask, batch, length, maps.dtype, maps.device)[:, :, None]
+    ones = torch.ones(batch, dtype=maps.dtype, device=maps.device)
+    # a head: ({teacher head: weight [B]}, its map [B, T, T], its circuit [B, T, R])
+    heads = [({m: ones}, maps[:, m], circuits[:, m]) for m in range(num_heads)]
+    for round_groups in structure.rounds:
+        heads = [heads[g[0]] if len(g) == 1 else _merge_explicit([heads[i] for i in g], rows, objective, selection)
+                 for g in round_groups]
+    weights = torch.zeros(batch, num_student_heads, num_heads, dtype=maps.dtype, device=maps.device)
+    for n, (members, _, _) in enumerate(heads):
+        for m, w in members.items():
+            weights[:, n, m] = w
+    return weights
+
+
+def _merge_explicit(heads: list[tuple], rows: Tensor, objective: str, selection: str) -> tuple:
+    maps = [h[1] for h in heads]
+    circuit = sum(h[2] for h in heads)
+    if objective == "output":  # one merged map on the summed circuit vs the summed outputs
+        candidates = [[a @ circuit] for a in maps]
+        targets = [sum(a @ x for a, (_, _, x) in zip(maps, heads))]
+    else:  # each head's own output on its own circuit
+        candidates = [[a @ x for (_, _, x) in heads] for a in maps]
+        targets = [a @ x for a, (_, _, x) in zip(maps, heads)]
+    stacked = torch.stack([torch.stack(c, dim=1) for c in candidates], dim=1) * rows[:, None, None]  # [B, K, J, T, R]
+    target = torch.stack(targets, dim=1) * rows[:, None]
+    centred = stacked[:, :-1] - stacked[:, -1:]
+    residual = target - stacked[:, -1]
+    gram = torch.einsum("bkjtr,bljtr->bkl", centred, centred).double()
+    cross = torch.einsum("bkjtr,bjtr->bk", centred, residual).double()
+    tolerance = (1e3 * torch.finfo(rows.dtype).eps) ** 2 * stacked.pow(2).sum(dim=(2, 3, 4)).amax(dim=1).double()
+    mix = (best_vertex if selection == "hard" else simplex_least_squares)(gram, cross, tolerance).to(rows.dtype)
+    members: dict[int, Tensor] = {}
+    for k, (own, _, _) in enumerate(heads):
+        for m, w in own.items():
+            members[m] = w * mix[:, k]
+    return members, sum(mix[:, k, None, None] * a for k, a in enumerate(maps)), circuit
 
 
 def shd_loss_reference(

@@ -15,13 +15,13 @@ objective uses while shrinking d_model to at most (group size x head dim).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking import allowed_keys, check_mask, compute_dtype, is_right_padded, repeat_kv, valid_rows
+from .masking import allowed_keys, check_mask, compute_dtype, is_right_padded, valid_rows
 from .plan import SqueezePlan, squeeze_plan
 from .simplex import best_vertex, simplex_least_squares
 
@@ -37,26 +37,19 @@ WEIGHTS_BLOCK_SIZE = 128
 """Query rows per block when maps must be applied with an explicit (non right-padded) mask."""
 
 
-class MapOperator(Protocol):
-    """Applies teacher attention maps to values: the only access the weights need to the maps."""
-
-    def apply(self, heads: list[int], values: Tensor) -> Tensor:
-        """A_h @ values for every h in heads: values [B, T, W] -> [B, len(heads), T, W]."""
-        ...
-
-
 @dataclass(frozen=True)
 class GroupCircuits:
     """The value-output circuits of one final group, factored through the group's value heads.
 
     Head b's circuit is X_b = values @ lifts[i] for b = group[i]: `values` [B, T, U*d] stacks the
-    U distinct value heads the group reads, and `lifts[i]` [U*d, R] holds W_O^(b)T (or an
-    equivalent basis of it) in the rows of b's value head. So A_a X_b = (A_a values) @ lifts[i]:
-    the maps only ever touch the U*d value columns, however wide d_model is.
+    U distinct value heads the group reads (`kv_heads`, in order), and `lifts[i]` [U*d, R] holds
+    W_O^(b)T (or an equivalent basis of it) in the rows of b's value head. So A_a X_b = (A_a
+    values) @ lifts[i]: the maps only ever touch the U*d value columns, however wide d_model is.
     """
 
     values: Tensor
     lifts: Tensor
+    kv_heads: tuple[int, ...]
 
 
 CircuitFn = Callable[[tuple[int, ...]], GroupCircuits]
@@ -64,15 +57,44 @@ CircuitFn = Callable[[tuple[int, ...]], GroupCircuits]
 
 
 class StreamingMaps:
-    """Teacher maps applied through attention kernels, never materialised."""
+    """Teacher maps applied through attention kernels, never materialised.
 
-    def __init__(self, queries: Tensor, keys: Tensor, attention_mask: Tensor | None, scale: float):
+    `head_outputs` [B, M, T, d], when given, are the teacher's own attention outputs A_h V_kv(h)
+    (what its o_proj reads): those columns are taken from it instead of computed again, so a
+    group that reads a single value head (grouped-query attention) needs no attention call.
+    """
+
+    def __init__(self, queries: Tensor, keys: Tensor, attention_mask: Tensor | None, scale: float,
+                 head_outputs: Tensor | None = None):
+        """queries [B, M, T, d]; keys [B, M_kv, T, d] before grouped-query repetition."""
         self.queries, self.keys, self.mask, self.scale = queries, keys, attention_mask, scale
         self.fused = is_right_padded(attention_mask)
+        self.head_outputs = head_outputs
+        self.per_kv = queries.shape[1] // keys.shape[1]
 
-    def apply(self, heads: list[int], values: Tensor) -> Tensor:
-        q, k = self.queries[:, heads], self.keys[:, heads]
-        values = values[:, None].expand(-1, len(heads), -1, -1)
+    def apply(self, heads: list[int], circuits: GroupCircuits) -> Tensor:
+        """A_h @ circuits.values for every h in heads: [B, len(heads), T, U*d]."""
+        values, kv_heads = circuits.values, circuits.kv_heads
+        if self.head_outputs is None:
+            return self._attend(heads, values[:, None].expand(-1, len(heads), -1, -1))
+        batch, length, _ = values.shape
+        width = self.head_outputs.shape[-1]
+        slots = values.view(batch, length, len(kv_heads), width)
+        own = [kv_heads.index(h // self.per_kv) for h in heads]
+        out = values.new_empty(batch, len(heads), length, len(kv_heads), width)
+        for i, (head, slot) in enumerate(zip(heads, own)):
+            out[:, i, :, slot] = self.head_outputs[:, head]
+        if len(kv_heads) > 1:  # every other value head of the group, per head, in one call
+            others = [[u for u in range(len(kv_heads)) if u != o] for o in own]
+            other_values = torch.stack([slots[:, :, idx] for idx in others], dim=1)  # [B, H, T, U-1, d]
+            attended = self._attend(heads, other_values.flatten(3))
+            for i, idx in enumerate(others):
+                out[:, i][:, :, idx] = attended[:, i].view(batch, length, len(idx), width)
+        return out.flatten(3)
+
+    def _attend(self, heads: list[int], values: Tensor) -> Tensor:
+        """A_h @ values[:, i] for h = heads[i]: values [B, len(heads), T, W]."""
+        q, k = self.queries[:, heads], self.keys[:, [h // self.per_kv for h in heads]]
         if self.fused:
             return self._fused(q, k, values)
         out = torch.empty_like(values)
@@ -105,78 +127,89 @@ class StreamingMaps:
 
 @dataclass
 class _MergedHead:
-    """A head of some merge round: a weighted set of teacher maps and the summed circuit.
+    """A head of some merge round, inside one final group of S teacher heads.
 
-    Maps are linear, so the merged map applied to the group's values, A_h @ values, is the
-    weighted sum of its members' and is carried along instead of the members' own outputs.
+    Maps are linear, so its map applied to the group's values is sum_i coef[:, i] A_i values
+    over the group's heads; `circuit` [U*d, R] is the summed lift of its members (X_h = values @
+    circuit). Everything the objective needs is then an inner product of such terms, read off the
+    group's Gram matrix (`_GroupGram`), so merging costs nothing that grows with T.
     """
 
-    members: tuple[int, ...]
-    member_weights: Tensor  # [B, len(members)]
-    attended: Tensor  # [B, T, U*d]: A_h @ values
-    circuit: Tensor  # [U*d, R]: the summed lifts of the members (X_h = values @ circuit)
+    gram: "_GroupGram"
+    coef: Tensor  # [B, S], float64
+    circuit: Tensor  # [U*d, R], float64
+
+
+class _GroupGram:
+    """G[b, i, j] = (A_i values)^T diag(rows) (A_j values) [U*d, U*d] for the heads of one final
+    group, in float64: <(A_i values) P, (A_j values) Q> over valid rows = <G[b, i, j], P Q^T>."""
+
+    def __init__(self, group: tuple[int, ...], attended: Tensor, rows: Tensor):
+        batch, size, length, width = attended.shape
+        attended = attended.double()
+        weighted = attended * rows.double()[:, None, :, None]
+        gram = weighted.permute(0, 1, 3, 2).reshape(batch, size * width, length) @ \
+            attended.permute(0, 2, 1, 3).reshape(batch, length, size * width)
+        self.group = group
+        self.gram = gram.view(batch, size, width, size, width).permute(0, 1, 3, 2, 4)
+
+    def between(self, left: Tensor, right: Tensor) -> Tensor:
+        """H[b, i, j] = <(A_i values) left, (A_j values) right> for circuits left, right [U*d, R]."""
+        return torch.einsum("bijuv,uv->bij", self.gram, left @ right.T)
 
 
 def walk_plan(
-    plan: SqueezePlan, maps: MapOperator, circuits: CircuitFn, rows: Tensor, objective: str, selection: str
+    plan: SqueezePlan, maps: StreamingMaps, circuits: CircuitFn, rows: Tensor, objective: str, selection: str
 ) -> Tensor:
     """Runs the merge rounds of a "pairwise" or "group" plan and returns W [B, N, M]."""
     batch = rows.shape[0]
-    ones = torch.ones(batch, 1, dtype=rows.dtype, device=rows.device)
     heads: list[_MergedHead | None] = [None] * plan.num_teacher_heads
     for group in plan.groups:
         group_circuits = circuits(group)
-        attended = maps.apply(list(group), group_circuits.values)
+        gram = _GroupGram(group, maps.apply(list(group), group_circuits), rows)
+        one_hot = torch.eye(len(group), dtype=torch.float64, device=rows.device)
         for i, head in enumerate(group):
-            heads[head] = _MergedHead((head,), ones, attended[:, i], group_circuits.lifts[i])
+            heads[head] = _MergedHead(gram, one_hot[i].expand(batch, -1), group_circuits.lifts[i].double())
     for round_groups in plan.rounds:
         heads = [
-            heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], rows, objective, selection)
+            heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], objective, selection, rows.dtype)
             for g in round_groups
         ]
     weights = torch.zeros(batch, plan.num_student_heads, plan.num_teacher_heads, dtype=rows.dtype, device=rows.device)
     for n, head in enumerate(heads):
-        weights[:, n, list(head.members)] = head.member_weights
+        weights[:, n, list(head.gram.group)] = head.coef.to(rows.dtype)
     return weights
 
 
-def _merge(heads: list[_MergedHead], rows: Tensor, objective: str, selection: str) -> _MergedHead:
-    """Merges heads into one with simplex weights chosen by the reconstruction objective."""
+def _merge(heads: list[_MergedHead], objective: str, selection: str, dtype: torch.dtype) -> _MergedHead:
+    """Merges heads into one with simplex weights chosen by the reconstruction objective.
+
+    Candidates are the heads' maps applied to a circuit: "output" reproduces the heads' summed
+    output, sum_h A_h X_h, with one merged map on the summed circuit; "per_head" reproduces each
+    head's own output A_j X_j on its own circuit. Inner products are taken with the last candidate
+    subtracted (its weight is 1 - the others'), as the simplex solver expects.
+    """
+    gram = heads[0].gram
+    coef = torch.stack([h.coef for h in heads], dim=1)  # [B, K, S]
+    centred = coef[:, :-1] - coef[:, -1:]
     circuit = sum(h.circuit for h in heads)
     if objective == "output":
-        # target: sum_h A_h X_h; candidates: A_h (sum_h X_h)
-        candidates = torch.stack([h.attended @ circuit for h in heads], dim=1)[:, :, None]
-        targets = sum(h.attended @ h.circuit for h in heads)[:, None]
+        between = gram.between(circuit, circuit)
+        own = torch.einsum("bkij,bkj->bki", torch.stack([gram.between(circuit, h.circuit) for h in heads], 1), coef)
+        reach = own.sum(dim=1) - torch.einsum("bij,bj->bi", between, coef[:, -1])  # <., target - last>
+        cross = torch.einsum("bki,bi->bk", centred, reach)
+        quadratic = [between]
     else:
-        # targets: A_j X_j for each head j; candidates: A_h X_j
-        candidates = torch.stack([torch.stack([h.attended @ j.circuit for j in heads], dim=1) for h in heads], dim=1)
-        targets = torch.stack([candidates[:, j, j] for j in range(len(heads))], dim=1)
-    mix = _solve(candidates, targets, rows, hard=selection == "hard")
-    return _MergedHead(
-        members=sum((h.members for h in heads), ()),
-        member_weights=torch.cat([h.member_weights * mix[:, i : i + 1] for i, h in enumerate(heads)], dim=1),
-        attended=sum(h.attended * mix[:, i, None, None] for i, h in enumerate(heads)),
-        circuit=circuit,
-    )
-
-
-def _solve(candidates: Tensor, targets: Tensor, rows: Tensor, hard: bool) -> Tensor:
-    """Simplex weights over heads minimising sum_j ||targets_j - sum_h w_h candidates_{h,j}||^2.
-
-    candidates [B, H, J, T, R], targets [B, J, T, R]; only valid query rows count. `hard`
-    restricts the weights to the simplex's vertices (one head).
-    """
-    row_weight = rows[:, None, :, None]
-    reference = candidates[:, -1]
-    centred = (candidates[:, :-1] - reference[:, None]) * row_weight[:, None]
-    residual = (targets - reference) * row_weight
-    gram = torch.einsum("bkjtr,bljtr->bkl", centred, centred).double()
-    cross = torch.einsum("bkjtr,bjtr->bk", centred, residual).double()
+        quadratic = [gram.between(h.circuit, h.circuit) for h in heads]
+        cross = sum(torch.einsum("bki,bij,bj->bk", centred, q, coef[:, j] - coef[:, -1])
+                    for j, q in enumerate(quadratic))
+    products = sum(torch.einsum("bki,bij,blj->bkl", centred, q, centred) for q in quadratic)
+    norms = sum(torch.einsum("bki,bij,bkj->bk", coef, q, coef) for q in quadratic)
     # differences below ~1000 ulps of the candidates' own size are rounding, not signal
-    scale = (candidates * row_weight[:, None]).pow(2).sum(dim=(2, 3, 4)).amax(dim=1).double()
-    tolerance = (1e3 * torch.finfo(rows.dtype).eps) ** 2 * scale
-    solver = best_vertex if hard else simplex_least_squares
-    return solver(gram, cross, tolerance).to(rows.dtype)
+    tolerance = (1e3 * torch.finfo(dtype).eps) ** 2 * norms.amax(dim=1)
+    solver = best_vertex if selection == "hard" else simplex_least_squares
+    mix = solver(products, cross, tolerance)
+    return _MergedHead(gram, torch.einsum("bk,bki->bi", mix, coef), circuit)
 
 
 def constant_weights(plan: SqueezePlan, batch: int, dtype: torch.dtype, device) -> Tensor:
@@ -217,19 +250,16 @@ def check_teacher_inputs(
         )
 
 
-def circuit_maps(o_proj_weight: Tensor | None, group: tuple[int, ...], head_dim: int, dtype: torch.dtype, *, reduce: bool) -> Tensor:
-    """Each group head's output map [|S|, d, R]: X_b = V_b @ maps[b].
+def circuit_maps(o_proj_weight: Tensor | None, group: tuple[int, ...], head_dim: int, dtype: torch.dtype) -> Tensor:
+    """Each group head's output map [|S|, d, R]: X_b = V_b @ maps[b], up to a rotation.
 
-    W_O^(b)T itself when `reduce` is False (R = d_model). With `reduce`, the group's columns
-    W_S = Q R are replaced by R's blocks: Q has orthonormal columns, so this keeps every inner
-    product between the group's circuits in min(d_model, |S| d) dimensions. Without o_proj (the
-    value-space variant) each circuit is its head's values (identity maps).
+    The group's W_O columns W_S = Q R are replaced by R's blocks: Q has orthonormal columns, so
+    this keeps every inner product between the group's circuits in min(d_model, |S| d)
+    dimensions. Without o_proj (the value-space variant) each circuit is its head's values.
     """
     if o_proj_weight is None:
         return torch.eye(head_dim, dtype=dtype, device="cpu").expand(len(group), -1, -1)
     columns = torch.cat([o_proj_weight[:, h * head_dim : (h + 1) * head_dim] for h in group], dim=1)
-    if not reduce:
-        return columns.T.reshape(len(group), head_dim, -1).to(dtype)
     _, r = torch.linalg.qr(columns.to(dtype), mode="reduced")
     return r.reshape(r.shape[0], len(group), head_dim).permute(1, 2, 0)
 
@@ -247,14 +277,14 @@ def group_circuits(values: Tensor, group: tuple[int, ...], num_heads: int, head_
     for i, head in enumerate(group):
         slot = kv_heads.index(head // per_kv)
         lifts[i, slot * head_dim : (slot + 1) * head_dim] = head_maps[i]
-    return GroupCircuits(stacked, lifts)
+    return GroupCircuits(stacked, lifts, tuple(kv_heads))
 
 
-def circuit_fn(values: Tensor, o_proj_weight: Tensor | None, num_heads: int, *, reduce: bool) -> CircuitFn:
-    """The circuits of each final group, reduced to the QR basis or in full d_model dimensions."""
+def circuit_fn(values: Tensor, o_proj_weight: Tensor | None, num_heads: int) -> CircuitFn:
+    """The circuits of each final group, in the group's QR basis."""
 
     def circuits(group: tuple[int, ...]) -> GroupCircuits:
-        head_maps = circuit_maps(o_proj_weight, group, values.shape[-1], values.dtype, reduce=reduce)
+        head_maps = circuit_maps(o_proj_weight, group, values.shape[-1], values.dtype)
         return group_circuits(values, group, num_heads, head_maps.to(values.device))
 
     return circuits
@@ -271,6 +301,7 @@ def squeeze_weights(
     objective: str = "output",
     attention_mask: Tensor | None = None,
     selection: str = "soft",
+    head_outputs: Tensor | None = None,
 ) -> Tensor:
     """The mixing matrix W [B, N, M] of one layer (rows non-negative, summing to 1).
 
@@ -279,19 +310,28 @@ def squeeze_weights(
     for the value-space variant. `selection="hard"` snaps every merge to its best single head
     (rows of W are then one-hot). Computed without autograd in float32 (float64 when the inputs
     are), using O(T * d) memory per head: no [T, T] map is built.
+
+    head_outputs [B, M, T, d]: optionally, the teacher's attention output per head for the same
+    q, k, v and mask (the input of its o_proj). Each head's map applied to its own value head is
+    then read from it instead of computed again, which removes all attention calls here for a
+    grouped-query teacher whose final groups each read one value head; at the teacher's precision
+    (bf16 outputs carry ~3 significant digits into W).
     """
     check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective, selection)
     batch, num_heads, length, head_dim = teacher_q.shape
     check_mask(attention_mask, batch, length)
+    if head_outputs is not None and tuple(head_outputs.shape) != (batch, num_heads, length, teacher_v.shape[-1]):
+        raise ValueError(f"head_outputs has shape {tuple(head_outputs.shape)}, expected [B, M, T, d] = "
+                         f"[{batch}, {num_heads}, {length}, {teacher_v.shape[-1]}] (the teacher's attention "
+                         "output per head, before o_proj)")
     structure = squeeze_plan(num_heads, num_student_heads, plan)
     dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
     if not needs_maps(structure):
         return constant_weights(structure, batch, dtype, teacher_q.device)
     with torch.no_grad():
-        queries = teacher_q.to(dtype)
-        keys = repeat_kv(teacher_k, num_heads).to(dtype)
         values = teacher_v.to(dtype)
-        maps = StreamingMaps(queries, keys, attention_mask, head_dim**-0.5)
+        maps = StreamingMaps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, head_dim**-0.5,
+                             None if head_outputs is None else head_outputs.to(dtype))
         rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-        circuits = circuit_fn(values, o_proj_weight, num_heads, reduce=True)
+        circuits = circuit_fn(values, o_proj_weight, num_heads)
         return walk_plan(structure, maps, circuits, rows, objective, selection)
