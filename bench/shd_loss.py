@@ -8,7 +8,8 @@ memory is the process's peak resident set (or the CUDA allocator's peak on a GPU
 held once the inputs existed. Time is the median of `--repeats` forward+backward passes after one
 warm-up. Targets (issue 2): at T = 2048 the streaming peak is <= 1/8 of the dense one, it grows
 about linearly in T (2048 -> 4096 at most ~2.2x), and streaming time is <= 1.5x dense.
-The squeeze weights (streaming) are timed and measured the same way in their own column.
+The squeeze weights (streaming) are timed and measured the same way in their own column, given
+the teacher's attention output per head as the engine does (it reads it from o_proj's input).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(impl: str, length: int, teacher_heads: int, student_heads: int, head_dim: int, block: int, repeats: int, device: str) -> dict:
+def measure(impl: str, length: int, teacher_heads: int, teacher_kv_heads: int, student_heads: int, head_dim: int,
+            block: int, repeats: int, device: str) -> dict:
     """Runs in the child process: one implementation at one length."""
     import torch
 
@@ -39,8 +41,10 @@ def measure(impl: str, length: int, teacher_heads: int, student_heads: int, head
 
     gen = torch.Generator().manual_seed(0)
     shape_t = (1, teacher_heads, length, head_dim)
+    shape_kv = (1, teacher_kv_heads, length, head_dim)
     shape_s = (1, student_heads, length, head_dim)
-    tq, tk, tv = (torch.randn(shape_t, generator=gen).to(device) for _ in range(3))
+    tq = torch.randn(shape_t, generator=gen).to(device)
+    tk, tv = (torch.randn(shape_kv, generator=gen).to(device) for _ in range(2))
     o_proj = (torch.randn(teacher_heads * head_dim, teacher_heads * head_dim, generator=gen) * 0.05).to(device)
     sq = torch.randn(shape_s, generator=gen).to(device).requires_grad_(True)
     sk = torch.randn(shape_s, generator=gen).to(device).requires_grad_(True)
@@ -49,8 +53,13 @@ def measure(impl: str, length: int, teacher_heads: int, student_heads: int, head
     weights = squeeze_weights(tq[:, :, :64], tk[:, :, :64], tv[:, :, :64], o_proj, student_heads)
 
     if impl == "weights":
+        # the teacher's own attention output per head, which the engine reads from o_proj's input
+        per_kv = teacher_heads // teacher_kv_heads
+        head_outputs = torch.nn.functional.scaled_dot_product_attention(
+            tq, tk.repeat_interleave(per_kv, 1), tv.repeat_interleave(per_kv, 1), is_causal=True)
+
         def step():
-            squeeze_weights(tq, tk, tv, o_proj, student_heads)
+            squeeze_weights(tq, tk, tv, o_proj, student_heads, head_outputs=head_outputs)
     else:
         loss_fn = shd_loss if impl == "streaming" else shd_loss_reference
 
@@ -85,6 +94,7 @@ def measure(impl: str, length: int, teacher_heads: int, student_heads: int, head
 def run_child(args: argparse.Namespace, impl: str, length: int) -> dict | None:
     cmd = [
         sys.executable, __file__, "--child", impl, "--lengths", str(length), "--teacher-heads", str(args.teacher_heads),
+        "--teacher-kv-heads", str(args.teacher_kv_heads or args.teacher_heads),
         "--student-heads", str(args.student_heads), "--head-dim", str(args.head_dim), "--block", str(args.block),
         "--repeats", str(args.repeats), "--device", args.device,
     ]
@@ -99,6 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--teacher-heads", type=int, default=16)
+    parser.add_argument("--teacher-kv-heads", type=int, help="grouped-query key/value heads (default: no GQA, "
+                                                           "the costlier case for the weights)")
     parser.add_argument("--student-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--block", type=int, default=128, help="query rows per block of the streaming loss")
@@ -110,7 +122,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(measure(args.child, args.lengths[0], args.teacher_heads, args.student_heads, args.head_dim, args.block, args.repeats, args.device)))
+        print(json.dumps(measure(args.child, args.lengths[0], args.teacher_heads,
+                                 args.teacher_kv_heads or args.teacher_heads, args.student_heads, args.head_dim,
+                                 args.block, args.repeats, args.device)))
         return
 
     rows = []

@@ -41,15 +41,17 @@ WEIGHTS_BLOCK_SIZE = 128
 class GroupCircuits:
     """The value-output circuits of one final group, factored through the group's value heads.
 
-    Head b's circuit is X_b = values @ lifts[i] for b = group[i]: `values` [B, T, U*d] stacks the
-    U distinct value heads the group reads (`kv_heads`, in order), and `lifts[i]` [U*d, R] holds
-    W_O^(b)T (or an equivalent basis of it) in the rows of b's value head. So A_a X_b = (A_a
-    values) @ lifts[i]: the maps only ever touch the U*d value columns, however wide d_model is.
+    `values` [B, T, U*d] stacks the U distinct value heads the group reads (`kv_heads`, in
+    order); head b = group[i] reads slot `slots[i]` of it, and its circuit is X_b = V_b @
+    head_maps[i] with head_maps[i] [d, R] = W_O^(b)T (or an equivalent basis of it). So A_a X_b =
+    (A_a values)[slot of b] @ head_maps[i]: the maps only ever touch the U*d value columns,
+    however wide d_model is.
     """
 
     values: Tensor
-    lifts: Tensor
     kv_heads: tuple[int, ...]
+    slots: tuple[int, ...]
+    head_maps: Tensor
 
 
 CircuitFn = Callable[[tuple[int, ...]], GroupCircuits]
@@ -129,33 +131,72 @@ class StreamingMaps:
 class _MergedHead:
     """A head of some merge round, inside one final group of S teacher heads.
 
-    Maps are linear, so its map applied to the group's values is sum_i coef[:, i] A_i values
-    over the group's heads; `circuit` [U*d, R] is the summed lift of its members (X_h = values @
-    circuit). Everything the objective needs is then an inner product of such terms, read off the
-    group's Gram matrix (`_GroupGram`), so merging costs nothing that grows with T.
+    Maps are linear, so its map is sum_i coef[:, i] A_i over the group's heads, and its circuit
+    is the sum of its members' circuits. Everything the objective needs is then an inner product
+    of such terms, read off the group's Gram tensor (`_GroupGram`), so merging costs nothing that
+    grows with T.
     """
 
     gram: "_GroupGram"
     coef: Tensor  # [B, S], float64
-    circuit: Tensor  # [U*d, R], float64
+    circuit: Tensor  # [S], float64: which members' circuits it sums
 
 
 class _GroupGram:
-    """G[b, i, j] = (A_i values)^T diag(rows) (A_j values) [U*d, U*d] for the heads of one final
-    group, in float64: <(A_i values) P, (A_j values) Q> over valid rows = <G[b, i, j], P Q^T>."""
+    """Every inner product the merges of one final group need, once, in float64.
 
-    def __init__(self, group: tuple[int, ...], attended: Tensor, rows: Tensor):
-        batch, size, length, width = attended.shape
-        attended = attended.double()
-        weighted = attended * rows.double()[:, None, :, None]
-        gram = weighted.permute(0, 1, 3, 2).reshape(batch, size * width, length) @ \
-            attended.permute(0, 2, 1, 3).reshape(batch, length, size * width)
+    G[b, i, x, j, y] = <A_i X_x, A_j X_y> over the valid rows of sequence b, for heads i, x, j, y
+    of the group (S of them). A circuit that is a sum of member circuits is a 0/1 vector over the
+    group, and every inner product of merged heads is a small contraction of G.
+
+    Two ways to the same G, the cheaper one is used: "values" reduces over T once in the space
+    of the U value heads the group reads ((S U d)^2 T work: best with grouped-query attention,
+    U = 1), then maps blocks through W_O; "circuits" forms the S^2 products A_i X_x [T, R] and
+    reduces those (S^2 d R T + S^4 R T: best when every head has its own value head). Rows are
+    taken in chunks, so extra memory stays O(S^2 * chunk * R).
+    """
+
+    ROWS_PER_CHUNK = 256
+
+    def __init__(self, group: tuple[int, ...], attended: Tensor, circuits: GroupCircuits, rows: Tensor,
+                 method: str = "auto"):
+        size, head_dim, rank = circuits.head_maps.shape
+        width = attended.shape[-1]
+        if method == "auto":
+            method = "values" if width * width * size * size <= size**2 * head_dim * rank + size**4 * rank else "circuits"
+        # rows are 0/1, so weighting one factor weights the product
+        attended = attended * rows[:, None, :, None]
         self.group = group
-        self.gram = gram.view(batch, size, width, size, width).permute(0, 1, 3, 2, 4)
+        self.gram = (self._by_values if method == "values" else self._by_circuits)(attended, circuits)
+
+    def _by_values(self, attended: Tensor, circuits: GroupCircuits) -> Tensor:
+        batch, size, length, width = attended.shape
+        head_dim = circuits.head_maps.shape[1]
+        flat = attended.transpose(1, 2).reshape(batch, length, size * width).double()
+        values_gram = (flat.transpose(1, 2) @ flat).view(batch, size, width // head_dim, head_dim,
+                                                          size, width // head_dim, head_dim)
+        slots = list(circuits.slots)
+        blocks = values_gram[:, :, slots][:, :, :, :, :, slots]  # [B, i, x, u, j, y, v]
+        maps = circuits.head_maps.double()
+        kernel = torch.einsum("xur,yvr->xyuv", maps, maps)
+        return torch.einsum("bixujyv,xyuv->bixjy", blocks, kernel)
+
+    def _by_circuits(self, attended: Tensor, circuits: GroupCircuits) -> Tensor:
+        batch, size, length, _ = attended.shape
+        head_dim = circuits.head_maps.shape[1]
+        gram = torch.zeros(batch, size * size, size * size, dtype=torch.float64, device=attended.device)
+        for start in range(0, length, self.ROWS_PER_CHUNK):
+            chunk = attended[:, :, start : start + self.ROWS_PER_CHUNK]
+            products = torch.stack([  # [B, S (map i), S (circuit x), chunk, R]
+                chunk[..., slot * head_dim : (slot + 1) * head_dim] @ circuits.head_maps[x]
+                for x, slot in enumerate(circuits.slots)
+            ], dim=2).flatten(1, 2).flatten(2).double()
+            gram += products @ products.transpose(1, 2)
+        return gram.view(batch, size, size, size, size)
 
     def between(self, left: Tensor, right: Tensor) -> Tensor:
-        """H[b, i, j] = <(A_i values) left, (A_j values) right> for circuits left, right [U*d, R]."""
-        return torch.einsum("bijuv,uv->bij", self.gram, left @ right.T)
+        """H[b, i, j] = <A_i X_left, A_j X_right> for circuits given as 0/1 vectors [S] over the group."""
+        return torch.einsum("bixjy,x,y->bij", self.gram, left, right)
 
 
 def walk_plan(
@@ -166,10 +207,10 @@ def walk_plan(
     heads: list[_MergedHead | None] = [None] * plan.num_teacher_heads
     for group in plan.groups:
         group_circuits = circuits(group)
-        gram = _GroupGram(group, maps.apply(list(group), group_circuits), rows)
+        gram = _GroupGram(group, maps.apply(list(group), group_circuits), group_circuits, rows)
         one_hot = torch.eye(len(group), dtype=torch.float64, device=rows.device)
         for i, head in enumerate(group):
-            heads[head] = _MergedHead(gram, one_hot[i].expand(batch, -1), group_circuits.lifts[i].double())
+            heads[head] = _MergedHead(gram, one_hot[i].expand(batch, -1), one_hot[i])
     for round_groups in plan.rounds:
         heads = [
             heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], objective, selection, rows.dtype)
@@ -273,11 +314,8 @@ def group_circuits(values: Tensor, group: tuple[int, ...], num_heads: int, head_
     per_kv = num_heads // num_kv
     kv_heads = sorted({h // per_kv for h in group})
     stacked = values[:, kv_heads].permute(0, 2, 1, 3).reshape(batch, length, len(kv_heads) * head_dim)
-    lifts = values.new_zeros(len(group), len(kv_heads) * head_dim, head_maps.shape[-1])
-    for i, head in enumerate(group):
-        slot = kv_heads.index(head // per_kv)
-        lifts[i, slot * head_dim : (slot + 1) * head_dim] = head_maps[i]
-    return GroupCircuits(stacked, lifts, tuple(kv_heads))
+    slots = tuple(kv_heads.index(h // per_kv) for h in group)
+    return GroupCircuits(stacked, tuple(kv_heads), slots, head_maps)
 
 
 def circuit_fn(values: Tensor, o_proj_weight: Tensor | None, num_heads: int) -> CircuitFn:
