@@ -289,8 +289,7 @@ def make_teacher(runner: Runner, args, budget: dict, tok: Path, data: Path, head
 
     A finished teacher with the same configuration in any of the teacher roots (the demo's among
     them) is reused; otherwise the first root gets a new one."""
-    if args.teacher:
-        runner.done_stages += 2
+    if args.teacher:  # not counted in the stage total
         return Path(args.teacher), None
     tb_dir = Path(args.out) / "tb" / "teacher" / tag
     cands = []

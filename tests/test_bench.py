@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,51 @@ def test_step_cost_smoke_dense_and_streaming_agree(tmp_path):
     assert rows["shd"]["loss"] == pytest.approx(rows["dense"]["loss"], rel=1e-4)
     assert rows["shd"]["loss"] != pytest.approx(rows["kd"]["loss"], rel=1e-6)  # the attention term is there
     assert "| tiny | 64 | dense |" in r.stdout
+
+
+FAKE_LAUNCHER = '''
+import json, os, sys, time, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+out = cfg["output_dir"]
+start = time.time()
+time.sleep(1.0)
+if cfg["seed"] == int(os.environ.get("FAIL_SEED", "-1")) and cfg["distill"]["w_shd"] > 0:
+    sys.exit(3)
+with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+    for step in (1, 2):
+        f.write(json.dumps({"step": step, "loss/total": 1.0, "loss/ce": 5.0 - cfg["distill"]["w_shd"],
+                            "data/consumed_tokens": 100.0 * step, "perf/tokens_per_s": 10.0,
+                            "perf/step_time_s": 0.1}) + "\\n")
+    ppl = 50.0 - cfg["seed"] - cfg["distill"]["w_shd"]
+    f.write(json.dumps({"step": 2, "eval/perplexity": ppl, "eval/loss": 3.9}) + "\\n")
+with open(os.path.join(os.path.dirname(sys.argv[1]), "..", "..", "..", "spans.jsonl"), "a") as f:
+    f.write(json.dumps({"start": start, "end": time.time(), "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+'''
+
+
+def test_jobs_run_students_concurrently_and_report_failures(tmp_path, monkeypatch):
+    """--jobs 2: two runs at a time (each told to use half the cores), the report as with one job;
+    a failed run is reported after the others finished, which keep their DONE markers."""
+    fake = tmp_path / "fake_launch.py"
+    fake.write_text(FAKE_LAUNCHER)
+    out = tmp_path / "o"
+    argv = ["--out", str(out), "--data", "D", "--tokenizer", "T", "--teacher", "H", "--variants", "kd,kd_shd",
+            "--w-shd-list", "0.5", "--seeds", "2", "--jobs", "2", "--budget", "ci",
+            "--launcher", f"{sys.executable} {fake}"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert dc.main(argv) == 0
+    spans = [json.loads(line) for line in (out / "spans.jsonl").read_text().splitlines()]
+    assert len(spans) == 4
+    at_once = max(sum(s["start"] <= t["start"] < s["end"] for s in spans) for t in spans)
+    assert at_once == 2
+    assert {s["omp"] for s in spans} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    results = json.loads((out / "results.json").read_text())
+    assert results["aggregate"]["kd_shd@0.5"]["ppl_per_seed"] == [48.5, 47.5]
+    assert "kd_shd@0.5 vs kd" in (out / "results.md").read_text()
+
+    monkeypatch.setenv("FAIL_SEED", "1")
+    out2 = tmp_path / "o2"
+    with pytest.raises(SystemExit, match="kd_shd@0.5 seed 1 failed with exit code 3"):
+        dc.main([a if a != str(out) else str(out2) for a in argv])
+    done = sorted(p.parent.relative_to(out2 / "runs").as_posix() for p in (out2 / "runs").rglob("DONE"))
+    assert done == ["kd/seed1", "kd/seed2", "kd_shd_w0.5/seed2"]
