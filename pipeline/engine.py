@@ -411,6 +411,14 @@ class Trainer:
                 group["weight_decay"] = decay
             self.log.info(f"optimizer param groups' weight_decay after universal load: "
                           f"{[g['weight_decay'] for g in groups]}")
+            # It also gives every sub-group's state the *same* 'step' tensor object, and
+            # torch.optim.Adam(W) increments it in place (step_t += 1) once per sub-group step, so
+            # the step count (Adam's bias correction) would advance by the number of sub-groups
+            # per optimizer step: give each sub-group its own copy.
+            base = getattr(self.student.optimizer, "optimizer", None)
+            for st in (base.state.values() if base is not None else ()):
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
         client = state  # trainer_state.json: written at commit, present in universal copies too
         self.step = int(client["step"])
         self.consumed_tokens = int(client["consumed_tokens"])

@@ -108,7 +108,7 @@ def test_resume_refused_when_teacher_changed(ref_run, tmp_path, tiny_data):
 
 def test_universal_checkpoint_two_ranks_to_one(ref_run, tmp_path, tiny_data, tiny_teacher):
     """2-rank checkpoint -> `python -m pipeline.universal` -> resumed on 1 rank (same global batch):
-    reader position kept, the first resumed step equals the 2-rank run."""
+    reader position kept, every resumed step equals the 2-rank run (to summation order)."""
     import shutil
 
     work, _, ref_records = ref_run
@@ -135,8 +135,10 @@ def test_universal_checkpoint_two_ranks_to_one(ref_run, tmp_path, tiny_data, tin
     got, want = step_losses(recs), step_losses(ref_records)
     assert sorted(got) == list(range(7, REF_STEPS + 1))
     assert got[7] == pytest.approx(want[7], rel=1e-6)  # weights and data position carried over exactly
+    # later steps also use the Adam state and step count (bias correction): measured ~1e-7 relative
+    # (1 rank vs 2: summation order); a step count advancing twice per step gives 3e-6 .. 4e-4
     for s in range(8, REF_STEPS + 1):
-        assert got[s] == pytest.approx(want[s], rel=1e-2)
+        assert got[s] == pytest.approx(want[s], rel=1e-6)
     lr = {r["step"]: r["optim/lr"] for r in recs if "optim/lr" in r}
     lr_ref = {r["step"]: r["optim/lr"] for r in ref_records if "optim/lr" in r}
     assert all(lr[s] == pytest.approx(lr_ref[s]) for s in lr)  # schedule position carried over
