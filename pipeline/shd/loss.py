@@ -95,9 +95,13 @@ def _blockwise(
     device = student_q.device
     sq = student_q.to(dtype)
     sk = repeat_kv(student_k, num_student).to(dtype)
-    tq = teacher_q.to(dtype)
-    tk = repeat_kv(teacher_k, teacher_q.shape[1]).to(dtype)
     mix = normalized_weights(weights, dtype)
+    # teacher heads that no target draws on (select, hard selection, weights clipped to 0) are skipped
+    used = mix.ne(0).flatten(0, 1).any(dim=0).nonzero().flatten()
+    per_kv = teacher_q.shape[1] // teacher_k.shape[1]
+    tq = teacher_q[:, used].to(dtype)
+    tk = teacher_k[:, used // per_kv].to(dtype)
+    mix = mix[:, :, used]
     student_scale = student_dim**-0.5
     teacher_scale = teacher_q.shape[-1] ** -0.5
     rows = valid_rows(attention_mask, batch, length, dtype, device)
@@ -120,12 +124,15 @@ def _blockwise(
         student_scores = (sq[:, :, start:end] @ sk[:, :, :end].transpose(-1, -2)).mul_(student_scale / tau)
         log_student = mask.fill_(student_scores, lowest).log_softmax(dim=-1)
         del student_scores
-        row_kl = (torch.xlogy(target, target) - target * log_student).sum(dim=-1)
+        # KL per row = sum t log t - sum t log s, the second as a batched row-by-row dot product
+        cross = (target.unsqueeze(-2) @ log_student.unsqueeze(-1)).view(target.shape[:-1])
+        row_kl = torch.xlogy(target, target).sum(dim=-1).sub_(cross)
         block_rows = rows[:, None, start:end]
         total = total + (row_kl * block_rows).sum()
         if with_grad:
             # d(tau^2 KL)/d(q k^T * scale) = tau * (p_student - target); times 1/count and the row mask
-            grad_scores = (log_student.exp() - target) * (block_rows[..., None] * (tau * student_scale) / count)
+            row_scale = block_rows[..., None] * (tau * student_scale) / count
+            grad_scores = log_student.exp_().sub_(target).mul_(row_scale)
             grad_q[:, :, start:end] = grad_scores @ sk[:, :, :end]
             grad_k[:, :, :end] += grad_scores.transpose(-1, -2) @ sq[:, :, start:end]
     return total * (tau * tau) / count, grad_q, grad_k
