@@ -4,12 +4,15 @@ Student head n's target map is sum_m W[b, n, m] * A_m. For the "pairwise" and "g
 weights are chosen per sequence so that one merged map, applied to the merged heads' combined
 value-output circuit, best reproduces what the heads add to the residual stream (shd-method.md).
 
-Everything needed is an attention map applied to some circuit, A_a X, so no [T, T] map is ever
-formed: per final group, one scaled-dot-product attention call applies each member's map to the
-value heads the group reads (head a's queries and keys on head b's values), and every A_a X_b
-follows by a small matrix product, since X_b = V_b W_O^(b)T. The output columns are first reduced
-to an orthonormal basis of the group's W_O columns (QR), which preserves every inner product the
-objective uses while shrinking d_model to at most (group size x head dim).
+Everything needed is an inner product between attention maps applied to circuits, <A_a X_x,
+A_b X_y>, so no [T, T] map is ever formed. Per final group, one scaled-dot-product attention call
+applies each member's map to the value heads the group reads (head a's queries and keys on head
+b's values); a head's map on its own value head is the teacher's attention output, which the
+engine passes in (`head_outputs`), so with grouped-query attention there is no call at all. All
+inner products the merges need are then reduced over T once, into one small Gram tensor per group
+(`_GroupGram`), and every merge round works on that tensor alone. Output columns are reduced to an
+orthonormal basis of the group's W_O columns (QR), which keeps every inner product while shrinking
+d_model to at most (group size x head dim).
 """
 
 from __future__ import annotations
