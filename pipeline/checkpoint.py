@@ -19,7 +19,6 @@ The teacher is never part of a checkpoint: only the student engine is saved.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_prep.indexed import write_atomic
 
 COMPLETE = "COMPLETE"
 POINTER = "latest"
@@ -37,22 +38,9 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write `text` to `path` via a temporary file, fsync and rename (never a partial file)."""
+    write_atomic(path, text.encode())
 
 
 def is_complete(ckpt: Path) -> bool:
