@@ -340,11 +340,11 @@ def variant_label(name: str) -> str:
 
 def expand_variants(variants: list[str], w_shd_list: list[float] | None) -> list[str]:
     """Each variant with an attention term once per weight of --w-shd-list ("kd_shd@0.3"); CE and
-    KD once, as they are (their w_shd is 0)."""
+    KD, and variants named with their weight already, once as they are."""
     if not w_shd_list:
         return variants
     return [report.variant_name(v, w) for v in variants
-            for w in ([None] if v in report.NO_ATTENTION else w_shd_list)]
+            for w in ([None] if v in report.NO_ATTENTION or "@" in v else w_shd_list)]
 
 
 def train_students(runner: Runner, args, students: list[tuple[str, int, Path, dict]], steps: int) -> None:
@@ -386,7 +386,8 @@ def parse_args(argv=None):
                     help="demo: what launch/demo.sh runs (variants ce,kd,kd_shd, 1 seed, budget demo, --out runs/demo, "
                          "summary.md + curves.png)")
     ap.add_argument("--out", help="output directory (default runs/distill_compare; demo: runs/demo)")
-    ap.add_argument("--variants", help=f"comma list from {','.join(VARIANTS)} (default {DEFAULT_VARIANTS})")
+    ap.add_argument("--variants", help=f"comma list from {','.join(VARIANTS)} (default {DEFAULT_VARIANTS}); "
+                                       "a name may carry its attention-loss weight: kd_shd@0.3")
     ap.add_argument("--w-shd-list", help="sweep: comma list of attention-loss weights, applied to every variant "
                                          "with an attention term (ce and kd run once); e.g. 0.1,0.3,1.0")
     ap.add_argument("--seeds", help="a count N (seeds 1..N) or a comma list of seeds ('7,' = seed 7 only); default 3, demo '1234,'")
@@ -432,9 +433,9 @@ def parse_args(argv=None):
     demo = args.preset == "demo"
     args.out = args.out or ("runs/demo" if demo else "runs/distill_compare")
     args.variants = (args.variants or ("ce,kd,kd_shd" if demo else DEFAULT_VARIANTS)).split(",")
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if report.split_variant(v)[0] not in VARIANTS]
     if bad:
-        ap.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+        ap.error(f"unknown variant(s) {bad}; choose from {list(VARIANTS)} (optionally with a weight: kd_shd@0.3)")
     try:
         w_list = [float(x) for x in args.w_shd_list.split(",") if x] if args.w_shd_list else None
     except ValueError:

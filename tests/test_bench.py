@@ -67,8 +67,9 @@ def test_paired_differences_and_spread():
 
 def test_weight_sweep_pairs_and_table():
     """--w-shd-list: variants "x@w" are compared at the same weight; kd (no attention term) with all."""
-    assert dc.expand_variants(["kd", "kd_select", "kd_logit"], [0.3, 1.0]) == \
-        ["kd", "kd_select@0.3", "kd_select@1", "kd_logit@0.3", "kd_logit@1"]
+    assert dc.expand_variants(["kd", "kd_select", "kd_logit", "kd_hard@0.1"], [0.3, 1.0]) == \
+        ["kd", "kd_select@0.3", "kd_select@1", "kd_logit@0.3", "kd_logit@1", "kd_hard@0.1"]
+    assert dc.parse_args(["--variants", "kd,kd_mean@0.3", "--out", "o"]).variants == ["kd", "kd_mean@0.3"]
     assert report.split_variant("kd_logit@0.3") == ("kd_logit", 0.3) and report.split_variant("kd") == ("kd", None)
     ppl = {"kd": [10.0, 12.0, 11.0], "kd_select@0.3": [9.5, 11.4, 10.6], "kd_logit@0.3": [9.0, 11.0, 10.0],
            "kd_select@1": [9.0, 11.0, 10.0], "kd_logit@1": [9.2, 11.5, 9.9]}
