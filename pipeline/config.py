@@ -91,7 +91,10 @@ class DistillConfig:
                                  "[chunk, vocab] buffers).")
     w_shd: float = _f(1.0, "Weight of the SHD attention term (mean over distilled layers).")
     tau_shd: float = _f(1.0, "Temperature of the SHD attention maps.")
-    plan: Literal["pairwise", "group", "mean", "select"] = _f("pairwise", "Head-squeezing plan.")
+    plan: Literal["pairwise", "group", "mean", "select"] = _f(
+        "select", "Head-squeezing plan: select = each student head distils the first teacher head of its "
+                  "group (the default: it beat every merged target at 8->4 and 16->4 heads in "
+                  "docs/results.md section 5); pairwise = the paper's SHD; group; mean.")
     objective: Literal["output", "per_head"] = _f("output", "Objective that chooses the mixing weights.")
     selection: Literal["soft", "hard"] = _f("soft", "soft = optimal mixing weights; hard = each merge snapped "
                                                     "to its best single head (dynamic selection).")
