@@ -80,12 +80,22 @@ def read_index(idx_path: Path) -> IndexContents:
     return IndexContents(dtype=codes[code], sizes=sizes)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the renames and new entries in it are durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content, read in chunks (files of any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> FileDigest:
@@ -96,7 +106,7 @@ def write_atomic(path: Path, data: bytes) -> FileDigest:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return FileDigest(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 

@@ -12,6 +12,10 @@ Crash safety and resume: a shard is written under a `.tmp` name and renamed when
 crash re-reads the input, skips (without tokenizing) the documents already in completed shards and
 finishes with exactly the output of an uninterrupted run. An output directory made with another
 tokenizer or options is refused unless --overwrite. Readers only accept a manifest marked complete.
+
+--overwrite never touches a complete output before its replacement is complete: the new output is
+built (and, after a kill, resumed) in `OUT/.overwrite-staging`, and only then swapped in (see
+`_swap_in`). An input that turns out to be unusable leaves the old output exactly as it was.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ from tqdm import tqdm
 
 from data_prep.cli import add_options, options_from_args, run_cli
 from data_prep.encode import DocumentEncoder, EncodedBatch
-from data_prep.indexed import TMP_SUFFIX, ShardWriter, token_dtype
+from data_prep.indexed import TMP_SUFFIX, ShardWriter, fsync_dir, token_dtype
 from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord,
                                 load_manifest, tokenizer_identity, write_manifest)
 from data_prep.sources import Document, InputReport, Source, iter_documents, resolve_inputs
 
 # Test hook: seconds to sleep after each committed shard, so a test can kill the run at a known point.
 SLEEP_AFTER_SHARD_ENV = "DATA_PREP_SLEEP_AFTER_SHARD"
+# Where --overwrite builds the new output, inside --out (so on the same filesystem), until it is complete.
+STAGING_NAME = ".overwrite-staging"
 # A batch sent to the encoder: big enough to amortize process hand-offs, small enough to keep memory flat.
 BATCH_DOCS = 512
 BATCH_CHARS = 1 << 20
@@ -60,7 +66,9 @@ class ShardOptions:
     seed: int = field(default=0, metadata={"help": "seed of the per-document train/val assignment"})
     shard_tokens: int = field(default=20_000_000, metadata={"help": "tokens per shard (whole documents)"})
     strict: bool = field(default=False, metadata={"help": "fail on a record without text instead of skipping it"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an output directory made differently"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an output directory made differently; the old output stays until the new one is "
+                "complete (room for both is needed)"})
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -184,30 +192,116 @@ class _PendingBatches:
             yield batch
 
 
-def _prepare_out_dir(options: ShardOptions, fresh: Manifest) -> Manifest:
-    """The manifest to continue from: `fresh`, or the matching one already in --out (resume)."""
-    out = options.out
-    if (out / MANIFEST_NAME).is_file() and not options.overwrite:
-        old = load_manifest(out, require_complete=False)
-        differs = [name for name in ("tokenizer", "dtype", "options")
-                   if getattr(old, name) != getattr(fresh, name)]
-        if differs:
-            raise DataError(f"{out}: holds shards made with a different {' and '.join(differs)}; pass --overwrite "
-                            "to replace them, or choose another --out")
-        for shard in old.shards:
-            for path, digest in ((shard.bin_path(out), shard.bin), (shard.idx_path(out), shard.idx)):
-                if not path.is_file() or path.stat().st_size != digest.bytes:
-                    raise DataError(f"{path}: listed in the manifest but missing or of the wrong size; "
-                                    "pass --overwrite to start over")
-        _remove(out, lambda p: p.name.endswith(TMP_SUFFIX))
+def _differences(old: Manifest, fresh: Manifest) -> list[str]:
+    """Which of tokenizer, dtype and options differ between two manifests (none: the same output)."""
+    return [name for name in ("tokenizer", "dtype", "options") if getattr(old, name) != getattr(fresh, name)]
+
+
+def _manifest_or_none(root: Path) -> Manifest | None:
+    """The manifest in `root`, or None when it has none or an unreadable one."""
+    try:
+        return load_manifest(root, require_complete=False)
+    except DataError:
+        return None
+
+
+def _check_resumable(old: Manifest, fresh: Manifest) -> None:
+    """Raise unless `old` was made like `fresh` and every shard it lists is on disk at its size."""
+    root = old.root
+    differs = _differences(old, fresh)
+    if differs:
+        raise DataError(f"{root}: holds shards made with a different {' and '.join(differs)}; pass --overwrite "
+                        "to replace them, or choose another --out")
+    for shard in old.shards:
+        for path, digest in ((shard.bin_path(root), shard.bin), (shard.idx_path(root), shard.idx)):
+            if not path.is_file() or path.stat().st_size != digest.bytes:
+                raise DataError(f"{path}: listed in the manifest but missing or of the wrong size; "
+                                "pass --overwrite to start over")
+
+
+def _resumable(fresh: Manifest, overwrite: bool) -> Manifest | None:
+    """The manifest already in `fresh.root` to continue from, or None to start over.
+
+    Without `overwrite` a manifest that cannot be continued is an error; with it, that directory is
+    started over (callers pass `overwrite` only for a directory that holds no complete output).
+    """
+    if not fresh.path.is_file():
+        return None
+    try:
+        old = load_manifest(fresh.root, require_complete=False)
+        _check_resumable(old, fresh)
+    except DataError:
+        if overwrite:
+            return None
+        raise
+    return old
+
+
+def _prepare_dir(fresh: Manifest, overwrite: bool) -> Manifest:
+    """The manifest to continue from in `fresh.root`: the matching one already there (resume), or `fresh`."""
+    root = fresh.root
+    old = _resumable(fresh, overwrite)
+    if old is not None:
+        _remove(root, lambda p: p.name.endswith(TMP_SUFFIX))
         return old
-    if out.is_dir() and any(out.iterdir()) and not options.overwrite:
-        raise DataError(f"{out}: exists, is not empty and has no {MANIFEST_NAME}; choose an empty or new --out "
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise DataError(f"{root}: exists, is not empty and has no {MANIFEST_NAME}; choose an empty or new --out "
                         "(or --overwrite to replace shard files in it)")
-    out.mkdir(parents=True, exist_ok=True)
-    _remove(out, _is_ours)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove(root, _is_ours)
     write_manifest(fresh)
     return fresh
+
+
+def _build_root(options: ShardOptions, fresh: Manifest) -> Path:
+    """Where to write: --out itself, or its staging directory when a complete output must be kept meanwhile.
+
+    Staging is used by --overwrite of a complete output, and to finish a swap a kill cut short (--out
+    then holds the incomplete manifest `_swap_in` writes first, made like the complete staged one).
+    """
+    out, staging = options.out, options.out / STAGING_NAME
+    current, staged = _manifest_or_none(out), _manifest_or_none(staging)
+    if options.overwrite and current is not None and current.complete:
+        return staging
+    if (staged is not None and staged.complete and not _differences(staged, fresh)
+            and current is not None and not _differences(current, fresh)):
+        return staging
+    if staging.is_dir() and options.overwrite:
+        _remove_staging(staging)  # left by another --overwrite command: this one replaces --out in place
+    elif staging.is_dir():
+        print(f"note: {staging} is left from an interrupted --overwrite run and is not part of the output; "
+              "rerun that command to finish it, or delete the directory", file=sys.stderr)
+    return out
+
+
+def _swap_in(staged: Manifest, out: Path) -> Manifest:
+    """Replace the output in `out` by the complete one in the staging directory; returns its manifest there.
+
+    Steps: (1) mark `out` incomplete, so readers refuse it from here on and say to rerun the command;
+    (2) delete our old files that the new output does not reuse by name; (3) move each new shard file
+    in (a rename, replacing an old file of the same name); (4) move the staged manifest in, which
+    makes `out` complete again; (5) remove the staging directory. Every step can be repeated, so
+    after a kill the same command (see `_build_root`) finishes the swap; files we did not write stay.
+    """
+    staging = staged.root
+    final = replace(staged, path=out / MANIFEST_NAME)
+    write_manifest(replace(final, complete=False, shards=(), stats={}))
+    new_files = {path.name for shard in staged.shards for path in (shard.bin_path(out), shard.idx_path(out))}
+    _remove(out, lambda p: _is_ours(p) and p.name != MANIFEST_NAME and p.name not in new_files)
+    for name in sorted(new_files):
+        if (staging / name).is_file():
+            os.replace(staging / name, out / name)
+    fsync_dir(out)
+    os.replace(staged.path, final.path)
+    fsync_dir(out)
+    _remove_staging(staging)
+    return final
+
+
+def _remove_staging(staging: Path) -> None:
+    """Delete the staging directory: our files in it, then the directory (which fails if anything else is left)."""
+    _remove(staging, _is_ours)
+    staging.rmdir()
 
 
 def _is_ours(path: Path) -> bool:
@@ -243,14 +337,39 @@ def build_shards(options: ShardOptions) -> Manifest:
     dtype = token_dtype(identity.vocab_size)
     fresh = Manifest(path=options.out / MANIFEST_NAME, complete=False, tokenizer=identity, dtype=dtype.name,
                      options={"inputs": [s.describe() for s in sources], **options.settings()}, shards=())
-    manifest = _prepare_out_dir(options, fresh)
+    root = _build_root(options, fresh)
+    if root != options.out:
+        return _replace_output(options, sources, replace(fresh, path=root / MANIFEST_NAME), dtype)
+    manifest = _prepare_dir(fresh, options.overwrite)
     if manifest.complete:
         print(f"{options.out}: already complete, nothing to do", file=sys.stderr)
         return manifest
-    return _run(options, sources, manifest, dtype)
+    manifest, summary = _run(options, sources, manifest, dtype)
+    print(summary, file=sys.stderr)
+    return manifest
 
 
-def _run(options: ShardOptions, sources: list[Source], manifest: Manifest, dtype: np.dtype) -> Manifest:
+def _replace_output(options: ShardOptions, sources: list[Source], fresh: Manifest, dtype: np.dtype) -> Manifest:
+    """Build (or resume, or reuse when complete) the output in the staging dir `fresh.root`, then swap it in.
+
+    Bad input found while building removes the staging directory: the old output is untouched and
+    nothing staged is worth resuming once the input or options change.
+    """
+    staged, summary = _manifest_or_none(fresh.root), f"{options.out}: replaced by the output finished in {fresh.root}"
+    if staged is None or not staged.complete or _differences(staged, fresh):
+        try:
+            staged, summary = _run(options, sources, _prepare_dir(fresh, overwrite=True), dtype)
+        except DataError:
+            _remove_staging(fresh.root)
+            raise
+    manifest = _swap_in(staged, options.out)
+    print(summary, file=sys.stderr)
+    return manifest
+
+
+def _run(options: ShardOptions, sources: list[Source], manifest: Manifest,
+         dtype: np.dtype) -> tuple[Manifest, str]:
+    """Tokenize the documents not yet in `manifest`'s shards into its directory; returns it complete and a summary."""
     records = list(manifest.shards)
     sleep_after_shard = float(os.environ.get(SLEEP_AFTER_SHARD_ENV, "0"))
 
@@ -260,7 +379,7 @@ def _run(options: ShardOptions, sources: list[Source], manifest: Manifest, dtype
         time.sleep(sleep_after_shard)
 
     done = {split: max((r.last_doc for r in records if r.split == split), default=-1) for split in options.splits}
-    writers = {split: _SplitWriter(options.out, split, dtype, options.shard_tokens,
+    writers = {split: _SplitWriter(manifest.root, split, dtype, options.shard_tokens,
                                    sum(r.split == split for r in records), commit) for split in options.splits}
     report = InputReport(strict=options.strict)
     progress = _Progress()
@@ -278,20 +397,20 @@ def _run(options: ShardOptions, sources: list[Source], manifest: Manifest, dtype
     finally:
         progress.bar.close()  # before any error message, so that message is the last line
     if pending.read == 0:
-        raise DataError(f"no documents in the inputs ({', '.join(options.inputs)})"
+        raise DataError(f"no documents in the inputs ({', '.join(options.inputs)}); check --input and --text-field"
                         + "".join(f"; {line}" for line in report.summary_lines()))
     stats = {"documents": {s: sum(r.documents for r in records if r.split == s) for s in options.splits},
              "tokens": {s: sum(r.tokens for r in records if r.split == s) for s in options.splits},
              "input": report.as_dict()}
     final = replace(manifest, shards=tuple(records), complete=True, stats=stats)
     write_manifest(final)
-    _print_summary(final, report, progress)
-    return final
+    return final, _summary(options.out, final, report, progress)
 
 
-def _print_summary(manifest: Manifest, report: InputReport, progress: _Progress) -> None:
+def _summary(out: Path, manifest: Manifest, report: InputReport, progress: _Progress) -> str:
+    """What was written to `out` (the --out directory, also when built in staging), for stderr."""
     elapsed = time.perf_counter() - progress.start
-    lines = [f"wrote {manifest.root} ({manifest.dtype}, vocab {manifest.tokenizer.vocab_size})"]
+    lines = [f"wrote {out} ({manifest.dtype}, vocab {manifest.tokenizer.vocab_size})"]
     for split, documents in manifest.stats["documents"].items():
         shards = len(manifest.split_shards(split))
         lines.append(f"  {split}: {documents:,} documents, {manifest.stats['tokens'][split]:,} tokens, {shards} shards")
@@ -300,11 +419,12 @@ def _print_summary(manifest: Manifest, report: InputReport, progress: _Progress)
     lines += [f"  {line}" for line in report.summary_lines()]
     if "val" in manifest.stats["documents"] and manifest.stats["documents"]["val"] == 0:
         lines.append("  warning: no document fell into val; raise --val-fraction for a validation split")
-    print("\n".join(lines), file=sys.stderr)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     add_options(parser, ShardOptions)
     build_shards(options_from_args(ShardOptions, parser.parse_args(argv)))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import sys
@@ -68,14 +69,25 @@ def _training_lines(options: TokenizerTrainOptions, report: InputReport) -> Iter
         yield from (line for line in doc.text.split("\n") if line.strip())
 
 
+def _nonempty_training_lines(options: TokenizerTrainOptions, report: InputReport) -> Iterator[str]:
+    """`_training_lines`, or a DataError naming the inputs when they hold no text (before any training)."""
+    lines = _training_lines(options, report)
+    first = next(lines, None)
+    if first is None:
+        raise DataError(f"no text in the inputs ({', '.join(options.inputs)}); check --input and --text-field"
+                        + "".join(f"; {line}" for line in report.summary_lines()))
+    return itertools.chain([first], lines)
+
+
 def _train_sentencepiece(options: TokenizerTrainOptions, report: InputReport) -> bytes:
     import sentencepiece as spm
 
     model = io.BytesIO()
+    sentences = _nonempty_training_lines(options, report)
     spm.set_random_generator_seed(options.seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(options, report), model_writer=model,
+            sentence_iterator=sentences, model_writer=model,
             model_type="bpe", vocab_size=options.vocab_size, byte_fallback=True, split_digits=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, pad_piece=SPECIAL_PIECES["pad_token"],
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
@@ -119,11 +131,11 @@ def train_tokenizer(options: TokenizerTrainOptions) -> InputReport:
     existing = [name for name in TOKENIZER_FILES if (options.out / name).exists()]
     if existing and not options.overwrite:
         raise DataError(f"{options.out}: already holds a tokenizer ({', '.join(existing)}); pass --overwrite")
+    report = InputReport()
+    model = _train_sentencepiece(options, report)  # first: bad input must not cost the old tokenizer
     options.out.mkdir(parents=True, exist_ok=True)
     for name in existing:
         (options.out / name).unlink()
-    report = InputReport()
-    model = _train_sentencepiece(options, report)
     _write_hf_directory(model, options.out)
     samples = list(PROBES)
     for line in _training_lines(options, InputReport()):
@@ -135,9 +147,10 @@ def train_tokenizer(options: TokenizerTrainOptions) -> InputReport:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    add_options(commands.add_parser("train", help="train a tokenizer"), TokenizerTrainOptions)
+    add_options(commands.add_parser("train", help="train a tokenizer", allow_abbrev=False), TokenizerTrainOptions)
     options = options_from_args(TokenizerTrainOptions, parser.parse_args(argv))
     report = train_tokenizer(options)
     print(f"wrote {options.out}: vocab {options.vocab_size} ({', '.join(sorted(os.listdir(options.out)))})",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on one machine: one process per GPU, or NPROC CPU processes (gloo) when there is no GPU.
 #
-#   launch/local.sh CONFIG.yaml [key.sub=value ...] [--resume auto|none|DIR] [--force-resume]
+#   launch/local.sh CONFIG.yaml [key.sub=value ...] [--resume auto|none|DIR] [--force-resume] [--move-aside]
 #   launch/local.sh --dry-run CONFIG.yaml ...     (or DRY_RUN=1: print the commands, run nothing)
 #   NPROC=4 launch/local.sh configs/tiny_cpu.yaml teacher.path=runs/teacher data.dir=data/tiny
 #
@@ -19,7 +19,8 @@ set -euo pipefail
 dry_run="${DRY_RUN:-0}"
 if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
 if (($# < 1)) || [[ "$1" == -* ]]; then
-  echo "usage: launch/local.sh [--dry-run] CONFIG.yaml [key.sub=value ...] [--resume auto|none|DIR]" >&2
+  echo "usage: launch/local.sh [--dry-run] CONFIG.yaml [key.sub=value ...] [--resume auto|none|DIR]" \
+       "[--force-resume] [--move-aside]" >&2
   exit 2
 fi
 config="$1"; shift

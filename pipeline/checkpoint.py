@@ -1,19 +1,24 @@
-"""Checkpoints: DeepSpeed state plus client state, committed atomically, last k kept.
+"""Checkpoints: DeepSpeed state plus client state, committed atomically, verified on load.
 
 Layout of ``checkpoint.dir``::
 
     step_00000100/            DeepSpeed files (ZeRO-3 partitions of every rank, model states)
         rng_rank00000.pt      python/numpy/torch RNG state of each rank
-        trainer_state.json    step, consumed samples/tokens, reader state, identities (readable copy)
+        trainer_state.json    step, consumed samples/tokens, reader state, identities, run id
         resolved_config.yaml  the run config with its derived values
-        COMPLETE              written last, after every rank finished writing
-    latest                    name of the newest complete checkpoint (atomic rename)
+        COMPLETE              written last: the size (and, for small files, sha256) of every file
+    latest                    name of the newest complete checkpoint (atomic rename; informational)
 
 Commit protocol: every rank writes (DeepSpeed with ``save_latest=False``: its own ``latest`` file
 is written before all ranks are done), barrier, then rank 0 writes COMPLETE and the pointer
-(temp file, fsync, rename, fsync of the directory). Resume trusts only directories with COMPLETE;
-a save killed half-way leaves a directory without it, which is ignored and later removed.
-The teacher is never part of a checkpoint: only the student engine is saved.
+(temp file, fsync, rename, fsync of the directory). Resume trusts only directories with COMPLETE
+whose files still match it (:func:`verify`): a deleted or truncated file is named, and
+``--resume auto`` falls back to the previous good checkpoint. A save killed half-way leaves a
+directory without COMPLETE, which is ignored and later removed.
+
+Every checkpoint records the id of the run that wrote it (``run_id``); pruning only ever counts
+and removes this run's checkpoints. The teacher is never part of a checkpoint: only the student
+engine is saved.
 """
 
 from __future__ import annotations
@@ -22,16 +27,27 @@ import json
 import random
 import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
-from data_prep.indexed import write_atomic
+from data_prep.indexed import sha256_file, write_atomic
 
 COMPLETE = "COMPLETE"
+STATE = "trainer_state.json"
+#: Files up to this size get a sha256 in COMPLETE (model states, configs, RNG); bigger ones (the
+#: optimizer partitions) are checked by size only, so a save does not re-read gigabytes.
+HASHED_MAX_BYTES = 64 * 2**20
 POINTER = "latest"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
 
 
 def tag_for(step: int) -> str:
@@ -44,6 +60,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def is_complete(ckpt: Path) -> bool:
+    """Committed (COMPLETE written); whether its files are still intact is :func:`verify`'s question."""
     return (ckpt / COMPLETE).is_file()
 
 
@@ -55,30 +72,97 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def resolve(path: str | Path) -> Path:
-    """`path` itself if it is a complete checkpoint, else the newest complete one under it.
+def read_state(ckpt: Path) -> dict:
+    """The checkpoint's ``trainer_state.json`` (the one place it is parsed)."""
+    path = ckpt / STATE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({e})") from None
 
-    For the command-line tools that take `--checkpoint` (export, evaluate, universal).
+
+def run_id_of(ckpt: Path) -> str | None:
+    """Id of the run that wrote ``ckpt`` (None: written before run ids existed, or unreadable)."""
+    try:
+        return read_state(ckpt).get("run_id")
+    except CheckpointError:
+        return None
+
+
+def verify(ckpt: Path) -> list[str]:
+    """What is wrong with a committed checkpoint's files (empty: intact), each naming the file.
+
+    Checks every file COMPLETE lists by size, and by sha256 where COMPLETE recorded one. An empty
+    COMPLETE (written before files were recorded) cannot be checked and passes.
+    """
+    marker = ckpt / COMPLETE
+    if not marker.is_file():
+        return [f"{ckpt}: not a complete checkpoint (no {COMPLETE} file)"]
+    text = marker.read_text()
+    if not text.strip():
+        return []
+    try:
+        files = json.loads(text)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return [f"{marker}: unreadable file list"]
+    problems = []
+    for rel, want in sorted(files.items()):
+        path = ckpt / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing ({COMPLETE} lists it, {want['bytes']} bytes)")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, {COMPLETE} records {want['bytes']} "
+                            f"(truncated or replaced)")
+        elif "sha256" in want and sha256_file(path) != want["sha256"]:
+            problems.append(f"{path}: content differs from the sha256 {COMPLETE} records (corrupt)")
+    return problems
+
+
+def write_complete(ckpt: Path) -> None:
+    """Record every file of ``ckpt`` (size; sha256 up to HASHED_MAX_BYTES) in COMPLETE, atomically."""
+    files = {}
+    for path in sorted(ckpt.rglob("*")):
+        if path.is_file() and path.name != COMPLETE:
+            entry = {"bytes": path.stat().st_size}
+            if entry["bytes"] <= HASHED_MAX_BYTES:
+                entry["sha256"] = sha256_file(path)
+            files[path.relative_to(ckpt).as_posix()] = entry
+    atomic_write_text(ckpt / COMPLETE, json.dumps({"files": files}, indent=1, sort_keys=True))
+
+
+def resolve(path: str | Path) -> Path:
+    """`path` itself if it is an intact complete checkpoint, else the newest intact one under it.
+
+    For the command-line tools that take `--checkpoint` (export, evaluate, universal): a refused
+    checkpoint is a one-line error naming the bad file, exit status 2.
     """
     path = Path(path)
     if is_complete(path):
+        problems = verify(path)
+        if problems:
+            _refuse(f"checkpoint {path} is damaged: " + "; ".join(problems))
         return path
-    latest = find_latest(path)
+    latest = find_latest(path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if latest is None:
-        raise SystemExit(f"error: {path} is neither a complete checkpoint nor a directory holding one")
+        _refuse(f"{path} is neither a complete checkpoint nor a directory holding an intact one")
     return latest
 
 
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint: the pointer's target if complete, else the newest found."""
-    ptr = root / POINTER
-    if ptr.is_file():
-        cand = root / ptr.read_text().strip()
-        if is_complete(cand):
-            newer = [p for p in complete_checkpoints(root) if p.name > cand.name]
-            return newer[-1] if newer else cand
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+def _refuse(msg: str) -> NoReturn:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def find_latest(root: Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest complete checkpoint whose files verify; each newer damaged one is passed over
+    with a warning naming what is wrong (the ``latest`` pointer is not needed: COMPLETE is)."""
+    for ckpt in reversed(complete_checkpoints(root)):
+        problems = verify(ckpt)
+        if not problems:
+            return ckpt
+        if warn is not None:
+            warn(f"skipping damaged checkpoint {ckpt}: " + "; ".join(problems))
+    return None
 
 
 def rng_state() -> dict:
@@ -109,15 +193,17 @@ def load_rng(ckpt: Path, rank: int) -> bool:
 def commit(root: Path, ckpt: Path, trainer_state: dict, resolved_yaml: str) -> None:
     """Rank 0, after the barrier that follows every rank's writes."""
     (ckpt / "resolved_config.yaml").write_text(resolved_yaml)
-    (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
-    atomic_write_text(ckpt / COMPLETE, "")
+    (ckpt / STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+    write_complete(ckpt)
     atomic_write_text(root / POINTER, ckpt.name + "\n")
 
 
-def prune(root: Path, keep_last: int) -> list[Path]:
-    """Remove complete checkpoints beyond the newest keep_last, and incomplete ones older than the
-    newest complete one (left by a killed save). Rank 0 only. Returns what was removed."""
-    complete = complete_checkpoints(root)
+def prune(root: Path, keep_last: int, run_id: str) -> list[Path]:
+    """Remove this run's complete checkpoints beyond its newest keep_last, and incomplete ones older
+    than its newest (left by a killed save). Checkpoints of another run are never counted or
+    touched (those without a run id predate run ids and belong to the run that resumed them).
+    Rank 0 only. Returns what was removed."""
+    complete = [p for p in complete_checkpoints(root) if run_id_of(p) in (run_id, None)]
     removed = []
     for p in complete[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)

@@ -3,9 +3,13 @@
 A run is a config, not a fork of the trainer. Every section is a keyword-only dataclass whose
 fields carry their help text; ``load_config`` validates once, in this order:
 
+0. syntax -- the file must be UTF-8 YAML (an error names the line and column) with no key given
+             twice in one mapping (the second would silently replace the first), and no dotted
+             override may be given twice;
 1. keys   -- unknown keys (in the file or in an override) are errors naming the dotted key;
 2. types  -- each value is checked against the field's annotation (an int, or a number YAML left
-             as a string like ``3e-4``, is accepted where a ``float`` is expected; nothing else is coerced);
+             as a string like ``3e-4``, is accepted where a ``float`` is expected; nothing else is
+             coerced; a float must be finite: ``.inf``/``.nan`` would end the run with NaN weights);
 3. values -- ranges and cross-field rules, each message naming the key and the fix.
 
 Derived values (global batch, tokens per step, total tokens) depend on the number of
@@ -18,13 +22,13 @@ resolved config (with the derived values) is saved beside every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
-
-import re
 
 import yaml
 
@@ -141,6 +145,10 @@ class CheckpointConfig:
     resume: str = _f("auto", "'auto' = newest complete checkpoint if any, 'none' = start fresh, "
                              "or a checkpoint directory.")
     force_resume: bool = _f(False, "Resume even if teacher/tokenizer/data/model shape changed.")
+    move_aside: bool = _f(False, "When output_dir (or checkpoint.dir) already holds another run and this "
+                                 "run starts fresh, rename the old run's directories to "
+                                 "<dir>.moved-<timestamp> first (nothing is deleted); without it such a "
+                                 "start is refused.")
     save_at_end: bool = _f(True, "Save when the run reaches max_steps.")
 
 
@@ -168,6 +176,10 @@ class DebugConfig:
     hang_in_save_at_step: Optional[int] = _f(None, "During this step's save, after the DeepSpeed files "
                                                    "are written and before the commit, touch "
                                                    "<ckpt>/SAVE_HANG and sleep (a test SIGKILLs it).")
+    nonfinite_weights_at_step: Optional[int] = _f(None, "After this optimizer step, overwrite rank 0's share "
+                                                        "of the student's weights with NaN (tests that no "
+                                                        "checkpoint or export is written from non-finite "
+                                                        "weights).")
 
 
 @dataclass(kw_only=True)
@@ -277,15 +289,28 @@ def _check_value(tp: Any, value: Any, key: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(value, key)
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return _finite(value, key)  # YAML 1.1 reads 3e-4 (no dot) as a string
         raise bad
     if tp is str:
         if isinstance(value, str):
             return value
         raise bad
     raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _finite(value: int | float | str, key: str) -> float:
+    """float(value), refusing inf and nan (YAML ``.inf``, ``.nan``, ``1e999``): a run trained with
+    such a setting ends with NaN weights instead of an error."""
+    try:
+        x = float(value)
+    except OverflowError:  # an int too large for a float
+        x = math.inf
+    if not math.isfinite(x):
+        raise ConfigError(f"config key '{key}': {value!r} is not a finite number (inf and nan are "
+                          f"refused): give a finite value")
+    return x
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
@@ -327,17 +352,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}' has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
+        value = _parse_yaml(raw) if raw.strip() else ""
+    except ConfigError as e:
         raise ConfigError(f"override '{text}': cannot parse value: {e}") from None
     return key, value
 
 
-def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    data = _deepcopy(data or {})
+def _apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> None:
+    """Set each ``key=value`` in data; the same key twice is refused (which one was meant?)."""
+    given: dict[str, str] = {}
     for o in overrides:
         key, value = parse_override(o)
+        if key in given:
+            raise ConfigError(f"override '{key}' is given twice ('{given[key]}' and '{o}'): give it once")
+        given[key] = o
         _set_dotted(data, key, value)
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    data = _deepcopy(data or {})
+    _apply_overrides(data, overrides)
     cfg = _build(RunConfig, data, "")
     validate(cfg)
     return cfg
@@ -348,13 +382,81 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        with open(p) as fh:
-            data = yaml.safe_load(fh) or {}
+        try:
+            data = _parse_yaml(_read_text(p)) or {}
+        except ConfigError as e:
+            raise ConfigError(f"config file {p}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must contain a mapping at the top level")
     return config_from_dict(data, overrides)
+
+
+def _read_text(p: Path) -> str:
+    """The text of config file p; ConfigError when it is not a readable UTF-8 file."""
+    if p.is_dir():
+        raise ConfigError("is a directory: give the path of a YAML file in it (e.g. configs/tiny_cpu.yaml)")
+    if not p.exists():
+        raise ConfigError("does not exist")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot be read: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"line {line}: byte 0x{raw[e.start]:02x} is not valid UTF-8: save the file "
+                          f"as UTF-8 text") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one)."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, "", set())
+        return self.construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, visited: set[int]) -> None:
+    """Raise ConfigError naming the dotted key and both lines of the first key given twice."""
+    if id(node) in visited:  # an alias: checked where its anchor is (and recursive aliases end)
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}  # scalar key -> the line it was first given on
+        for key_node, value_node in node.value:
+            scalar = isinstance(key_node, yaml.ScalarNode)
+            dotted = ".".join(filter(None, (path, key_node.value if scalar else "?")))
+            line = key_node.start_mark.line + 1
+            if scalar and key_node.value in lines:
+                raise ConfigError(f"key '{dotted}' is given twice (line {lines[key_node.value]} and line "
+                                  f"{line}): keep one (the second would silently replace the first)")
+            if scalar:
+                lines[key_node.value] = line
+            _refuse_duplicate_keys(value_node, dotted, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{i}]", visited)
+
+
+def _parse_yaml(text: str) -> Any:
+    """YAML text -> Python value; ConfigError with the line and column of a syntax error, or
+    naming a key given twice in one mapping."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        if e.problem_mark is None:
+            raise ConfigError(" ".join(str(e).split())) from None
+        where = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: {e.problem}"
+        if e.context and e.context_mark is not None:
+            where += f" ({e.context} that starts at line {e.context_mark.line + 1})"
+        raise ConfigError(where) from None
+    except yaml.reader.ReaderError as e:  # a control character: e.character is its code point
+        raise ConfigError(f"line {text.count(chr(10), 0, e.position) + 1}: unacceptable character "
+                          f"#x{e.character:04x}: {e.reason}") from None
 
 
 def _deepcopy(d: Any) -> Any:
@@ -472,3 +574,10 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.eval.every_steps}")
     need(not Path(cfg.deepspeed.config).suffix or Path(cfg.deepspeed.config).suffix == ".json",
          f"deepspeed.config must be a .json file, got {cfg.deepspeed.config}")
+
+    g = cfg.debug  # steps are 1-based: a step 0 would never fire and the test would pass vacuously
+    for k in ("hang_in_save_at_step", "nonfinite_weights_at_step"):
+        need(getattr(g, k) is None or getattr(g, k) >= 1, f"debug.{k} must be >= 1 (a 1-based step) or "
+                                                          f"empty, got {getattr(g, k)}")
+    need(all(s >= 1 for s in g.nan_loss_at_steps),
+         f"debug.nan_loss_at_steps must hold 1-based steps (>= 1), got {g.nan_loss_at_steps}")

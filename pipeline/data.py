@@ -19,19 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.indexed import IndexFormatError, read_index
+from data_prep.indexed import IndexFormatError, read_index, sha256_file
 from data_prep.manifest import (DataError, Manifest, ShardRecord, TokenizerIdentity, read_manifest,
                                 tokenizer_identity)
 
 __all__ = ["DataError", "Manifest", "PackedSampleReader", "TokenizerIdentity", "read_manifest", "tokenizer_identity"]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open_shard(root: Path, shard: ShardRecord, dtype: np.dtype, verify_checksums: bool) -> np.ndarray:
@@ -41,7 +33,7 @@ def _open_shard(root: Path, shard: ShardRecord, dtype: np.dtype, verify_checksum
             raise DataError(f"{path}: shard file missing")
         if path.stat().st_size != digest.bytes:
             raise DataError(f"{path}: {path.stat().st_size} bytes, the manifest says {digest.bytes} (truncated?)")
-        if verify_checksums and _sha256_file(path) != digest.sha256:
+        if verify_checksums and sha256_file(path) != digest.sha256:
             raise DataError(f"{path}: sha256 differs from the manifest (corrupt shard)")
     try:
         index = read_index(shard.idx_path(root))

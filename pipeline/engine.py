@@ -29,10 +29,12 @@ import torch.distributed as dist
 
 from pipeline import attention as attn
 from pipeline import checkpoint as ckpt
+from pipeline import run_dir
 from pipeline.config import ConfigError, Derived, RunConfig, derive, dump_yaml
 from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
 from pipeline.losses import ce_kd_sums
 from pipeline.metrics import MetricsLogger, peak_memory_mib
+from pipeline.run_dir import RunDirRefused, RunDirs
 from pipeline.universal import is_universal, universal_path
 from pipeline import models
 
@@ -147,23 +149,31 @@ class Trainer:
             cfg.data.dir, split="train", seq_len=cfg.data.seq_len, seed=cfg.seed, dp_rank=self.rank,
             dp_world_size=self.world, verify_checksums=cfg.data.verify_checksums,
             model_vocab_size=self.student_cfg.vocab_size)
+
+        # Decided before the engines are built: a refused resume costs no model loading, and a
+        # universal checkpoint needs load_universal in the student's DeepSpeed config.
+        self.notices: list[str] = []  # logged once the logger exists (skipped checkpoints, moves)
+        self.resume_from = None if for_eval else self.resume_path()
+        saved_state = ckpt.read_state(self.resume_from) if self.resume_from is not None else {}
+        self.teacher_files: dict = {}
+        teacher_ident = None
+        if cfg.uses_teacher and not for_eval:
+            teacher_ident, self.teacher_files = self._on_rank0(
+                lambda: models.teacher_identity(cfg.teacher.path, saved_state.get("teacher_files")))
         self.identity = {
-            "teacher": models.teacher_identity(cfg.teacher.path) if cfg.uses_teacher and not for_eval else None,
+            "teacher": teacher_ident,
             "tokenizer_sha256": self.manifest.tokenizer.files_sha256,
             "data_sha256": self.reader.state_dict()["data_sha256"],
             "student_shape": models.model_shape(self.student_cfg),
             "seq_len": cfg.data.seq_len,
         }
-
-        # Decided before the engines are built: a refused resume costs no model loading, and a
-        # universal checkpoint needs load_universal in the student's DeepSpeed config.
-        self.resume_from = None if for_eval else self.resume_path()
         self.resume_changes: list[str] = []
         if self.resume_from is not None:
-            self.resume_changes = self.check_resume_identity(self.resume_from)
-            self.check_resume_world(self.resume_from)
+            self.resume_changes = self.check_resume_identity(self.resume_from, saved_state)
+            self.check_resume_world(self.resume_from, saved_state)
             if is_universal(self.resume_from):
                 student_ds["checkpoint"] = {"load_universal": True}
+        self.run_id = None if for_eval else self._claim_run_dir()
 
         # ---- models --------------------------------------------------------------------------
         self.chan: attn.ShdChannel | None = None
@@ -189,6 +199,37 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.resolved_yaml = dump_yaml(cfg, self.derived)
         self.log: MetricsLogger | None = None
+
+    def _on_rank0(self, fn):
+        """fn() computed on rank 0 only and broadcast (an exception there is raised on every rank)."""
+        result: list = [None]
+        if self.rank == 0:
+            try:
+                result = [("ok", fn())]
+            except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
+                result = [("error", e)]
+        if self.world > 1:
+            dist.broadcast_object_list(result, src=0)
+        kind, value = result[0]
+        if kind == "error":
+            raise value
+        return value
+
+    def _claim_run_dir(self) -> str:
+        """This run's id; refuses a start that would mix two runs in one directory (run_dir.py)."""
+        cfg = self.cfg
+        dirs = RunDirs(output=Path(cfg.output_dir), checkpoints=cfg.checkpoint_dir, tensorboard=cfg.tb_dir)
+
+        def claim() -> tuple[str, list]:
+            try:
+                return run_dir.claim(dirs, self.resume_from, move_aside=cfg.checkpoint.move_aside,
+                                     restart=self.resume_from is None and cfg.checkpoint.resume == "auto")
+            except RunDirRefused as e:
+                raise ResumeRefused(str(e)) from None
+
+        run_id, moved = self._on_rank0(claim)
+        self.notices += [f"moved the previous run's {src} to {dst}" for src, dst in moved]
+        return run_id
 
     # ------------------------------------------------------------------------------------------
     # one step
@@ -253,6 +294,9 @@ class Trainer:
         self.stop_agreed = vec[-1].item() > 0
         self.step += 1
         self.consumed_tokens += self.derived.tokens_per_step
+        if cfg.debug.nonfinite_weights_at_step == self.step and self.rank == 0:
+            with torch.no_grad():
+                next(self.student.module.parameters()).ds_tensor.fill_(float("nan"))
         step_time = time.perf_counter() - t0
         gn = self.student.get_global_grad_norm()
         out = {k: vec[i].item() for i, k in enumerate(keys)}
@@ -311,6 +355,7 @@ class Trainer:
 
     def client_state(self) -> dict:
         return {
+            "run_id": self.run_id,
             "step": self.step,
             "consumed_samples": self.reader.state_dict()["consumed_samples"],
             "consumed_tokens": self.consumed_tokens,
@@ -318,19 +363,47 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "world_size": self.world,
             "identity": self.identity,
+            "teacher_files": self.teacher_files,
             "resolved_config": self.resolved_yaml,
         }
 
-    def save(self) -> Path:
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of student parameters with a NaN/inf element on any rank (collective)."""
+        names = [n for n, p in self.student.module.named_parameters()
+                 if not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())]
+        flags = torch.tensor([1.0 if names else 0.0], device=self.device)
+        if self._all_reduce(flags, op=dist.ReduceOp.MAX).item() == 0:
+            return []
+        return names or ["(on another rank)"]
+
+    def save(self) -> Path | None:
+        """Write and commit this step's checkpoint; None (nothing written) if the weights are not
+        finite, so the last good checkpoint stays the newest."""
         root = self.cfg.checkpoint_dir
         tag = ckpt.tag_for(self.step)
         path = root / tag
+        bad = self.nonfinite_parameters()
+        if bad:
+            self.log.info(f"refusing to save step {self.step}: non-finite student weights in "
+                          f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; the last good checkpoint "
+                          f"in {root} is kept. Lower optim.lr or check the data.")
+            return None
+        ours = ckpt.run_id_of(path) in (self.run_id, None)
+        if ckpt.is_complete(path) and ours and not ckpt.verify(path):
+            return path  # resumed at this very step: the checkpoint already holds this state
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # leftover of a save that was killed: start it clean
-                shutil.rmtree(path)
+            if ckpt.is_complete(path) and not ours:  # refused at start-up (run_dir.claim)
+                raise RuntimeError(f"{path} is a complete checkpoint of run {ckpt.run_id_of(path)}, "
+                                   f"not of this run ({self.run_id}): not overwriting it")
+            if ckpt.is_complete(path):  # ours but damaged (passed over at resume): kept for inspection
+                aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                path.rename(aside)
+                self.log.info(f"moved damaged checkpoint {path.name} to {aside.name}")
+            elif path.exists():
+                shutil.rmtree(path)  # leftover of this run's save that was killed: start it clean
         dist.barrier()
-        self.student.save_checkpoint(str(root), tag=tag, client_state=self.client_state(),
+        self.student.save_checkpoint(str(root), tag=tag, client_state={"run_id": self.run_id},
                                      save_latest=False)
         ckpt.save_rng(path, self.rank)
         if self.cfg.debug.hang_in_save_at_step == self.step:
@@ -341,61 +414,64 @@ class Trainer:
             state = {k: v for k, v in self.client_state().items() if k != "resolved_config"}
             (path / "student_config.json").write_text(self.student_cfg.to_json_string())
             ckpt.commit(root, path, state, self.resolved_yaml)
-            for p in ckpt.prune(root, self.cfg.checkpoint.keep_last):
-                self.log.info(f"removed old checkpoint {p.name}")
             self.log.info(f"saved checkpoint {path}")
+            for p in ckpt.prune(root, self.cfg.checkpoint.keep_last, self.run_id):
+                self.log.info(f"removed old checkpoint {p.name}")
         dist.barrier()
         return path
 
     def resume_path(self) -> Path | None:
         """The checkpoint to resume from (decided before the engines are built: a universal
-        checkpoint needs ``load_universal`` in the student's DeepSpeed config)."""
-        import json
-
+        checkpoint needs ``load_universal`` in the student's DeepSpeed config). Damaged
+        checkpoints are passed over by ``auto`` with a warning and refused when named."""
         r = self.cfg.checkpoint.resume
         if r == "none":
             return None
         if r == "auto":
-            p = ckpt.find_latest(self.cfg.checkpoint_dir)
+            root = self.cfg.checkpoint_dir
+            p = ckpt.find_latest(root, warn=lambda msg: self.notices.append("WARNING: " + msg))
             if p is None:
+                if ckpt.complete_checkpoints(root):
+                    raise ResumeRefused(f"no intact checkpoint in {root}: " + "; ".join(self.notices)
+                                        + ". Restore the named files, or start over in a new output_dir")
                 return None
-            saved_world = json.loads((p / "trainer_state.json").read_text()).get("world_size")
             u = universal_path(p)
-            if saved_world != self.world and ckpt.is_complete(u):
-                return u
+            if ckpt.read_state(p).get("world_size") != self.world and ckpt.is_complete(u):
+                p = u
         else:
             p = Path(r)
-        if not ckpt.is_complete(p):
-            raise ResumeRefused(f"checkpoint.resume={r}: {p} is not a complete checkpoint "
-                                f"(no {ckpt.COMPLETE} file)")
+        problems = ckpt.verify(p)
+        if problems:
+            raise ResumeRefused(f"checkpoint.resume={r}: cannot resume from {p}: " + "; ".join(problems))
         return p
 
-    def check_resume_world(self, p: Path) -> None:
-        import json
-
-        saved_world = json.loads((p / "trainer_state.json").read_text()).get("world_size")
+    def check_resume_world(self, p: Path, state: dict) -> None:
+        saved_world = state.get("world_size")
         if saved_world != self.world and not is_universal(p):
             raise ResumeRefused(f"{p} was saved by {saved_world} ranks and this run has {self.world}: "
                                 f"convert it first with `python -m pipeline.universal --checkpoint {p}` "
                                 f"(then --resume auto uses the converted copy)")
 
-    def check_resume_identity(self, path: Path) -> list[str]:
+    def check_resume_identity(self, path: Path, state: dict) -> list[str]:
         """Refuse a checkpoint made with another teacher, tokenizer, data or model shape."""
-        import json
-
-        state = json.loads((path / "trainer_state.json").read_text())
-        changes = ckpt.identity_changes(state["identity"], self.identity)
+        saved = dict(state["identity"])
+        teacher = saved.get("teacher")
+        if teacher and "content_sha256" not in teacher and self.identity["teacher"]:
+            # written before teacher content hashes: only the path can be compared
+            self.notices.append(f"WARNING: {path} predates teacher content hashes; the teacher's weights "
+                                f"could not be compared with the checkpoint's (only its path)")
+            saved["teacher"] = dict(self.identity["teacher"], path=teacher.get("path"))
+        changes = ckpt.identity_changes(saved, self.identity)
         if changes and not self.cfg.checkpoint.force_resume:
             raise ResumeRefused("refusing to resume from " + str(path) + ": it was made with a different\n  "
                                 + "\n  ".join(changes)
-                                + "\nstart a new run (checkpoint.dir / checkpoint.resume=none), or set "
+                                + "\nto keep this run, restore what changed; to start a new run, use a new "
+                                  "output_dir=... (or --move-aside to move this run's files aside); or set "
                                   "checkpoint.force_resume=true (--force-resume) to resume anyway")
         return changes
 
     def load(self, path: Path) -> None:
-        import json
-
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = ckpt.read_state(path)
         changes = self.resume_changes
         groups = self.student.optimizer.param_groups
         weight_decays = [g["weight_decay"] for g in groups]
@@ -444,6 +520,8 @@ class Trainer:
             console_every=cfg.logging.every_steps, progress=cfg.logging.progress_bar,
             total_steps=cfg.optim.max_steps, start_step=0)
         try:
+            for notice in self.notices:
+                self.log.info(notice)
             if resume is not None:
                 self.load(resume)
             self.log.info(self.describe())
@@ -482,17 +560,20 @@ class Trainer:
                 return NONFINITE_EXIT_CODE
             if self.stop_agreed:
                 self.log.info(f"stop requested (signal {self.stop.signum or 'on another rank'}): saving")
-                self.save()
+                if self.save() is None:
+                    return NONFINITE_EXIT_CODE
                 self.log.info(f"exiting with code {PREEMPTED_EXIT_CODE} (preempted, resumable)")
                 return PREEMPTED_EXIT_CODE
+            # Saved before evaluating: an evaluation that fails must not cost the step's checkpoint.
+            if every_ckpt and self.step % every_ckpt == 0 and self.step < cfg.optim.max_steps:
+                if self.save() is None:
+                    return NONFINITE_EXIT_CODE
             if every_eval and self.step % every_eval == 0 and self.step < cfg.optim.max_steps:
                 self.log.log_eval(self.step, self.evaluate())
-            if every_ckpt and self.step % every_ckpt == 0 and self.step < cfg.optim.max_steps:
-                self.save()
             if cfg.debug.sleep_per_step:
                 time.sleep(cfg.debug.sleep_per_step)
+        if cfg.checkpoint.save_at_end and self.save() is None:
+            return NONFINITE_EXIT_CODE
         if cfg.eval.at_end:
             self.log.log_eval(self.step, self.evaluate())
-        if cfg.checkpoint.save_at_end:
-            self.save()
         return 0

@@ -7,24 +7,70 @@
     python -m pipeline.evaluate --checkpoint runs/x/export --data data/tiny
 
 Prints ``perplexity <value>`` (and loss, tokens) on rank 0.
+
+The model's tokenizer must be the one the data was prepared with, else the perplexity measures
+nothing: the tokenizer files of an exported directory, its export marker's recorded identity, a
+checkpoint's ``identity.tokenizer_sha256`` and ``--tokenizer DIR`` are each compared with the data
+manifest's tokenizer, and a mismatch is refused (exit 2). A model that records no tokenizer at all
+(an arbitrary HF directory without tokenizer files) is refused unless ``--tokenizer DIR`` names
+its tokenizer, or ``--skip-tokenizer-check`` says the caller vouches for the ids.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
+from data_prep.manifest import TOKENIZER_FILES, DataError, read_manifest, tokenizer_files_sha256
+from pipeline.config import ConfigError
+from pipeline.faults import CONFIG_ERROR_EXIT_CODE
+
+#: (where a tokenizer identity comes from, its tokenizer files sha256)
+Claim = tuple[str, str]
+
+
+def model_tokenizer_claims(model_dir: Path) -> list[Claim]:
+    """What an exported/HF directory says its tokenizer is: its export marker, its tokenizer files."""
+    from pipeline.export import MARKER, read_marker
+
+    claims = []
+    marker = read_marker(model_dir)
+    if marker is not None and marker.get("tokenizer_sha256"):
+        claims.append((f"the export marker {model_dir / MARKER}", marker["tokenizer_sha256"]))
+    if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        claims.append((f"the tokenizer files in {model_dir}", tokenizer_files_sha256(model_dir)))
+    return claims
+
+
+def checkpoint_tokenizer_claims(path: Path, state: dict) -> list[Claim]:
+    """The tokenizer a training checkpoint was trained with (trainer_state identity)."""
+    sha = (state.get("identity") or {}).get("tokenizer_sha256")
+    return [(f"checkpoint {path} (trainer_state.json)", sha)] if sha else []
+
+
+def check_tokenizer(claims: list[Claim], model: Path, data_dir: str | Path) -> None:
+    """Refuse (DataError) data prepared with another tokenizer than every claim names, or a model
+    with no claim at all: its token ids could mean anything."""
+    if not claims:
+        raise DataError(f"{model} records no tokenizer (no tokenizer files, no export marker): pass "
+                        f"--tokenizer DIR with the tokenizer it was trained with, or --skip-tokenizer-check")
+    want = read_manifest(data_dir).tokenizer.files_sha256
+    for source, sha in claims:
+        if sha != want:
+            raise DataError(f"{source} (tokenizer sha256 {sha[:12]}) does not match the data in {data_dir} "
+                            f"(prepared with tokenizer sha256 {want[:12]}): pass --data prepared with the "
+                            f"model's tokenizer (python -m data_prep.shard --tokenizer ...)")
+
 
 def _hf_perplexity(model_dir: Path, data_dir: str, seq_len: int, split: str, mb: int,
                    max_batches: int | None, dump: str | None) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from pipeline.data import PackedSampleReader, read_manifest
+    from pipeline.data import PackedSampleReader
     from pipeline.engine import split_tokens
     from pipeline.losses import ce_kd_sums
 
@@ -47,25 +93,28 @@ def _hf_perplexity(model_dir: Path, data_dir: str, seq_len: int, split: str, mb:
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)), "eval/tokens": n}
 
 
-def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None) -> dict:
+def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None,
+                           tokenizer_claims: list[Claim] | None) -> dict:
+    """Perplexity of a resolved checkpoint; `tokenizer_claims` None: the tokenizer is not checked."""
     import torch.distributed as dist
+    import yaml
 
     from pipeline import checkpoint as ckpt
     from pipeline.config import config_from_dict
     from pipeline.engine import Trainer
-    import yaml
 
-    path = ckpt.resolve(path)
     saved = yaml.safe_load((path / "resolved_config.yaml").read_text())
     saved.pop("derived", None)
     # the student alone, CE only: the teacher need not exist where the evaluation runs
     cfg = config_from_dict(saved, ["stage=pretrain", "teacher.path=null", "distill.w_ce=1",
                                    "distill.w_kd=0", "distill.w_shd=0", *overrides])
+    state = ckpt.read_state(path)
+    if tokenizer_claims is not None:
+        check_tokenizer(checkpoint_tokenizer_claims(path, state) + tokenizer_claims, path, cfg.data.dir)
     t = Trainer(cfg, for_eval=True)
-    state = json.loads((path / "trainer_state.json").read_text())
     if state.get("world_size") != t.world:
-        raise SystemExit(f"error: {path} was saved by {state.get('world_size')} ranks; evaluate it with "
-                         f"that many processes, or export it first (python -m pipeline.export)")
+        raise ConfigError(f"{path} was saved by {state.get('world_size')} ranks; evaluate it with "
+                          f"that many processes, or export it first (python -m pipeline.export)")
     t.student.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True,
                               load_optimizer_states=False, load_lr_scheduler_states=False)
     out = t.evaluate()
@@ -86,39 +135,73 @@ def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None) -
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("--checkpoint", required=True, help="checkpoint (tag dir or root) or exported HF dir")
     ap.add_argument("--data", help="data dir (default: the one in the checkpoint's config)")
     ap.add_argument("--split", default=None, help="data split (default: eval.split of the config, or val)")
     ap.add_argument("--max-batches", type=int, default=None)
     ap.add_argument("--micro-batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None, help="HF dir only (default 128 or the model's max)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="the model's tokenizer dir, for a model dir without tokenizer files (also checked "
+                         "against the data)")
+    ap.add_argument("--skip-tokenizer-check", action="store_true",
+                    help="do not compare the model's tokenizer with the data's (you vouch for the token ids)")
     ap.add_argument("--dump-logits", default=None, help=argparse.SUPPRESS)  # tests: first batch's logits
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _evaluate(a: argparse.Namespace) -> dict | None:
+    """The metrics on rank 0 (None on other ranks)."""
+    from pipeline import checkpoint as ckpt
+
     path = Path(a.checkpoint)
+    user_claims = [] if a.tokenizer is None else [(f"--tokenizer {a.tokenizer}",
+                                                   tokenizer_files_sha256(Path(a.tokenizer)))]
+    if a.skip_tokenizer_check:
+        print("warning: --skip-tokenizer-check: the model's tokenizer is not compared with the data's",
+              file=sys.stderr)
     if (path / "config.json").is_file() and not (path / "trainer_state.json").is_file():
         if not a.data:
-            raise SystemExit("error: --data is required to evaluate an exported model directory")
-        out = _hf_perplexity(path, a.data, a.seq_len or 128, a.split or "val", a.micro_batch_size or 4,
-                             a.max_batches, a.dump_logits)
-        rank0 = True
-    else:
-        over = []
-        if a.data:
-            over.append(f"data.dir={a.data}")
-        if a.split:
-            over.append(f"eval.split={a.split}")
-        if a.max_batches is not None:
-            over.append(f"eval.max_batches={a.max_batches}")
-        if a.micro_batch_size:
-            over.append(f"eval.micro_batch_size={a.micro_batch_size}")
-        out = _checkpoint_perplexity(path, over, a.dump_logits)
-        import torch.distributed as dist
+            raise ConfigError("--data is required to evaluate an exported model directory")
+        if not a.skip_tokenizer_check:
+            check_tokenizer(model_tokenizer_claims(path) + user_claims, path, a.data)
+        return _hf_perplexity(path, a.data, a.seq_len or 128, a.split or "val", a.micro_batch_size or 4,
+                              a.max_batches, a.dump_logits)
+    out = _checkpoint_perplexity(ckpt.resolve(path), _checkpoint_overrides(a), a.dump_logits,
+                                 None if a.skip_tokenizer_check else user_claims)
+    import torch.distributed as dist
 
-        rank0 = dist.get_rank() == 0
-    if rank0:
+    return out if dist.get_rank() == 0 else None
+
+
+def _checkpoint_overrides(a: argparse.Namespace) -> list[str]:
+    """The command line as overrides of the checkpoint's run config."""
+    over = []
+    if a.data:
+        over.append(f"data.dir={a.data}")
+    if a.split:
+        over.append(f"eval.split={a.split}")
+    if a.max_batches is not None:
+        over.append(f"eval.max_batches={a.max_batches}")
+    if a.micro_batch_size:
+        over.append(f"eval.micro_batch_size={a.micro_batch_size}")
+    if a.skip_tokenizer_check:
+        over.append("data.tokenizer_dir=null")  # else training's preflight compares it with the data
+    return over
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parse_args(argv)
+    try:
+        out = _evaluate(a)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return CONFIG_ERROR_EXIT_CODE
+    if out is not None:
         print(f"perplexity {out['eval/perplexity']:.4f} | loss {out['eval/loss']:.4f} | "
               f"tokens {int(out['eval/tokens'])}", flush=True)
     return 0

@@ -16,11 +16,11 @@ import copy
 import hashlib
 import json
 import math
-import struct
 from pathlib import Path
 
 import torch
 
+from data_prep.indexed import sha256_file
 from pipeline.config import ConfigError, RunConfig
 
 # --------------------------------------------------------------------------------------------
@@ -217,27 +217,52 @@ def check_tokenizer(cfg: RunConfig, manifest) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Identity of the teacher (for resume checks), without reading the weights
+# Identity of the teacher (for resume checks): a content hash, re-read only when a file changes
 # --------------------------------------------------------------------------------------------
 
+#: The files of a Hugging Face model directory that determine the teacher's outputs.
+TEACHER_FILE_PATTERNS = ("config.json", "*.index.json", "*.safetensors", "*.bin", "*.pt", "*.pth")
 
-def teacher_identity(path: str | Path) -> dict:
-    """Path plus a hash of config.json and the weight index (or the safetensors headers)."""
+
+def teacher_identity(path: str | Path, known: dict | None = None) -> tuple[dict, dict]:
+    """(identity, file records) of a teacher directory.
+
+    identity = {"path", "content_sha256"}: a hash over the sha256 of every file that defines the
+    model, so weights replaced in place (same shapes) are seen. File records {name: {bytes,
+    mtime_ns, sha256}} are stored with each checkpoint; passing them back as ``known`` reuses a
+    file's hash while its size and modification time are unchanged, so a requeue does not re-read
+    a 100 GB teacher.
+    """
     p = Path(path)
-    h = hashlib.sha256()
-    h.update((p / "config.json").read_bytes())
-    index = sorted(p.glob("*.index.json"))
-    if index:
-        for f in index:
-            h.update(f.read_bytes())
-    else:
-        for f in sorted(p.glob("*.safetensors")):
-            with open(f, "rb") as fh:  # header = tensor names, shapes, dtypes, offsets
-                n = struct.unpack("<Q", fh.read(8))[0]
-                h.update(fh.read(n))
-        for f in sorted(p.glob("*.bin")):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return {"path": str(p.resolve()), "sha256": h.hexdigest()}
+    known = known or {}
+    records = {}
+    for f in sorted({f for pattern in TEACHER_FILE_PATTERNS for f in p.glob(pattern) if f.is_file()}):
+        st = f.stat()
+        old = known.get(f.name, {})
+        same = old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+        records[f.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                           "sha256": old["sha256"] if same and "sha256" in old else sha256_file(f)}
+    h = hashlib.sha256("".join(f"{n}:{r['sha256']}\n" for n, r in records.items()).encode())
+    return {"path": str(p.resolve()), "content_sha256": h.hexdigest()}, records
+
+
+def check_distillable_attention(name: str, hf_config, layers: set[int]) -> None:
+    """Refuse a model whose distilled ``layers`` have no attention SHD can read (LLaMA-style
+    q/k/v/o projections with a layer index).
+
+    Built on the meta device (no memory, no weights), so the check costs nothing at any size."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.attention import attention_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    missing = sorted(layers - set(attention_modules(model)))
+    if missing:
+        raise ConfigError(f"the {name} ({hf_config.model_type}, {type(model).__name__}) has no LLaMA-style "
+                          f"attention module (q_proj/k_proj/v_proj/o_proj with a layer_idx) in its layers "
+                          f"{missing}, which SHD reads: set distill.w_shd=0 (logit KD still works) or use a "
+                          f"LLaMA-family {name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,6 +352,23 @@ def build_teacher_engine(cfg: RunConfig, ds_config: dict, attn_impl: str, dtype:
     return engine
 
 
+def check_eval_split(cfg: RunConfig, model_vocab_size: int) -> None:
+    """When the run evaluates, its split must be readable now, not at the first evaluation."""
+    from pipeline.data import DataError, PackedSampleReader
+
+    e = cfg.eval
+    if not (e.every_steps > 0 or e.at_end):
+        return
+    try:
+        PackedSampleReader(cfg.data.dir, split=e.split, seq_len=cfg.data.seq_len, verify_checksums=False,
+                           model_vocab_size=model_vocab_size)
+    except DataError as err:
+        raise ConfigError(f"evaluation is on (eval.every_steps={e.every_steps}, eval.at_end={e.at_end}) but "
+                          f"eval.split={e.split!r} cannot be read: {err}. Re-shard with a val split "
+                          f"(python -m data_prep.shard ... --val-fraction 0.01), set eval.split to a split the "
+                          f"data has, or turn evaluation off (eval.every_steps=0 eval.at_end=false)") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Preflight: every check that needs no process group and no weights
 # --------------------------------------------------------------------------------------------
@@ -348,4 +390,8 @@ class Preflight:
         self.student_cfg = student_hf_config(cfg, self.vocab)
         check_compatibility(cfg, self.student_cfg, self.teacher_cfg, self.vocab)
         self.pairs = distill_pairs(cfg, self.student_cfg, self.teacher_cfg) if cfg.uses_shd else None
+        if self.pairs is not None:
+            check_distillable_attention("teacher", self.teacher_cfg, set(self.pairs.values()))
+            check_distillable_attention("student", self.student_cfg, set(self.pairs))
+        check_eval_split(cfg, self.student_cfg.vocab_size)
         build_ds_configs(cfg, 1)  # JSON problems surface here too

@@ -12,6 +12,10 @@ One process per GPU (or CPU rank), every process reads the same config:
 
 Overrides are ``key.sub=value`` (YAML values); ``--help-config`` lists every key.
 ``--resume auto`` (default) continues from the newest complete checkpoint in checkpoint.dir.
+``--check`` validates the config, the data manifest and the model configs (no weights, no
+process group), prints one line and exits: what a login node can check before a submission.
+Options are never abbreviated (``--resum none`` is an error, not ``--resume none``), and a flag
+given together with its config key (``--resume`` and ``checkpoint.resume=``) is refused.
 Exit codes: 0 done, 75 preempted after saving (requeue), 3 too many non-finite steps,
 2 refused at start-up (see pipeline/faults.py).
 """
@@ -20,21 +24,82 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE
 
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
 
-def parse_args(argv: list[str] | None = None):
-    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="YAML run config")
-    ap.add_argument("--resume", default=None, help="auto (default) | none | CHECKPOINT_DIR "
-                                                   "(same as checkpoint.resume=...)")
+#: Flags that set a config key: (option, its dest in the namespace, the key, the override it adds).
+_FLAG_KEYS = (
+    ("--resume", "resume", "checkpoint.resume", None),  # None: the flag's own value
+    ("--force-resume", "force_resume", "checkpoint.force_resume", "true"),
+    ("--move-aside", "move_aside", "checkpoint.move_aside", "true"),
+)
+
+
+class _Once(argparse.Action):
+    """Store an option's value, refusing the option given twice (argparse keeps the last one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} is given twice: give it once")
+        setattr(namespace, self.dest, values)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)  # `--resum none` must not become `--resume none`
+    ap.add_argument("--config", action=_Once, help="YAML run config")
+    ap.add_argument("--resume", action=_Once, default=None, help="auto (default) | none | CHECKPOINT_DIR "
+                                                                 "(same as checkpoint.resume=...)")
     ap.add_argument("--force-resume", action="store_true",
-                    help="resume even if teacher/tokenizer/data/model shape changed")
+                    help="resume even if teacher/tokenizer/data/model shape changed "
+                         "(same as checkpoint.force_resume=true)")
+    ap.add_argument("--move-aside", action="store_true",
+                    help="starting fresh where another run's directories are: rename them to "
+                         "<dir>.moved-<timestamp> first (same as checkpoint.move_aside=true)")
+    ap.add_argument("--check", action="store_true",
+                    help="check the config, data manifest and model configs (no weights, no process "
+                         "group), print one line and exit 0 (2 when refused)")
     ap.add_argument("--help-config", action="store_true", help="list all config keys and exit")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="key.sub=value")
     return ap.parse_intermixed_args(argv)
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The command line's overrides plus those its flags stand for; a flag given together with
+    the override of its own key is refused (which of the two was meant?)."""
+    from pipeline.config import ConfigError, parse_override
+
+    given = {parse_override(o)[0]: o for o in args.overrides}
+    overrides = list(args.overrides)
+    for option, dest, key, value in _FLAG_KEYS:
+        flag = getattr(args, dest)
+        if flag in (None, False):
+            continue
+        if key in given:
+            raise ConfigError(f"{option} and '{given[key]}' are both given: they set the same key "
+                              f"({key}); give one of them")
+        overrides.append(f"{key}={flag if value is None else value}")
+    return overrides
+
+
+def check(cfg: RunConfig, config_path: str | None) -> int:
+    """``--check``: the start-up checks that need no weights and no process group, one OK line."""
+    from pipeline.models import Preflight
+
+    pre = Preflight(cfg)
+    s = pre.student_cfg
+    teacher = (f"teacher {pre.teacher_cfg.num_hidden_layers} layers x {pre.teacher_cfg.num_attention_heads} heads"
+               if pre.teacher_cfg is not None else "no teacher")
+    print(f"config OK: {config_path or '(no file)'}: stage {cfg.stage}, student {s.num_hidden_layers} layers "
+          f"x {s.num_attention_heads} heads (vocab {s.vocab_size}), {teacher}, data {cfg.data.dir} "
+          f"({len(pre.manifest.shards)} shards), {cfg.optim.max_steps} steps, output_dir {cfg.output_dir}",
+          flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(help_text())
         return 0
-    overrides = list(args.overrides)
-    if args.resume is not None:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    if args.force_resume:
-        overrides.append("checkpoint.force_resume=true")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, flag_overrides(args))
+        if args.check:
+            return check(cfg, args.config)
         from pipeline.engine import Trainer
 
         trainer = Trainer(cfg)
@@ -72,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     try:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # not imported (a refused start): no group to close
+        if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
     finally:
         sys.exit(code)

@@ -42,14 +42,15 @@ def convert(checkpoint: str | Path, workers: int = 1) -> Path:
     for f in ("trainer_state.json", "resolved_config.yaml", "student_config.json"):
         shutil.copy2(path / f, tmp / f)
     (tmp / MARKER).write_text(path.name + "\n")
-    ckpt.atomic_write_text(tmp / ckpt.COMPLETE, "")
+    ckpt.write_complete(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.universal", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.universal", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("--checkpoint", required=True, help="checkpoint tag dir, or the checkpoint root (newest)")
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)

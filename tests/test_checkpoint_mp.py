@@ -69,7 +69,7 @@ def test_kill_and_resume_is_exact(ref_run, tmp_path, tiny_data, tiny_teacher):
     assert names == [tag_for(s) for s in (REF_STEPS - 4, REF_STEPS - 2, REF_STEPS)]
     assert not (ckpts / tag_for(hang)).exists() or (ckpts / tag_for(hang) / COMPLETE).exists()
     state = json.loads((ckpts / tag_for(REF_STEPS) / "trainer_state.json").read_text())
-    assert state["consumed_samples"] == REF_STEPS * 4 and state["identity"]["teacher"]["sha256"]
+    assert state["consumed_samples"] == REF_STEPS * 4 and state["identity"]["teacher"]["content_sha256"]
     assert (ckpts / tag_for(REF_STEPS) / "resolved_config.yaml").read_text().startswith("derived:")
     assert not any("teacher" in p.name for p in (ckpts / tag_for(REF_STEPS)).iterdir())
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -27,6 +28,8 @@ from transformers import AutoTokenizer
 from data_prep.corpora import stdlib_files
 from data_prep.indexed import ShardWriter, token_dtype
 from data_prep.manifest import DataError, load_manifest, read_manifest
+from data_prep import shard as shard_cli
+from data_prep import tokenizer as tokenizer_cli
 from data_prep.shard import SLEEP_AFTER_SHARD_ENV, ShardOptions, build_shards, split_of
 from data_prep.sources import InputReport, resolve_input
 from data_prep.tokenizer import TokenizerTrainOptions, train_tokenizer
@@ -200,6 +203,115 @@ def test_refuses_other_options_unless_overwrite(tmp_path: Path, tokenizer_dir: P
         build_shards(ShardOptions(**{**options, "out": tmp_path}))
 
 
+def _checksums(directory: Path) -> dict[str, str]:
+    """sha256 of every file directly in `directory`, by name."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _old_output(tmp_path: Path, tokenizer_dir: Path) -> tuple[Path, dict[str, str]]:
+    """A complete shard directory with several shards and a file of the user's, and its checksums."""
+    out = _shard(tmp_path, tokenizer_dir, DOCS[:15], name="old", val_fraction=0.2, shard_tokens=400)
+    (out / "NOTES.txt").write_text("the user's own file")
+    assert len(read_manifest(out).split_shards("train")) == 3
+    return out, _checksums(out)
+
+
+def _new_output(tmp_path: Path, tokenizer_dir: Path, out: Path) -> tuple[ShardOptions, dict[str, str]]:
+    """Options that replace `_old_output`'s shards in `out` (2 train and 1 val: train-00002 must go), and the
+    checksums `out` must then have: those of a fresh run elsewhere, plus the user's file."""
+    corpus = write_jsonl(tmp_path / "new.jsonl", DOCS[:20])
+    options = ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=out, val_fraction=0.2,
+                           shard_tokens=1000)
+    reference = tmp_path / "reference"
+    build_shards(replace(options, out=reference))
+    assert "train-00002.bin" not in _checksums(reference)
+    return options, {**_checksums(reference), "NOTES.txt": _checksums(out)["NOTES.txt"]}
+
+
+def _unusable_input(tmp_path: Path, kind: str) -> Path:
+    if kind == "parquet without the text column":
+        pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "bad.parquet")
+        return tmp_path / "bad.parquet"
+    if kind == "jsonl without the text field":
+        return write_jsonl(tmp_path / "bad.jsonl", ["a", "b"], text_field="body")
+    (tmp_path / "blank.txt").write_text("")
+    return tmp_path / "blank.txt"
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("parquet without the text column", "bad.parquet: no column 'text'.*--text-field"),
+    ("jsonl without the text field", "no documents in the inputs.*missing text field: 2"),
+    ("no documents", "no documents in the inputs"),
+])
+def test_overwrite_with_unusable_input_keeps_the_old_output(tmp_path: Path, tokenizer_dir: Path, kind: str,
+                                                            message: str) -> None:
+    out, before = _old_output(tmp_path, tokenizer_dir)
+    bad = _unusable_input(tmp_path, kind)
+    with pytest.raises(DataError, match=message):
+        build_shards(ShardOptions(inputs=(str(bad),), tokenizer=tokenizer_dir, out=out, overwrite=True))
+    assert _checksums(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)  # no staging left
+    assert read_manifest(out).complete
+    assert PackedSampleReader(out, split="train", seq_len=16).num_samples > 0  # sha256 of every shard checked
+
+
+class _Killed(BaseException):
+    """Raised in place of a rename or delete: the process dies there (nothing after it runs)."""
+
+
+def _dies_at(step: int, root: Path, options: ShardOptions, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run `build_shards(options)` but die at its rename or delete number `step` (from 0) under `root`;
+    False when the run finished before that step."""
+    real_replace, real_unlink, done = os.replace, os.unlink, [0]
+
+    def die_at_step(real, *paths: str) -> None:
+        if any(Path(p).is_relative_to(root) for p in paths):
+            done[0] += 1
+            if done[0] > step:
+                raise _Killed
+        real(*paths)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", lambda src, dst: die_at_step(real_replace, src, dst))
+        patch.setattr(os, "unlink", lambda path: die_at_step(real_unlink, path))
+        try:
+            build_shards(options)
+        except _Killed:
+            return True
+    return False
+
+
+def test_overwrite_killed_at_any_step_is_finished_by_the_same_command(tmp_path: Path, tokenizer_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Die at each rename/delete of an --overwrite run in turn: --out is always the complete old output or
+    marked incomplete (never a mix), and running the same command again gives exactly the new output. The
+    last round is an uninterrupted run: the new output replaces the old, the user's file stays, no staging."""
+    out, before = _old_output(tmp_path, tokenizer_dir)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    new, expected = _new_output(tmp_path, tokenizer_dir, out)
+    command = replace(new, overwrite=True)
+    step, seen_incomplete = 0, False
+    while True:
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+        if not _dies_at(step, out, command, monkeypatch):
+            break
+        complete = load_manifest(out, require_complete=False).complete
+        if complete:
+            current = _checksums(out)
+            assert {name: current[name] for name in before} == before, step
+        else:
+            seen_incomplete = True
+            with pytest.raises(DataError, match="has not finished.*run the same"):
+                read_manifest(out)
+        # An interrupted swap is finished with or without --overwrite; a kill before it needs --overwrite.
+        build_shards(new if not complete and step % 2 else command)
+        assert _checksums(out) == expected and sorted(p.name for p in out.iterdir()) == sorted(expected), step
+        step += 1
+    assert seen_incomplete and step >= 20, step  # 10 steps build the new output, 10 swap it in
+    assert _checksums(out) == expected and sorted(p.name for p in out.iterdir()) == sorted(expected)
+
+
 # --- inputs ------------------------------------------------------------------------------------------------
 
 def test_bad_records_are_counted_or_strict(tmp_path: Path, tokenizer_dir: Path) -> None:
@@ -267,3 +379,25 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, tokenizer_dir: Path, inpu
     assert last.startswith("error: ") and re.search(message, last), stderr
     if (tmp_path / "out" / "manifest.json").exists():
         assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
+
+
+@pytest.mark.parametrize("main, argv, flag", [
+    (shard_cli.main, ["--input", "x", "--tokenizer", "t", "--out", "o", "--overwr"], "--overwr"),
+    (shard_cli.main, ["--input", "x", "--tokenizer", "t", "--out", "o", "--work=2"], "--work=2"),
+    (tokenizer_cli.main, ["train", "--input", "x", "--out", "o", "--overwr"], "--overwr"),
+])
+def test_abbreviated_flags_are_refused(main, argv: list[str], flag: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"error: unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_tokenizer_overwrite_with_unusable_input_keeps_the_old_one(tmp_path: Path, tokenizer_dir: Path) -> None:
+    out = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, out)
+    before = _checksums(out)
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["a", "b"], text_field="body")
+    with pytest.raises(DataError, match="no text in the inputs.*--text-field.*missing text field: 2"):
+        train_tokenizer(TokenizerTrainOptions(inputs=(str(bad),), out=out, vocab_size=400, overwrite=True))
+    assert _checksums(out) == before

@@ -29,6 +29,13 @@ def test_export_round_trip_and_evaluate(ref_run, tmp_path, tiny_data):
                        cwd=REPO, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    # the export carries the training data's tokenizer, and says so in its marker
+    from data_prep.manifest import read_manifest, tokenizer_files_sha256
+    from pipeline.export import read_marker
+
+    data_tokenizer = read_manifest(tiny_data[1]).tokenizer.files_sha256
+    assert tokenizer_files_sha256(out) == data_tokenizer
+    assert read_marker(out)["tokenizer_sha256"] == data_tokenizer and read_marker(out)["step"] == 10
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

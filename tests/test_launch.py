@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.faults import PREEMPTED_EXIT_CODE
-from tests.conftest import (REF_STEPS, _free_port, read_metrics, ref_config, step_losses, wait_for,
-                            write_config)
+from tests.conftest import (REF_STEPS, _free_port, read_metrics, ref_config, step_losses, tiny_config,
+                            wait_for, write_config)
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
@@ -99,13 +99,15 @@ def _rank_commands(stdout: str) -> dict[int, tuple[int, dict, list[str]]]:
 # train.sbatch: dry run on a simulated allocation
 # ------------------------------------------------------------------------------------------------
 
-def test_sbatch_dry_run_two_nodes_eight_gpus(cluster, tmp_path):
+def test_sbatch_dry_run_two_nodes_eight_gpus(cluster, tmp_path, tiny_data, tiny_teacher):
     env, calls = cluster
-    cfg = tmp_path / "my run.yaml"  # a space: the commands must be quoted correctly
-    cfg.write_text("stage: distill\n")
+    # a space: the commands must be quoted correctly; a real config: the dry run checks it first
+    cfg = write_config(tmp_path / "my run.yaml", tiny_config(tmp_path / "run", tiny_data, tiny_teacher))
     overrides = ["optim.max_steps=2000", "output_dir=runs/distill a", "--force-resume"]
     res = _run(["bash", SBATCH, "--dry-run", cfg, *overrides], env)
     assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"config OK: {cfg}: stage distill")  # python -m pipeline.train --check
+    assert "2000 steps, output_dir runs/distill a" in res.stdout.splitlines()[0]
 
     port = 10000 + JOB_ID % 50000
     ranks = _rank_commands(res.stdout)
@@ -135,21 +137,34 @@ def test_sbatch_dry_run_two_nodes_eight_gpus(cluster, tmp_path):
     assert calls.read_text().splitlines() == ["scontrol show hostnames gpu-a[017-018]"]  # nothing else ran
 
 
-def test_sbatch_dry_run_overrides_and_gpu_sources(cluster, tmp_path):
-    env, _ = cluster
+def _launcher_args(calls: Path) -> dict[str, str]:
+    """{option: value} of the node_launch.sh command the stand-in srun was given."""
+    srun = shlex.split(next(line for line in calls.read_text().splitlines() if line.startswith("srun ")))
+    launcher = srun[srun.index("launch/slurm/node_launch.sh") + 1:srun.index("--")]
+    return dict(zip(launcher[::2], launcher[1::2]))
+
+
+def test_sbatch_overrides_and_gpu_sources(cluster, tmp_path):
+    """What the batch shell hands to srun (a real, not dry, start on the simulated allocation)."""
+    env, calls = cluster
     cfg = REPO / "configs" / "tiny_cpu.yaml"
+
+    def launcher(env_: dict) -> dict[str, str]:
+        calls.unlink(missing_ok=True)
+        res = _run(["bash", SBATCH, cfg], env_)
+        assert res.returncode == 0, res.stderr
+        return _launcher_args(calls)
+
     # MASTER_PORT/MASTER_ADDR overrides; GPU count from --gpus-per-node=h100:4 instead
     env2 = dict(env, MASTER_PORT="23456", MASTER_ADDR="gpu-a017-ib", SLURM_GPUS_PER_NODE="h100:4")
     del env2["SLURM_GPUS_ON_NODE"]
-    ranks = _rank_commands(_run(["bash", SBATCH, cfg], dict(env2, DRY_RUN="1")).stdout)
-    assert sorted(ranks) == list(range(8))
-    assert {(r[1]["MASTER_ADDR"], r[1]["MASTER_PORT"], r[1]["WORLD_SIZE"]) for r in ranks.values()} == {
-        ("gpu-a017-ib", "23456", "8")}
+    assert launcher(env2) == {"--nnodes": "2", "--nproc-per-node": "4", "--master-addr": "gpu-a017-ib",
+                              "--master-port": "23456"}
     # CUDA_VISIBLE_DEVICES as the last resort; NPROC_PER_NODE beats everything
-    env3 = dict(env, CUDA_VISIBLE_DEVICES="0,1", DRY_RUN="1")
+    env3 = dict(env, CUDA_VISIBLE_DEVICES="0,1")
     del env3["SLURM_GPUS_ON_NODE"]
-    assert len(_rank_commands(_run(["bash", SBATCH, cfg], env3).stdout)) == 4
-    assert len(_rank_commands(_run(["bash", SBATCH, cfg], dict(env3, NPROC_PER_NODE="3")).stdout)) == 6
+    assert launcher(env3)["--nproc-per-node"] == "2"
+    assert launcher(dict(env3, NPROC_PER_NODE="3"))["--nproc-per-node"] == "3"
     # nothing tells the GPU count: the error says what to set
     del env3["CUDA_VISIBLE_DEVICES"]
     res = _run(["bash", SBATCH, cfg], env3)
@@ -158,20 +173,57 @@ def test_sbatch_dry_run_overrides_and_gpu_sources(cluster, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["configs/tiny_cpu.yaml", "--resume", "none"], "always passes --resume auto"),
+    # every spelling that would reach pipeline.train's resume choice (--resum was expanded by argparse)
+    (["configs/tiny_cpu.yaml", "--resum", "none"], "'--resum': this script always passes --resume auto"),
+    (["configs/tiny_cpu.yaml", "--res=none"], "always passes --resume auto"),
+    (["configs/tiny_cpu.yaml", "--resume=none"], "always passes --resume auto"),
+    (["configs/tiny_cpu.yaml", "checkpoint.resume=none"], "always passes --resume auto"),
+    (["configs/tiny_cpu.yaml", " checkpoint.resume =none"], "always passes --resume auto"),
+    (["configs/tiny_cpu.yaml", "checkpoint={resume: none}"], "a whole checkpoint section"),
+    (["configs/tiny_cpu.yaml", "--move-aside"], "'--move-aside': moving another run's directories aside"),
+    (["configs/tiny_cpu.yaml", "--move"], "moving another run's directories aside is a one-time choice"),
+    (["configs/tiny_cpu.yaml", "checkpoint.move_aside=true"], "moving another run's directories aside"),
     (["configs/nope.yaml"], "config 'configs/nope.yaml' not found"),
     ([], "usage: sbatch launch/slurm/train.sbatch"),
 ])
-def test_sbatch_refuses_with_a_clear_message(cluster, args, message):
-    env, _ = cluster
-    res = _run(["bash", SBATCH, "--dry-run", *args], env)
+@pytest.mark.parametrize("dry", [True, False], ids=["dry", "real"])
+def test_sbatch_refuses_with_a_clear_message(cluster, args, message, dry):
+    env, calls = cluster
+    res = _run(["bash", SBATCH, *(["--dry-run"] if dry else []), *args], env)
     assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not calls.exists()  # refused before anything ran: no scontrol, no srun
 
 
-def test_sbatch_outside_slurm_says_so(cluster):
-    env, _ = cluster
+def test_sbatch_dry_run_checks_the_config_first(cluster):
+    env, calls = cluster
+    res = _run(["bash", SBATCH, "--dry-run", "configs/tiny_cpu.yaml", "optim.lr=.inf"], env)
+    assert res.returncode == 2, res.stderr
+    assert "error: config key 'optim.lr': inf is not a finite number" in res.stderr
+    assert "the config check above failed" in res.stderr and "nothing was started" in res.stderr
+    assert not calls.exists() and not _rank_commands(res.stdout)
+
+
+def test_sbatch_dry_run_outside_slurm_simulates_one_node(cluster, tmp_path, tiny_data, tiny_teacher):
+    """On a login node the dry run checks the config, then shows one node of the script's
+    allocation (#SBATCH --gpus-per-node=8, --cpus-per-task=64); a real start is still refused."""
+    env, calls = cluster
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
-    res = _run(["bash", SBATCH, "--dry-run", "configs/tiny_cpu.yaml"], env)
-    assert res.returncode == 2 and "not inside a Slurm job" in res.stderr
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", tiny_data, tiny_teacher))
+    res = _run(["bash", SBATCH, "--dry-run", cfg], env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"config OK: {cfg}")
+    assert lines[1].startswith("# dry run outside Slurm: simulating a one-node allocation")
+    ranks = _rank_commands(res.stdout)
+    assert sorted(ranks) == list(range(8)) and {r[0] for r in ranks.values()} == {0}
+    assert {(r[1]["WORLD_SIZE"], r[1]["OMP_NUM_THREADS"], r[1]["MASTER_PORT"]) for r in ranks.values()} == {
+        ("8", "8", "10000")}
+    assert not calls.exists()  # no scontrol on a login node
+
+    res = _run(["bash", SBATCH, "--dry-run", cfg, "optim.max_steps=0"], env)  # the check still comes first
+    assert res.returncode == 2 and "optim.max_steps must be >= 1" in res.stderr and "simulating" not in res.stdout
+    res = _run(["bash", SBATCH, cfg], env)
+    assert res.returncode == 2 and "not inside a Slurm job" in res.stderr and "--dry-run" in res.stderr
 
 
 # ------------------------------------------------------------------------------------------------
