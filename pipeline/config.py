@@ -55,7 +55,15 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
 class TeacherConfig:
     path: Optional[str] = _f(None, "Hugging Face LLaMA-family model directory of the frozen teacher "
                                    "(required for stage 'distill', must be empty for stage 'pretrain').")
-    offload_params: bool = _f(False, "Keep the teacher's ZeRO-3 parameter partitions in CPU memory.")
+    placement: Literal["partitioned", "replicated", "node"] = _f(
+        "partitioned", "Where the frozen teacher's weights live. partitioned = ZeRO-3 over all ranks (fits "
+                       "any size; every micro-batch all-gathers the whole teacher, across nodes too); "
+                       "replicated = the whole teacher on every rank (no gathers: fastest when it fits one "
+                       "GPU); node = ZeRO-3 within each node only (ZeRO++ hpZ: a copy of the teacher per node, "
+                       "gathers never cross the network; on one node it is 'partitioned', with one rank per "
+                       "node 'replicated'). docs/teacher-placement.md compares them.")
+    offload_params: bool = _f(False, "Keep the teacher's ZeRO-3 parameter partitions in CPU memory "
+                                     "(placement 'partitioned' only).")
 
 
 @dataclass(kw_only=True)
@@ -520,6 +528,10 @@ def validate(cfg: RunConfig) -> None:
     else:
         need(not cfg.teacher.path, "teacher.path is set but stage is 'pretrain' (CE only): remove "
                                    "teacher.path or set stage=distill")
+    need(not (cfg.teacher.offload_params and cfg.teacher.placement != "partitioned"),
+         f"teacher.offload_params=true needs teacher.placement=partitioned (got {cfg.teacher.placement!r}): "
+         f"a replicated or per-node teacher is kept on the GPU to avoid gathers; offloading it would move "
+         f"it over PCIe every step instead")
     need(bool(cfg.data.dir), "data.dir is required (the directory written by data_prep)")
     need(cfg.data.seq_len >= 2, f"data.seq_len must be >= 2, got {cfg.data.seq_len}")
     need(cfg.data.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {cfg.data.micro_batch_size}")

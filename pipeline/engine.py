@@ -43,6 +43,11 @@ class ResumeRefused(ConfigError):
     pass
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside a DeepSpeed engine (the model itself when it has no engine)."""
+    return getattr(model, "module", model)
+
+
 def init_distributed() -> tuple[int, int]:
     """Start torch.distributed (NCCL on GPU, gloo on CPU) from the launcher's environment."""
     import deepspeed
@@ -142,7 +147,9 @@ class Trainer:
         pre = models.Preflight(cfg)
         self.manifest, self.vocab, self.pad_id = pre.manifest, pre.vocab, pre.pad_id
         self.teacher_cfg, self.student_cfg = pre.teacher_cfg, pre.student_cfg
-        student_ds, teacher_ds = models.build_ds_configs(cfg, self.world)
+        self.placement = models.resolve_placement(cfg, self.world,
+                                                  int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
+        student_ds, teacher_ds = models.build_ds_configs(cfg, self.world, self.placement)
         self.dtype = models.resolve_dtype(cfg)
         # ---- data ----------------------------------------------------------------------------
         self.reader = PackedSampleReader(
@@ -186,11 +193,11 @@ class Trainer:
         self.student, self.scheduler = models.build_student_engine(cfg, student, student_ds)
         self.teacher = None
         if cfg.uses_teacher and not for_eval:
-            self.teacher = models.build_teacher_engine(
-                cfg, teacher_ds, attn.TEACHER_ATTN if self.chan else "sdpa", self.dtype)
+            self.teacher = models.build_teacher(cfg, self.placement, teacher_ds,
+                                                attn.TEACHER_ATTN if self.chan else "sdpa", self.dtype, self.device)
         if self.chan is not None:
             attn.attach_student(self.student.module, self.chan)
-            attn.attach_teacher(self.teacher.module, self.chan)  # after initialize: see attention.py
+            attn.attach_teacher(_unwrapped(self.teacher), self.chan)  # after initialize: see attention.py
 
         # ---- state ---------------------------------------------------------------------------
         self.step = 0
@@ -537,8 +544,21 @@ class Trainer:
                  f" | global batch {d.global_batch_size} samples = {d.tokens_per_step} tokens/step"
                  f" | {self.cfg.optim.max_steps} steps = {d.total_tokens} tokens"]
         if self.teacher is not None:
-            n_t = sum(getattr(p, "ds_numel", p.numel()) for p in self.teacher.module.parameters())
-            lines.append(f"teacher {self.cfg.teacher.path} ({n_t / 1e6:.2f}M params, frozen, ZeRO-3)")
+            params = list(_unwrapped(self.teacher).parameters())
+            n_t = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            t_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+            pl, gas = self.placement, self.cfg.optim.grad_accum_steps
+            gathered, across = (b * gas for b in pl.gathered_bytes_per_forward(t_bytes))
+            offload = ", offloaded to CPU" if self.cfg.teacher.offload_params else ""
+            lines.append(f"teacher {self.cfg.teacher.path} ({n_t / 1e6:.2f}M params, frozen) | placement "
+                         f"{pl.kind} ({pl.world} ranks, {pl.ranks_per_node} per node{offload}) | "
+                         f"{pl.param_bytes_per_rank(t_bytes) / 2**20:.1f} MiB of teacher parameters per rank | "
+                         f"gathered per step per rank {gathered / 2**20:.1f} MiB, {across / 2**20:.1f} MiB of it "
+                         f"across nodes (computed)")
+            if pl.kind == "node":
+                secondary = sum(getattr(p, "ds_secondary_tensor", None) is not None for p in params)
+                lines.append(f"teacher hpZ: {secondary} of {len(params)} parameters have a per-node secondary "
+                             f"partition (their gathers stay within the node)")
         if self.chan is not None:
             lines.append(f"SHD plan={self.chan.plan} objective={self.chan.objective} "
                          f"layers (student->teacher) {self.chan.pairs}")

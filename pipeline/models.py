@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +41,57 @@ def resolve_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" else torch.float32
 
 
+@dataclass(frozen=True)
+class TeacherPlacement:
+    """Where the frozen teacher's weights live, resolved for this launch, and what a forward moves.
+
+    ``kind`` is ``partitioned`` (ZeRO-3 over all ``world`` ranks), ``replicated`` (whole on every
+    rank) or ``node`` (ZeRO-3 within each node of ``ranks_per_node`` ranks, through ZeRO++ hpZ's
+    secondary partition, so the all-gathers of every forward stay inside the node).
+    """
+
+    kind: str
+    world: int
+    ranks_per_node: int
+
+    @property
+    def hpz_partition_size(self) -> int:
+        return self.ranks_per_node if self.kind == "node" else 1
+
+    def param_bytes_per_rank(self, teacher_bytes: int) -> float:
+        """Teacher parameter bytes resident on one rank (the GPU's share; offload moves it to CPU)."""
+        if self.kind == "replicated":
+            return float(teacher_bytes)
+        secondary = teacher_bytes / self.ranks_per_node if self.kind == "node" else 0.0
+        return teacher_bytes / self.world + secondary
+
+    def gathered_bytes_per_forward(self, teacher_bytes: int) -> tuple[float, float]:
+        """(bytes one rank receives per teacher forward, of which across nodes), ZeRO-3's
+        small persistent parameters ignored."""
+        if self.kind == "replicated":
+            return 0.0, 0.0
+        if self.kind == "node":
+            return teacher_bytes * (self.ranks_per_node - 1) / self.ranks_per_node, 0.0
+        return (teacher_bytes * (self.world - 1) / self.world,
+                teacher_bytes * (self.world - self.ranks_per_node) / self.world)
+
+
+def resolve_placement(cfg: RunConfig, world: int, ranks_per_node: int) -> TeacherPlacement:
+    """``teacher.placement`` for this launch: ``node`` with one rank per node is ``replicated``, on
+    a single node it is ``partitioned`` (the same thing, without hpZ's second copy)."""
+    kind = cfg.teacher.placement
+    if kind == "node":
+        if world % ranks_per_node:
+            raise ConfigError(f"teacher.placement=node: {world} ranks are not a whole number of nodes of "
+                              f"{ranks_per_node} ranks (LOCAL_WORLD_SIZE): launch the same number of "
+                              f"processes on every node, or use teacher.placement=partitioned")
+        if ranks_per_node == 1:
+            kind = "replicated"
+        elif ranks_per_node >= world:
+            kind = "partitioned"
+    return TeacherPlacement(kind=kind, world=world, ranks_per_node=min(ranks_per_node, world))
+
+
 def load_ds_json(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -50,8 +102,10 @@ def load_ds_json(path: str | Path) -> dict:
         raise ConfigError(f"deepspeed.config: {p} is not valid JSON: {e}") from None
 
 
-def build_ds_configs(cfg: RunConfig, world_size: int) -> tuple[dict, dict]:
-    """(student_ds_config, teacher_ds_config) filled from the run config.
+def build_ds_configs(cfg: RunConfig, world_size: int,
+                     placement: TeacherPlacement | None = None) -> tuple[dict, dict]:
+    """(student_ds_config, teacher_ds_config) filled from the run config; the teacher's is for a
+    ZeRO-3 placement (partitioned, or node with hpZ), unused when the teacher is replicated.
 
     A value in the JSON that contradicts the run config is refused rather than silently
     overridden (one source of truth per setting)."""
@@ -89,6 +143,8 @@ def build_ds_configs(cfg: RunConfig, world_size: int) -> tuple[dict, dict]:
     teacher_zero.pop("stage3_gather_16bit_weights_on_model_save", None)
     if cfg.teacher.offload_params:
         teacher_zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if placement is not None and placement.hpz_partition_size > 1:
+        teacher_zero["zero_hpz_partition_size"] = placement.hpz_partition_size
     teacher = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -328,6 +384,22 @@ def build_student_engine(cfg: RunConfig, model, ds_config: dict):
         model=model, optimizer=opt, config=ds_config,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, fn))
     return engine, sched
+
+
+def build_teacher(cfg: RunConfig, placement: TeacherPlacement, ds_config: dict, attn_impl: str,
+                  dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The frozen teacher where ``placement`` says: a plain module on this rank's device
+    (replicated), or a ZeRO-3 engine with no optimizer (partitioned, node)."""
+    if placement.kind != "replicated":
+        return build_teacher_engine(cfg, ds_config, attn_impl, dtype)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.teacher.path, dtype=dtype, attn_implementation=attn_impl,
+                                                 device_map={"": str(device)})
+    model.config.use_cache = False
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def build_teacher_engine(cfg: RunConfig, ds_config: dict, attn_impl: str, dtype: torch.dtype):

@@ -104,14 +104,17 @@ def _env() -> dict:
     return env
 
 
-def launch_ranks(n: int, args: list[str], log_dir: Path, *, module: str = "pipeline.train") -> list[subprocess.Popen]:
-    """Start n ranks of ``python -m module args`` (as srun would: one process per rank)."""
+def launch_ranks(n: int, args: list[str], log_dir: Path, *, module: str = "pipeline.train",
+                 ranks_per_node: int | None = None) -> list[subprocess.Popen]:
+    """Start n ranks of ``python -m module args`` (as srun would: one process per rank);
+    ``ranks_per_node`` < n simulates several nodes (LOCAL_RANK / LOCAL_WORLD_SIZE per node)."""
     port = _free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
+    per_node = ranks_per_node or n
     procs = []
     for r in range(n):
         env = _env()
-        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+        env.update(RANK=str(r), LOCAL_RANK=str(r % per_node), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(per_node),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         out = open(log_dir / f"rank{r}.log", "ab")
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
@@ -137,11 +140,13 @@ def logs(log_dir: Path) -> str:
                      for p in sorted(log_dir.glob("rank*.log")))
 
 
-def run_ranks(n: int, cfg: dict, work: Path, *extra: str, expect: int = 0, timeout: float = 300) -> list[dict]:
+def run_ranks(n: int, cfg: dict, work: Path, *extra: str, expect: int = 0, timeout: float = 300,
+              ranks_per_node: int | None = None) -> list[dict]:
     """Write cfg, run n ranks to completion, check exit codes, return metrics.jsonl records."""
     cfg_path = write_config(work / "config.yaml", cfg)
     log_dir = work / "logs"
-    codes = wait_ranks(launch_ranks(n, ["--config", str(cfg_path), *extra], log_dir), log_dir, timeout)
+    procs = launch_ranks(n, ["--config", str(cfg_path), *extra], log_dir, ranks_per_node=ranks_per_node)
+    codes = wait_ranks(procs, log_dir, timeout)
     assert codes == [expect] * n, f"exit codes {codes}, expected {expect}\n" + logs(log_dir)
     return read_metrics(Path(cfg["output_dir"]))
 
