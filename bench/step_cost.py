@@ -13,10 +13,11 @@ hardly moves when other jobs share the machine, unlike the wall time.
 
 Variants:
 - ``kd``: 0.5 CE + 0.5 tau^2 KL (tau 2), the engine's ``DistillObjective`` (chunked CE/KD).
-- ``shd``: the same + SHD (pairwise, objective output) exactly as the engine computes it: the
+- ``shd``: the same + SHD (plan pairwise, objective output) exactly as the engine computes it: the
   engine's ``shd_teacher``/``shd_student`` attention functions and ``ShdChannel`` (mixing weights
   from q, k, v and W_O in the teacher's o_proj pre-hook; streaming ``shd_loss`` inside the
   student's attention, computed once per step under checkpointing, no T x T map kept).
+- ``select``: the same with plan ``select`` (the engine's default: one teacher head per student head).
 - ``dense``: the same CE/KD + attention distillation the way other projects do it: teacher and
   student run *eager* attention with ``output_attentions=True``, the teacher's [B, M, T, T] maps
   are merged with the same pairwise weights (computed from those maps and the values), and the
@@ -50,8 +51,12 @@ PAIRS = {
     # a mid-size pair, 16 -> 4 heads (~30M teacher, ~8M student with vocabulary 8000)
     "mid": dict(vocab=8000, teacher=dict(layers=8, hidden=512, heads=16, kv=4, ffn=1408),
                 student=dict(layers=4, hidden=256, heads=4, kv=4, ffn=704)),
+    # LLaMA-7B/8B attention shape (32 heads, 8 kv heads, head dim 64 x 2 = 128 in the real model;
+    # 64 here) on a narrow residual stream so that long sequences fit a CPU; 8-head student
+    "wide": dict(vocab=8000, teacher=dict(layers=2, hidden=256, heads=32, kv=8, head_dim=64, ffn=512),
+                 student=dict(layers=2, hidden=256, heads=8, kv=8, head_dim=32, ffn=512)),
 }
-VARIANTS = ("kd", "shd", "dense")
+VARIANTS = ("kd", "shd", "select", "dense")
 
 
 def _rss_mib() -> float:
@@ -74,7 +79,8 @@ def _llama(spec: dict, vocab: int, max_pos: int, attn: str, seed: int):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
                       num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                      num_key_value_heads=spec["kv"], max_position_embeddings=max_pos, use_cache=False)
+                      num_key_value_heads=spec["kv"], head_dim=spec.get("head_dim"),
+                      max_position_embeddings=max_pos, use_cache=False)
     cfg._attn_implementation = attn
     return LlamaForCausalLM(cfg).float()
 
@@ -92,8 +98,10 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
 
     p = PAIRS[pair]
     ts, ss, vocab = p["teacher"], p["student"], p["vocab"]
-    t_attn, s_attn = {"kd": ("sdpa", "sdpa"), "shd": (attn.TEACHER_ATTN, attn.STUDENT_ATTN),
-                      "dense": ("eager", "eager")}[variant]
+    plan = "select" if variant == "select" else "pairwise"
+    captured = variant in ("shd", "select")
+    t_attn, s_attn = {"kd": ("sdpa", "sdpa"), "dense": ("eager", "eager")}.get(
+        variant, (attn.TEACHER_ATTN, attn.STUDENT_ATTN))
     teacher = _llama(ts, vocab, seq_len, t_attn, 0).eval().requires_grad_(False)
     student = _llama(ss, vocab, seq_len, s_attn, 1).train()
     # the engine's activation checkpointing (pipeline/models.py): per layer, non-reentrant
@@ -103,12 +111,12 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         "stage": "distill", "teacher": {"path": "unused"}, "data": {"dir": "unused", "seq_len": seq_len},
         "student": {"num_layers": ss["layers"], "num_heads": ss["heads"], "hidden_size": ss["hidden"]},
         "distill": {"w_ce": 0.5, "w_kd": 0.5, "tau_kd": 2.0, "w_shd": 0.0 if variant == "kd" else 1.0,
-                    "plan": "pairwise", "objective": "output", "kd_chunk_size": 512, "shd_block_size": 128},
+                    "plan": plan, "objective": "output", "kd_chunk_size": 512, "shd_block_size": 128},
     }, [])
     pairs = dict(enumerate(layer_map(ss["layers"], ts["layers"])))
     chan = None
-    if variant == "shd":
-        chan = attn.ShdChannel(pairs=pairs, num_student_heads=ss["heads"], plan="pairwise", objective="output",
+    if captured:
+        chan = attn.ShdChannel(pairs=pairs, num_student_heads=ss["heads"], plan=plan, objective="output",
                                tau=1.0, block_size=128)
         attn.attach_teacher(teacher, chan)
         attn.attach_student(student, chan)

@@ -3,15 +3,20 @@
 Two attention functions are registered (selected per model with ``attn_implementation``):
 
 - ``shd_teacher``: stock SDPA attention; for distilled teacher layers it also keeps the layer's
-  queries and keys (after RoPE, before GQA repetition) and values. The mixing weights need the
-  layer's output projection W_O, which ZeRO-3 partitions; so they are computed in a forward
-  pre-hook of that layer's ``o_proj``, registered *after* ``deepspeed.initialize`` so that it
-  runs after ZeRO-3's own pre-hook has gathered ``o_proj.weight``; o_proj's input, the layer's
-  attention output per head, is reused there (``head_outputs``). The values are dropped there;
-  what is kept per distilled teacher layer is q, k ([B, M(_kv), T, d]) and W [B, N, M].
+  queries and keys (after RoPE, before GQA repetition), values, and how the layer turns them
+  into a map (``map_spec``: its own ``scaling`` and ``sliding_window``, from the kwargs the module
+  passes to every attention function), so that the maps SHD distils are the model's own. The
+  mixing weights need the layer's output projection W_O, which ZeRO-3 partitions; so they are
+  computed in a forward pre-hook of that layer's ``o_proj``, registered *after*
+  ``deepspeed.initialize`` so that it runs after ZeRO-3's own pre-hook has gathered
+  ``o_proj.weight``; o_proj's input, the layer's attention output per head, is reused there
+  (``head_outputs``). The values are dropped there; what is kept per distilled teacher layer is
+  q, k ([B, M(_kv), T, d]), W [B, N, M] and the spec.
 - ``shd_student``: stock SDPA attention, plus ``pipeline.shd.shd_loss`` for its layer computed
-  right there, inside the layer's forward. The loss is streaming (no T x T map is kept), and with
-  per-layer activation checkpointing nothing of the layer outlives it except the scalar.
+  right there, inside the layer's forward, each side scored with its own module's spec. The loss
+  is streaming (no T x T map is kept), and with per-layer activation checkpointing nothing of the
+  layer outlives it except the scalar. Which families these functions serve correctly is
+  ``pipeline.architectures``' table.
 
 The losses of a forward pass are computed and recorded while ``ShdChannel.recording`` is true.
 The engine clears that flag before ``backward``: non-reentrant activation checkpointing runs each
@@ -29,6 +34,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+from pipeline.shd import MapSpec
 
 TEACHER_ATTN = "shd_teacher"
 STUDENT_ATTN = "shd_student"
@@ -51,8 +58,8 @@ class ShdChannel:
     attention_mask: torch.Tensor | None = None  # [B, T], 1 = real token; None = no padding
     active: bool = False
     recording: bool = False
-    pending: dict[int, tuple] = field(default_factory=dict)  # teacher layer -> (q, k, v)
-    captures: dict[int, tuple] = field(default_factory=dict)  # teacher layer -> (q, k, W)
+    pending: dict[int, tuple] = field(default_factory=dict)  # teacher layer -> (q, k, v, MapSpec)
+    captures: dict[int, tuple] = field(default_factory=dict)  # teacher layer -> (q, k, W, MapSpec)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> SHD loss
     weight_stats: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [2]
 
@@ -81,10 +88,33 @@ class ShdChannel:
         self.losses.clear()
 
 
+# Attention-function kwargs that change the map beyond scale and window: SHD cannot reproduce them
+# (Gemma 2's logit soft-capping, gpt-oss's attention sinks). pipeline.architectures refuses such
+# teachers from their config; this is the last line, for a module that passes one anyway.
+_UNREPRODUCIBLE = ("softcap", "s_aux", "sinks")
+
+
+def map_spec(module: torch.nn.Module, kwargs: dict) -> MapSpec:
+    """The layer's own score scale and sliding window, as it passes them to the attention function.
+
+    Refuses anything else that would change the map (soft-capping, sinks), naming the layer: SHD
+    must not compute targets from a map the model does not use. (Attention dropout is not among
+    them: the frozen teacher runs in eval mode, and the student's loss is on its scores.)
+    """
+    bad = [k for k in _UNREPRODUCIBLE if kwargs.get(k) is not None]
+    if bad:
+        raise RuntimeError(f"{type(module).__name__} layer {module.layer_idx} passes {', '.join(bad)} to its "
+                           "attention function, which SHD's maps do not reproduce: set distill.w_shd=0 or use a "
+                           "teacher listed in pipeline/architectures.py")
+    scale = kwargs.get("scaling", getattr(module, "scaling", None))
+    return MapSpec(scale=None if scale is None else float(scale), window=kwargs.get("sliding_window"))
+
+
 def teacher_attention(module, query, key, value, attention_mask, **kwargs):
     chan: ShdChannel | None = getattr(module, "shd_channel", None)
     if chan is not None and chan.active and module.layer_idx in chan.teacher_layers:
-        chan.pending[module.layer_idx] = (query.detach(), key.detach(), value.detach())
+        spec = map_spec(module, kwargs)
+        chan.pending[module.layer_idx] = (query.detach(), key.detach(), value.detach(), spec)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -94,10 +124,11 @@ def student_attention(module, query, key, value, attention_mask, **kwargs):
     if chan is not None and chan.active and chan.recording and module.layer_idx in chan.pairs:
         from pipeline.shd import shd_loss
 
-        tq, tk, w = chan.captures[chan.pairs[module.layer_idx]]
+        tq, tk, w, teacher_spec = chan.captures[chan.pairs[module.layer_idx]]
         chan.losses[module.layer_idx] = shd_loss(query, key, tq, tk, w, tau=chan.tau,
                                                  attention_mask=chan.attention_mask, block_size=chan.block_size,
-                                                 merge=chan.merge, sharpen=chan.sharpen)
+                                                 merge=chan.merge, sharpen=chan.sharpen, teacher_spec=teacher_spec,
+                                                 student_spec=map_spec(module, kwargs))
     return out
 
 
@@ -107,7 +138,7 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
             return None
         from pipeline.shd import squeeze_weights
 
-        q, k, v = chan.pending.pop(layer)
+        q, k, v, spec = chan.pending.pop(layer)
         weight = o_proj.weight
         full = getattr(weight, "ds_shape", weight.shape)
         if tuple(weight.shape) != tuple(full):  # would mean ZeRO-3 did not gather it before us
@@ -119,11 +150,11 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
         with torch.no_grad():
             w = squeeze_weights(q, k, v, weight, chan.num_student_heads, plan=chan.plan,
                                 objective=chan.objective, attention_mask=chan.attention_mask,
-                                selection=chan.selection, head_outputs=head_outputs)
+                                selection=chan.selection, head_outputs=head_outputs, spec=spec)
             # statistics for logging: mean over (batch, student head) of the max weight and entropy
             ent = -(w.clamp_min(1e-12).log() * w).sum(-1)
             chan.weight_stats[layer] = torch.stack([w.max(-1).values.mean(), ent.mean()]).detach()
-        chan.captures[layer] = (q, k, w)
+        chan.captures[layer] = (q, k, w, spec)
         return None
 
     return hook

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline import architectures
 from pipeline import attention as attn
 from pipeline import checkpoint as ckpt
 from pipeline import run_dir
@@ -189,12 +190,14 @@ class Trainer:
             self.chan = attn.ShdChannel.from_config(d, pre.pairs, self.student_cfg.num_attention_heads)
         self.objective = DistillObjective(cfg, self.vocab, self.chan)
         student = models.build_student_module(
-            cfg, self.student_cfg, attn.STUDENT_ATTN if self.chan else "sdpa")
+            cfg, self.student_cfg,
+            attn.STUDENT_ATTN if self.chan else architectures.plain_attn_implementation(self.student_cfg))
         self.student, self.scheduler = models.build_student_engine(cfg, student, student_ds)
         self.teacher = None
         if cfg.uses_teacher and not for_eval:
-            self.teacher = models.build_teacher(cfg, self.placement, teacher_ds,
-                                                attn.TEACHER_ATTN if self.chan else "sdpa", self.dtype, self.device)
+            teacher_attn = (attn.TEACHER_ATTN if self.chan
+                            else architectures.plain_attn_implementation(self.teacher_cfg))
+            self.teacher = models.build_teacher(cfg, self.placement, teacher_ds, teacher_attn, self.dtype, self.device)
         if self.chan is not None:
             attn.attach_student(self.student.module, self.chan)
             attn.attach_teacher(_unwrapped(self.teacher), self.chan)  # after initialize: see attention.py
@@ -542,7 +545,8 @@ class Trainer:
         n_s = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.module.parameters())
         lines = [f"stage {self.cfg.stage} | {self.world} rank(s) | {self.dtype} | student {n_s / 1e6:.2f}M params"
                  f" | global batch {d.global_batch_size} samples = {d.tokens_per_step} tokens/step"
-                 f" | {self.cfg.optim.max_steps} steps = {d.total_tokens} tokens"]
+                 f" | {self.cfg.optim.max_steps} steps = {d.total_tokens} tokens"
+                 f" | peak memory after loading {peak_memory_mib():.0f} MiB (rank 0)"]
         if self.teacher is not None:
             params = list(_unwrapped(self.teacher).parameters())
             n_t = sum(getattr(p, "ds_numel", p.numel()) for p in params)

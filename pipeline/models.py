@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from data_prep.indexed import sha256_file
+from pipeline import architectures
 from pipeline.config import ConfigError, RunConfig
 
 # --------------------------------------------------------------------------------------------
@@ -460,10 +461,14 @@ class Preflight:
         check_tokenizer(cfg, self.manifest)
         self.teacher_cfg = teacher_hf_config(cfg) if cfg.uses_teacher else None
         self.student_cfg = student_hf_config(cfg, self.vocab)
+        if cfg.uses_shd:  # from the configs alone, before any weights load
+            architectures.check_distillable("teacher", self.teacher_cfg)
+            architectures.check_distillable("student", self.student_cfg)
         check_compatibility(cfg, self.student_cfg, self.teacher_cfg, self.vocab)
         self.pairs = distill_pairs(cfg, self.student_cfg, self.teacher_cfg) if cfg.uses_shd else None
         if self.pairs is not None:
             check_distillable_attention("teacher", self.teacher_cfg, set(self.pairs.values()))
             check_distillable_attention("student", self.student_cfg, set(self.pairs))
+            architectures.check_windows(self.student_cfg, self.teacher_cfg, self.pairs, cfg.data.seq_len)
         check_eval_split(cfg, self.student_cfg.vocab_size)
         build_ds_configs(cfg, 1)  # JSON problems surface here too

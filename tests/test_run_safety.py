@@ -243,3 +243,18 @@ def test_missing_eval_split_is_refused_at_start_up(tiny_data, tmp_path):
     assert "eval.at_end=false" in str(e.value)
     off = dict(over, **{"eval.at_end": False})
     models.Preflight(config_from_dict(tiny_config(tmp_path / "run", tiny_data, None, **off)))
+
+
+def test_soft_capped_teacher_is_refused_for_shd_from_its_config(tiny_data, tmp_path):
+    from transformers import Gemma2Config
+
+    from pipeline.data import read_manifest
+
+    vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
+    Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=128).save_pretrained(tmp_path / "gemma2")
+    cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, tmp_path / "gemma2",
+                                       **{"distill.layer_map": [0, 1]}))
+    with pytest.raises(ConfigError, match="soft-capping") as e:
+        models.Preflight(cfg)
+    assert "distill.w_shd=0" in str(e.value)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.shd import shd_loss, shd_loss_reference, squeeze_weights
+from pipeline.shd import MapSpec, shd_loss, shd_loss_reference, squeeze_weights
 from pipeline.shd.weights import WEIGHTS_BLOCK_SIZE
 from tests.shd_cases import make_case
 
@@ -211,3 +211,77 @@ def test_variants_are_validated():
         shd_loss(case.student_q, case.student_k, case.teacher_q, case.teacher_k, weights, sharpen=0.0)
     with pytest.raises(ValueError, match="soft, hard"):
         squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3, selection="argmax")
+
+
+# (teacher spec, student spec): sliding windows and non-default scales, as taken from the modules
+SPECS = [
+    (MapSpec(window=5), MapSpec()),  # Mistral-style teacher, LLaMA student
+    (MapSpec(window=4, scale=0.21), MapSpec(window=9)),  # both windowed, the student's wider
+    (MapSpec(window=6), MapSpec(window=6, scale=0.5)),  # the same window on both sides
+    (MapSpec(window=100), MapSpec(scale=0.3)),  # a window longer than the sequence: none
+]
+
+
+@pytest.mark.parametrize("specs", SPECS, ids=lambda s: f"t{s[0].window}-s{s[1].window}")
+@pytest.mark.parametrize("padding,merge", [("right", "prob"), ("left", "prob"), ("left", "logit"), (None, "prob")])
+def test_windowed_and_scaled_maps_stream_like_the_dense_oracle(specs, padding, merge):
+    """Values and gradients of the streaming loss equal the float64 oracle under sliding windows
+    and module scales, with blocks smaller and larger than the window."""
+    teacher_spec, student_spec = specs
+    case = make_case(batch=3, length=23, padding=padding, seed=8)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 3,
+                              attention_mask=case.attention_mask, spec=teacher_spec)
+    kwargs = dict(tau=1.3, merge=merge, teacher_spec=teacher_spec, student_spec=student_spec)
+    dense = _loss_and_grads(shd_loss_reference, case, weights, **kwargs)
+    assert dense[0] > 0
+    for block_size in (3, 8, 64):
+        streamed = _loss_and_grads(shd_loss, case, weights, block_size=block_size, **kwargs)
+        for got, want in zip(streamed, dense):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_the_window_changes_the_target():
+    """A windowed teacher's target is not the unwindowed one, and a student scored with the same
+    window and the teacher's own q, k matches it exactly."""
+    case = make_case(teacher_heads=4, teacher_kv_heads=2, student_heads=4, student_dim=8, length=30, seed=3)
+    case.student_q, case.student_k = case.teacher_q.clone(), case.teacher_k.clone()
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 4, attention_mask=case.attention_mask)
+    windowed = MapSpec(window=7)
+    same, _, _ = _loss_and_grads(shd_loss, case, weights, teacher_spec=windowed, student_spec=windowed, block_size=8)
+    assert abs(same.item()) < 1e-12
+    unwindowed_student, _, _ = _loss_and_grads(shd_loss, case, weights, teacher_spec=windowed, block_size=8)
+    assert unwindowed_student > 1e-3
+
+
+def test_a_student_window_narrower_than_the_teacher_is_refused():
+    case = make_case(length=20)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3)
+    for teacher_spec in (MapSpec(), MapSpec(window=12)):
+        for fn in (shd_loss, shd_loss_reference):
+            with pytest.raises(ValueError, match="student's sliding window \\(8\\) is narrower"):
+                fn(case.student_q, case.student_k, case.teacher_q, case.teacher_k, weights,
+                   teacher_spec=teacher_spec, student_spec=MapSpec(window=8))
+    with pytest.raises(ValueError, match="sliding window must be >= 1"):
+        MapSpec(window=0)
+
+
+def test_windowed_loss_and_weights_stay_within_the_window():
+    """With a window W the loss holds at most B * H * block * (block + W) numbers, the weights
+    B * H * WEIGHTS_BLOCK_SIZE * (WEIGHTS_BLOCK_SIZE + W): far below one block over all T keys."""
+    batch, teacher_heads, student_heads, length, block, window = 1, 8, 3, 512, 16, 32
+    case = make_case(batch=batch, length=length, teacher_heads=teacher_heads, teacher_kv_heads=2,
+                     student_heads=student_heads, padding="left", dtype=torch.float32)
+    spec = MapSpec(window=window)
+    with _LargestTensor() as weights_probe:
+        weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, student_heads,
+                                  attention_mask=case.attention_mask, spec=spec)
+    q = case.student_q.clone().requires_grad_(True)
+    with _LargestTensor() as loss_probe:
+        shd_loss(q, case.student_k, case.teacher_q, case.teacher_k, weights, attention_mask=case.attention_mask,
+                 block_size=block, teacher_spec=spec, student_spec=spec).backward()
+    # q, k themselves are B * H * T * d: the buffers of one block must not exceed the larger of the two
+    inputs = batch * teacher_heads * length * case.teacher_q.shape[-1]
+    one_block_all_keys = batch * teacher_heads * block * length
+    assert loss_probe.largest <= max(inputs, batch * teacher_heads * block * (block + window)) < one_block_all_keys
+    rows = WEIGHTS_BLOCK_SIZE
+    assert weights_probe.largest <= max(inputs, batch * teacher_heads * rows * (rows + window))

@@ -196,3 +196,24 @@ def test_both_gram_computations_agree(teacher_kv):
     by_circuits = _GroupGram(group, attended, circuits, rows, method="circuits").gram
     assert by_values.shape == (2, 4, 4, 4, 4)
     torch.testing.assert_close(by_values, by_circuits, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("plan,padding", [("pairwise", "left"), ("pairwise", None), ("group", "right")])
+def test_windowed_and_scaled_weights_equal_weights_from_dense_maps(plan, padding, monkeypatch):
+    """Under a sliding window and a module scale the streaming weights equal the dense oracle's
+    (the window is applied to the maps, in blocks of rows), and differ from unwindowed weights."""
+    from pipeline.shd import MapSpec
+    from pipeline.shd import weights as weights_module
+
+    spec = MapSpec(window=4, scale=0.3)
+    case = make_case(teacher_heads=8, teacher_kv_heads=8, student_heads=3, padding=padding, length=21, seed=5)
+    args = (case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 3)
+    kwargs = dict(plan=plan, attention_mask=case.attention_mask)
+    dense = squeeze_weights_reference(*args, **kwargs, spec=spec)
+    for block in (weights_module.WEIGHTS_BLOCK_SIZE, 5):  # one block, and blocks shorter than the sequence
+        monkeypatch.setattr(weights_module, "WEIGHTS_BLOCK_SIZE", block)
+        torch.testing.assert_close(squeeze_weights(*args, **kwargs, spec=spec), dense, rtol=1e-8, atol=1e-10)
+    maps = attention_maps(case.teacher_q, case.teacher_k, case.attention_mask, spec=spec)
+    reused = squeeze_weights(*args, **kwargs, spec=spec, head_outputs=maps @ case.teacher_v)
+    torch.testing.assert_close(reused, dense, rtol=1e-8, atol=1e-10)
+    assert (dense - squeeze_weights_reference(*args, **kwargs)).abs().max() > 1e-3

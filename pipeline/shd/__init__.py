@@ -6,16 +6,19 @@ Pure PyTorch (no DeepSpeed). The method is specified in docs/shd-method.md:
   queries, keys, values and output projection, without forming attention maps;
 - `shd_loss` is the KL between the squeezed teacher maps and the student's maps, streamed over
   query blocks; `shd_loss_reference` is the dense oracle it is tested against;
-- `layer_map` matches student layers to teacher layers.
+- `layer_map` matches student layers to teacher layers;
+- `MapSpec` carries a model's own score scale and sliding window into all of them.
 """
 
 from .loss import MERGES, shd_loss
+from .masking import MapSpec
 from .plan import PLANS, SqueezePlan, layer_map, squeeze_plan
 from .reference import attention_maps, shd_loss_reference, squeeze_weights_reference
 from .weights import OBJECTIVES, SELECTIONS, squeeze_weights
 
 __all__ = [
     "MERGES",
+    "MapSpec",
     "OBJECTIVES",
     "PLANS",
     "SELECTIONS",

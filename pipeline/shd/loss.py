@@ -4,7 +4,8 @@ L = tau^2 * mean over (sequence, valid query row) and student heads of
     KL( target_n || softmax(Z_n / tau) )
 
 with student scores Z_n and the squeezed teacher target of student head n (causal and padding
-masked), built from the teacher scores z_m by `merge`:
+masked, and windowed where a model has a sliding window), built from the teacher scores z_m
+by `merge`:
     "prob"  (the paper's): target_n = sum_m W[n, m] softmax(z_m / tau)
     "logit" (product of experts): target_n = softmax(sum_m W[n, m] z_m / tau), which keeps what the
             member heads agree on and stays as sharp as they are,
@@ -13,7 +14,9 @@ renormalised per row. The loss's gradient is tau * (softmax(Z_n / tau) - target_
 every variant, since the target does not depend on the student. A full map is
 B*H*T^2 numbers per layer, so the loss never holds one: each block of query rows recomputes the
 teacher and student scores it needs (keys cut at the block's last row, since later keys are
-masked), so extra memory is O(B * H * block_size * T).
+masked, and, under a sliding window, before the block's first row minus the window), so extra
+memory is O(B * H * block_size * T), O(B * H * block_size * (block_size + W)) with a window W.
+Each side scores with its own scale and window (`MapSpec`, read from the model's attention module).
 
 Because the loss is a scalar, its gradient with respect to the student's queries and keys is
 accumulated in the same blockwise pass (dL/dZ_n = tau * (softmax(Z_n / tau) - target) / count per
@@ -27,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masking import (BlockMask, check_mask, compute_dtype, is_right_padded, loss_dtype, normalized_weights, repeat_kv,
-                      valid_rows)
+from .masking import (BlockMask, MapSpec, check_mask, compute_dtype, first_key, is_right_padded, loss_dtype,
+                      normalized_weights, repeat_kv, valid_rows)
 
 MERGES = ("prob", "logit")
 """How squeezed teacher maps are merged: in probability space (paper) or in score space."""
@@ -37,8 +40,8 @@ MERGES = ("prob", "logit")
 def merged_target(teacher_scores: Tensor, mask: BlockMask, weights: Tensor, merge: str, sharpen: float) -> Tensor:
     """Student heads' target rows [B, N, rows, keys] from teacher scores [B, M, rows, keys].
 
-    `teacher_scores` are already divided by sqrt(d) * tau and are overwritten (they are a scratch
-    buffer of the block); `mask` hides the keys the rows may not see.
+    `teacher_scores` are already multiplied by the teacher's scale / tau and are overwritten (they
+    are a scratch buffer of the block); `mask` hides the keys the rows may not see.
     """
     if merge == "prob":
         probs = mask.fill_(teacher_scores, float("-inf")).softmax(dim=-1)
@@ -59,6 +62,18 @@ def check_variant(tau: float, merge: str, sharpen: float) -> None:
         raise ValueError(f"tau must be > 0, got {tau}")
     if sharpen <= 0:
         raise ValueError(f"sharpen (the target temperature) must be > 0, got {sharpen}")
+
+
+def check_windows(teacher: MapSpec, student: MapSpec, length: int) -> None:
+    """Refuses a student window narrower than the teacher's: the target would put probability on
+    keys the student cannot attend to (an infinite KL)."""
+    student_window, teacher_window = student.window_for(length), teacher.window_for(length)
+    if student_window is not None and (teacher_window is None or teacher_window > student_window):
+        raise ValueError(
+            f"the student's sliding window ({student_window}) is narrower than the teacher's "
+            f"({teacher_window or 'none'}) at sequence length {length}: the teacher's maps put probability on keys "
+            "the student cannot see; use a student without a sliding window (or with one at least as wide)"
+        )
 
 
 def _check_inputs(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, weights: Tensor) -> None:
@@ -87,6 +102,8 @@ def _blockwise(
     block_size: int,
     merge: str,
     sharpen: float,
+    teacher_spec: MapSpec,
+    student_spec: MapSpec,
     with_grad: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Loss (and, if asked, its gradients w.r.t. student q and repeated k) in one blockwise pass."""
@@ -102,8 +119,9 @@ def _blockwise(
     tq = teacher_q[:, used].to(dtype)
     tk = teacher_k[:, used // per_kv].to(dtype)
     mix = mix[:, :, used]
-    student_scale = student_dim**-0.5
-    teacher_scale = teacher_q.shape[-1] ** -0.5
+    student_scale = student_spec.scale_for(student_dim)
+    teacher_scale = teacher_spec.scale_for(teacher_q.shape[-1])
+    teacher_window, student_window = teacher_spec.window_for(length), student_spec.window_for(length)
     rows = valid_rows(attention_mask, batch, length, dtype, device)
     count = num_student * rows.sum().clamp_min(1.0)
     right_padded = is_right_padded(attention_mask)
@@ -116,13 +134,17 @@ def _blockwise(
     grad_k = torch.zeros_like(sk) if with_grad else None
     for start in range(0, length, block_size):
         end = min(length, start + block_size)
-        mask = BlockMask(attention_mask, right_padded, start, end, device)
-        # in-place masking and early deletes keep at most two [B, M, block, T] buffers alive
-        teacher_scores = (tq[:, :, start:end] @ tk[:, :, :end].transpose(-1, -2)).mul_(teacher_scale / tau)
-        target = merged_target(teacher_scores, mask, mix, merge, sharpen)
+        # keys [first, end): the student's window is at least the teacher's (check_windows)
+        first = first_key(start, student_window)
+        student_mask = BlockMask(attention_mask, right_padded, start, end, device, student_window, first)
+        teacher_mask = (student_mask if teacher_window == student_window else
+                        BlockMask(attention_mask, right_padded, start, end, device, teacher_window, first))
+        # in-place masking and early deletes keep at most two [B, M, block, keys] buffers alive
+        teacher_scores = (tq[:, :, start:end] @ tk[:, :, first:end].transpose(-1, -2)).mul_(teacher_scale / tau)
+        target = merged_target(teacher_scores, teacher_mask, mix, merge, sharpen)
         del teacher_scores
-        student_scores = (sq[:, :, start:end] @ sk[:, :, :end].transpose(-1, -2)).mul_(student_scale / tau)
-        log_student = mask.fill_(student_scores, lowest).log_softmax(dim=-1)
+        student_scores = (sq[:, :, start:end] @ sk[:, :, first:end].transpose(-1, -2)).mul_(student_scale / tau)
+        log_student = student_mask.fill_(student_scores, lowest).log_softmax(dim=-1)
         del student_scores
         # KL per row = sum t log t - sum t log s, the second as a batched row-by-row dot product
         cross = (target.unsqueeze(-2) @ log_student.unsqueeze(-1)).view(target.shape[:-1])
@@ -133,8 +155,8 @@ def _blockwise(
             # d(tau^2 KL)/d(q k^T * scale) = tau * (p_student - target); times 1/count and the row mask
             row_scale = block_rows[..., None] * (tau * student_scale) / count
             grad_scores = log_student.exp_().sub_(target).mul_(row_scale)
-            grad_q[:, :, start:end] = grad_scores @ sk[:, :, :end]
-            grad_k[:, :, :end] += grad_scores.transpose(-1, -2) @ sq[:, :, start:end]
+            grad_q[:, :, start:end] = grad_scores @ sk[:, :, first:end]
+            grad_k[:, :, first:end] += grad_scores.transpose(-1, -2) @ sq[:, :, start:end]
     return total * (tau * tau) / count, grad_q, grad_k
 
 
@@ -146,10 +168,11 @@ def _fold_kv_grad(grad_k: Tensor, num_kv: int) -> Tensor:
 
 class _StreamingSHDLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen):
+    def forward(ctx, student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge,
+                sharpen, teacher_spec, student_spec):
         loss, grad_q, grad_k = _blockwise(
             student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
-            with_grad=True,
+            teacher_spec, student_spec, with_grad=True,
         )
         # Kept on ctx, not saved with save_for_backward: saved-tensor hooks (activation
         # checkpointing) would drop them and re-run this whole pass in backward to get them back;
@@ -162,7 +185,7 @@ class _StreamingSHDLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_q, grad_k = ctx.grads
         scale = grad_output.to(grad_q.dtype)
-        return grad_q * scale, grad_k * scale, None, None, None, None, None, None, None, None
+        return grad_q * scale, grad_k * scale, None, None, None, None, None, None, None, None, None, None
 
 
 def shd_loss(
@@ -177,28 +200,34 @@ def shd_loss(
     block_size: int = 128,
     merge: str = "prob",
     sharpen: float = 1.0,
+    teacher_spec: MapSpec = MapSpec(),
+    student_spec: MapSpec = MapSpec(),
 ) -> Tensor:
     """SHD loss of one layer (a scalar), streamed over query blocks; gradients reach student q, k only.
 
     student_q [B, N, T, d_s], student_k [B, N_kv, T, d_s], teacher_q [B, M, T, d_t], teacher_k
     [B, M_kv, T, d_t], all after rotary embedding; weights [B, N, M] from `squeeze_weights` (rows
 are renormalised to sum to 1 in the compute dtype, which bf16 rounding would otherwise break);
-    attention_mask [B, T] (1 = real token) or None. Each side uses its own 1/sqrt(d) scale.
+    attention_mask [B, T] (1 = real token) or None. Each side scores with its own scale and
+    sliding window (`teacher_spec`, `student_spec`; default 1/sqrt(d), no window); a student window
+    narrower than the teacher's is refused.
     `merge` ("prob" or "logit") and `sharpen` (target temperature, 1 = none) choose the target.
     Computed in float32 (float64 when an input is float64); the loss is float32 for bf16 inputs.
     """
     _check_inputs(student_q, student_k, teacher_q, teacher_k, weights)
     check_mask(attention_mask, student_q.shape[0], student_q.shape[2])
     check_variant(tau, merge, sharpen)
+    check_windows(teacher_spec, student_spec, student_q.shape[2])
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     teacher_q, teacher_k, weights = teacher_q.detach(), teacher_k.detach(), weights.detach()
     if torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad):
         return _StreamingSHDLoss.apply(
-            student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen
+            student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
+            teacher_spec, student_spec,
         )
     loss, _, _ = _blockwise(
         student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
-        with_grad=False,
+        teacher_spec, student_spec, with_grad=False,
     )
     return loss.to(loss_dtype(student_q))

@@ -1,15 +1,50 @@
 """Causal and padding masks for one block of query rows, shared by the weights and the loss.
 
 Conventions (the whole package follows them): `attention_mask` is [B, T] with 1 = real token,
-0 = padding, or None. A query row may attend to key j when j <= i and key j is real. A padding
-query row is given its own diagonal so that its softmax is defined; it is then excluded from
-every norm, inner product and loss by `valid_rows`.
+0 = padding, or None. A query row may attend to key j when j <= i and key j is real, and, under
+a sliding window W (`MapSpec.window`), when also j > i - W (transformers' `sliding_window_overlay`:
+each row sees its last W positions, itself included). A padding query row is given its own
+diagonal so that its softmax is defined; it is then excluded from every norm, inner product and
+loss by `valid_rows`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """How one model's attention layer turns queries and keys into a map, beyond causal and padding
+    masking: its score scale (None = 1/sqrt(head_dim)) and its sliding window (None = none).
+
+    Taken from the attention module itself (`pipeline.attention.map_spec`), so that the maps SHD
+    uses are the maps the model computes.
+    """
+
+    scale: float | None = None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"sliding window must be >= 1 or None, got {self.window}")
+        if self.scale is not None and not self.scale > 0:
+            raise ValueError(f"attention scale must be > 0 or None, got {self.scale}")
+
+    def scale_for(self, head_dim: int) -> float:
+        return head_dim**-0.5 if self.scale is None else float(self.scale)
+
+    def window_for(self, length: int) -> int | None:
+        """The window that changes anything at this length (None when every row sees all its keys)."""
+        return self.window if self.window is not None and self.window < length else None
+
+
+def first_key(row_start: int, window: int | None) -> int:
+    """The first key any row from `row_start` on may see under the window (0 without one)."""
+    return 0 if window is None else max(0, row_start - window + 1)
 
 
 def valid_rows(attention_mask: Tensor | None, batch: int, length: int, dtype: torch.dtype, device) -> Tensor:
@@ -19,40 +54,48 @@ def valid_rows(attention_mask: Tensor | None, batch: int, length: int, dtype: to
     return attention_mask.to(device=device, dtype=dtype)
 
 
-def allowed_keys(attention_mask: Tensor | None, row_start: int, row_end: int, device) -> Tensor:
-    """Boolean [B or 1, 1, rows, row_end] mask of the keys each query row of the block may see.
+def allowed_keys(attention_mask: Tensor | None, row_start: int, row_end: int, device, window: int | None = None,
+                 key_start: int = 0) -> Tensor:
+    """Boolean [B or 1, 1, rows, row_end - key_start] mask of the keys [key_start, row_end) that each
+    query row of the block may see.
 
-    Keys are cut at `row_end`: under causal masking no row of the block sees a later key.
+    Keys are cut at `row_end`: under causal masking no row of the block sees a later key; with a
+    window, keys before `first_key(row_start, window)` are hidden from every row of the block.
     """
     rows = torch.arange(row_start, row_end, device=device)[:, None]
-    keys = torch.arange(row_end, device=device)[None, :]
+    keys = torch.arange(key_start, row_end, device=device)[None, :]
     causal = keys <= rows
+    if window is not None:
+        causal = causal & (keys > rows - window)
     if attention_mask is None:
         return causal[None, None]
-    real_keys = attention_mask[:, :row_end].to(device=device).bool()[:, None, None, :]
+    real_keys = attention_mask[:, key_start:row_end].to(device=device).bool()[:, None, None, :]
     return causal & (real_keys | (keys == rows))
 
 
 class BlockMask:
-    """Hides, in place, the keys that query rows [start, end) may not see (keys cut at `end`).
+    """Hides, in place, the keys that query rows [start, end) may not see, in scores whose columns
+    are keys [key_start, end).
 
     With right padding or none, causal masking alone is exact for every real row (padding keys
-    come after them), so only the block's diagonal square needs masking; padding rows then see
-    other padding keys, which is harmless because they carry no weight. Otherwise the full
-    `allowed_keys` mask of the block is applied.
+    come after them), so without a window only the block's diagonal square needs masking; padding
+    rows then see other padding keys, which is harmless because they carry no weight. Otherwise
+    the full `allowed_keys` mask of the block is applied (its window too).
     """
 
-    def __init__(self, attention_mask: Tensor | None, right_padded: bool, start: int, end: int, device):
-        if right_padded:
-            self.columns = slice(start, end)
+    def __init__(self, attention_mask: Tensor | None, right_padded: bool, start: int, end: int, device,
+                 window: int | None = None, key_start: int = 0):
+        if right_padded and window is None:
+            self.columns = slice(start - key_start, end - key_start)
             square = torch.arange(end - start, device=device)
             self.hidden = square[None, :] > square[:, None]
         else:
-            self.columns = slice(0, end)
-            self.hidden = ~allowed_keys(attention_mask, start, end, device)
+            self.columns = slice(0, end - key_start)
+            mask = None if right_padded else attention_mask
+            self.hidden = ~allowed_keys(mask, start, end, device, window, key_start)
 
     def fill_(self, scores: Tensor, value: float) -> Tensor:
-        """scores [..., rows, end] with the hidden keys set to value; returns scores."""
+        """scores [..., rows, end - key_start] with the hidden keys set to value; returns scores."""
         scores[..., self.columns].masked_fill_(self.hidden, value)
         return scores
 

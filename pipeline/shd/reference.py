@@ -11,18 +11,22 @@ import torch
 from torch import Tensor
 
 from .loss import check_variant
-from .masking import allowed_keys, check_mask, compute_dtype, loss_dtype, normalized_weights, repeat_kv, valid_rows
+from .loss import check_windows
+from .masking import (MapSpec, allowed_keys, check_mask, compute_dtype, loss_dtype, normalized_weights, repeat_kv,
+                      valid_rows)
 from .plan import squeeze_plan
 from .simplex import best_vertex, simplex_least_squares
 from .weights import check_teacher_inputs, constant_weights, needs_maps
 
 
-def attention_maps(queries: Tensor, keys: Tensor, attention_mask: Tensor | None = None, tau: float = 1.0) -> Tensor:
-    """Full causal, padding-masked attention maps softmax(q k^T / sqrt(d) / tau): [B, H, T, T]."""
+def attention_maps(queries: Tensor, keys: Tensor, attention_mask: Tensor | None = None, tau: float = 1.0,
+                   spec: MapSpec = MapSpec()) -> Tensor:
+    """Full causal, padding-masked (and windowed) maps softmax(q k^T * scale / tau): [B, H, T, T]."""
     length = queries.shape[2]
     keys = repeat_kv(keys, queries.shape[1])
-    scores = (queries @ keys.transpose(-1, -2)) * (queries.shape[-1] ** -0.5 / tau)
-    return scores.masked_fill(~allowed_keys(attention_mask, 0, length, queries.device), float("-inf")).softmax(-1)
+    scores = (queries @ keys.transpose(-1, -2)) * (spec.scale_for(queries.shape[-1]) / tau)
+    hidden = ~allowed_keys(attention_mask, 0, length, queries.device, spec.window)
+    return scores.masked_fill(hidden, float("-inf")).softmax(-1)
 
 
 def squeeze_weights_reference(
@@ -36,11 +40,12 @@ def squeeze_weights_reference(
     objective: str = "output",
     attention_mask: Tensor | None = None,
     selection: str = "soft",
+    spec: MapSpec = MapSpec(),
 ) -> Tensor:
     """`squeeze_weights` from explicit maps (same signature); see `weights_from_maps`."""
     check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective, selection)
     dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
-    maps = attention_maps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask)
+    maps = attention_maps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, spec=spec)
     return weights_from_maps(maps, teacher_v.to(dtype), o_proj_weight, num_student_heads, plan=plan,
                              objective=objective, attention_mask=attention_mask, selection=selection)
 
@@ -119,27 +124,33 @@ def shd_loss_reference(
     block_size: int = 128,
     merge: str = "prob",
     sharpen: float = 1.0,
+    teacher_spec: MapSpec = MapSpec(),
+    student_spec: MapSpec = MapSpec(),
 ) -> Tensor:
     """`shd_loss` from full maps, differentiated by autograd (`block_size` is accepted and unused)."""
     del block_size
     check_mask(attention_mask, student_q.shape[0], student_q.shape[2])
     check_variant(tau, merge, sharpen)
+    check_windows(teacher_spec, student_spec, student_q.shape[2])
     batch, num_student, length, _ = student_q.shape
     dtype = compute_dtype(student_q, student_k, teacher_q, teacher_k)
-    hidden = ~allowed_keys(attention_mask, 0, length, student_q.device)
+    hidden = ~allowed_keys(attention_mask, 0, length, student_q.device, student_spec.window)
+    teacher_hidden = ~allowed_keys(attention_mask, 0, length, student_q.device, teacher_spec.window)
     mix = normalized_weights(weights, dtype)
     if merge == "prob":
-        teacher_maps = attention_maps(teacher_q.detach().to(dtype), teacher_k.detach().to(dtype), attention_mask, tau)
+        teacher_maps = attention_maps(teacher_q.detach().to(dtype), teacher_k.detach().to(dtype), attention_mask, tau,
+                                      teacher_spec)
         target = torch.einsum("bnm,bmij->bnij", mix, teacher_maps)
         target = target ** (1.0 / sharpen)
         target = target / target.sum(-1, keepdim=True)
     else:
         teacher_keys = repeat_kv(teacher_k.detach(), teacher_q.shape[1]).to(dtype)
-        teacher_scores = (teacher_q.detach().to(dtype) @ teacher_keys.transpose(-1, -2)) * teacher_q.shape[-1] ** -0.5
-        mixed = torch.einsum("bnm,bmij->bnij", mix, teacher_scores.masked_fill(hidden, 0.0))
-        target = (mixed / (tau * sharpen)).masked_fill(hidden, float("-inf")).softmax(-1)
+        scale = teacher_spec.scale_for(teacher_q.shape[-1])
+        teacher_scores = (teacher_q.detach().to(dtype) @ teacher_keys.transpose(-1, -2)) * scale
+        mixed = torch.einsum("bnm,bmij->bnij", mix, teacher_scores.masked_fill(teacher_hidden, 0.0))
+        target = (mixed / (tau * sharpen)).masked_fill(teacher_hidden, float("-inf")).softmax(-1)
     keys = repeat_kv(student_k, num_student).to(dtype)
-    scores = (student_q.to(dtype) @ keys.transpose(-1, -2)) * (student_q.shape[-1] ** -0.5 / tau)
+    scores = (student_q.to(dtype) @ keys.transpose(-1, -2)) * (student_spec.scale_for(student_q.shape[-1]) / tau)
     log_student = scores.masked_fill(hidden, float("-inf")).log_softmax(-1).masked_fill(hidden, 0.0)
     row_kl = (torch.xlogy(target, target) - target * log_student).sum(-1)  # [B, N, T]
     rows = valid_rows(attention_mask, batch, length, dtype, student_q.device)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking import allowed_keys, check_mask, compute_dtype, is_right_padded, valid_rows
+from .masking import MapSpec, allowed_keys, check_mask, compute_dtype, first_key, is_right_padded, valid_rows
 from .plan import SqueezePlan, squeeze_plan
 from .simplex import best_vertex, simplex_least_squares
 
@@ -67,13 +67,15 @@ class StreamingMaps:
     `head_outputs` [B, M, T, d], when given, are the teacher's own attention outputs A_h V_kv(h)
     (what its o_proj reads): those columns are taken from it instead of computed again, so a
     group that reads a single value head (grouped-query attention) needs no attention call.
+    A sliding `window` (None = none) is applied in blocks of rows, keys cut to the window.
     """
 
     def __init__(self, queries: Tensor, keys: Tensor, attention_mask: Tensor | None, scale: float,
-                 head_outputs: Tensor | None = None):
+                 head_outputs: Tensor | None = None, window: int | None = None):
         """queries [B, M, T, d]; keys [B, M_kv, T, d] before grouped-query repetition."""
         self.queries, self.keys, self.mask, self.scale = queries, keys, attention_mask, scale
-        self.fused = is_right_padded(attention_mask)
+        self.window = MapSpec(window=window).window_for(queries.shape[2])
+        self.fused = is_right_padded(attention_mask) and self.window is None
         self.head_outputs = head_outputs
         self.per_kv = queries.shape[1] // keys.shape[1]
 
@@ -106,9 +108,10 @@ class StreamingMaps:
         length = q.shape[2]
         for start in range(0, length, WEIGHTS_BLOCK_SIZE):
             end = min(length, start + WEIGHTS_BLOCK_SIZE)
-            scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)) * self.scale
-            scores = scores.masked_fill(~allowed_keys(self.mask, start, end, q.device), float("-inf"))
-            out[:, :, start:end] = scores.softmax(dim=-1) @ values[:, :, :end]
+            first = first_key(start, self.window)
+            scores = (q[:, :, start:end] @ k[:, :, first:end].transpose(-1, -2)) * self.scale
+            hidden = ~allowed_keys(self.mask, start, end, q.device, self.window, first)
+            out[:, :, start:end] = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1) @ values[:, :, first:end]
         return out
 
     def _fused(self, q: Tensor, k: Tensor, values: Tensor) -> Tensor:
@@ -343,6 +346,7 @@ def squeeze_weights(
     attention_mask: Tensor | None = None,
     selection: str = "soft",
     head_outputs: Tensor | None = None,
+    spec: MapSpec = MapSpec(),
 ) -> Tensor:
     """The mixing matrix W [B, N, M] of one layer (rows non-negative, summing to 1).
 
@@ -350,7 +354,8 @@ def squeeze_weights(
     grouped-query repetition; o_proj_weight the layer's `o_proj.weight` ([d_model, M*d]) or None
     for the value-space variant. `selection="hard"` snaps every merge to its best single head
     (rows of W are then one-hot). Computed without autograd in float32 (float64 when the inputs
-    are), using O(T * d) memory per head: no [T, T] map is built.
+    are), using O(T * d) memory per head: no [T, T] map is built. `spec` is the teacher layer's
+    score scale and sliding window (default 1/sqrt(d), no window).
 
     head_outputs [B, M, T, d]: optionally, the teacher's attention output per head for the same
     q, k, v and mask (the input of its o_proj). Each head's map applied to its own value head is
@@ -371,8 +376,8 @@ def squeeze_weights(
         return constant_weights(structure, batch, dtype, teacher_q.device)
     with torch.no_grad():
         values = teacher_v.to(dtype)
-        maps = StreamingMaps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, head_dim**-0.5,
-                             None if head_outputs is None else head_outputs.to(dtype))
+        maps = StreamingMaps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, spec.scale_for(head_dim),
+                             None if head_outputs is None else head_outputs.to(dtype), window=spec.window)
         rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
         circuits = circuit_fn(values, o_proj_weight, num_heads)
         return walk_plan(structure, maps, circuits, rows, objective, selection)
