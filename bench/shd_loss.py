@@ -98,7 +98,11 @@ def run_child(args: argparse.Namespace, impl: str, length: int) -> dict | None:
         "--student-heads", str(args.student_heads), "--head-dim", str(args.head_dim), "--block", str(args.block),
         "--repeats", str(args.repeats), "--device", args.device,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {impl} T={length} timed out after {args.timeout} s", file=sys.stderr)
+        return None
     if proc.returncode != 0:
         print(f"  {impl} T={length} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
@@ -116,7 +120,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=128, help="query rows per block of the streaming loss")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-max-length", type=int, default=4096, help="skip the dense oracle above this T")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (peak memory: the CUDA allocator's)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per measurement process (default: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shd_loss.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,9 +153,10 @@ def main() -> None:
         mib = 2**20
         print(f"{length:>6} | {fmt(dense, 'seconds')} {fmt(dense, 'peak_extra_bytes', mib, 10, 1)} | "
               f"{fmt(stream, 'seconds')} {fmt(stream, 'peak_extra_bytes', mib, 10, 1)} | {ratio_t} {ratio_m} | "
-              f"{fmt(weights, 'seconds', 1.0, 9)} {fmt(weights, 'peak_extra_bytes', mib, 11, 1)}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out" and k != "child"}, "rows": rows}, indent=2))
+              f"{fmt(weights, 'seconds', 1.0, 9)} {fmt(weights, 'peak_extra_bytes', mib, 11, 1)}", flush=True)
+        # rewritten after every length: a caller that stops this run early keeps the rows so far
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out" and k != "child"}, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 

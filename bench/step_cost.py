@@ -64,10 +64,10 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_mib() -> float:
+def _peak_mib(device: str) -> float:
     import torch
 
-    if torch.cuda.is_available():
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -85,7 +85,8 @@ def _llama(spec: dict, vocab: int, max_pos: int, attn: str, seed: int):
     return LlamaForCausalLM(cfg).float()
 
 
-def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmup: int) -> dict:
+def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmup: int,
+            device: str = "cpu") -> dict:
     """One configuration in this process; returns its measurements."""
     import torch
 
@@ -102,8 +103,8 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
     captured = variant in ("shd", "select")
     t_attn, s_attn = {"kd": ("sdpa", "sdpa"), "dense": ("eager", "eager")}.get(
         variant, (attn.TEACHER_ATTN, attn.STUDENT_ATTN))
-    teacher = _llama(ts, vocab, seq_len, t_attn, 0).eval().requires_grad_(False)
-    student = _llama(ss, vocab, seq_len, s_attn, 1).train()
+    teacher = _llama(ts, vocab, seq_len, t_attn, 0).to(device).eval().requires_grad_(False)
+    student = _llama(ss, vocab, seq_len, s_attn, 1).to(device).train()
     # the engine's activation checkpointing (pipeline/models.py): per layer, non-reentrant
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -131,7 +132,7 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
             mods[t].v_proj.register_forward_hook(keep)
 
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, vocab, (batch, seq_len + 1), generator=g)
+    tokens = torch.randint(3, vocab, (batch, seq_len + 1), generator=g).to(device)
     inp, labels = tokens[:, :-1], tokens[:, 1:]
     valid = torch.ones_like(labels, dtype=torch.bool)
     n_tok = float(valid.sum())
@@ -166,9 +167,11 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         if chan is not None:
             chan.clear()
         opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         return loss.detach().item()
 
-    base = _rss_mib()
+    base = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _rss_mib()
     for _ in range(warmup):
         step()
     times, cpu_times = [], []
@@ -177,7 +180,7 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         loss = step()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak = _peak_mib()
+    peak = _peak_mib(device)
     return {"pair": pair, "seq_len": seq_len, "variant": variant, "batch": batch, "steps": steps,
             "step_s": statistics.median(times), "step_s_all": times, "cpu_s": statistics.median(cpu_times),
             "cpu_s_all": cpu_times, "peak_mib": peak,
@@ -195,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (peak memory: the CUDA allocator's)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/step_cost.json"))
     ap.add_argument("--one", nargs=3, metavar=("PAIR", "T", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -204,7 +208,8 @@ def main(argv=None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(run_one(pair, int(t), variant, args.batch, args.steps, args.warmup)), flush=True)
+        print("RESULT " + json.dumps(run_one(pair, int(t), variant, args.batch, args.steps, args.warmup,
+                                                  args.device)), flush=True)
         return 0
 
     rows = []
@@ -212,7 +217,8 @@ def main(argv=None) -> int:
         for t in [int(x) for x in args.seq_lens.split(",")]:
             for variant in args.variants.split(","):
                 cmd = [sys.executable, __file__, "--one", pair, str(t), variant, "--batch", str(args.batch),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                       "--device", args.device]
                 try:
                     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
                     res = [json.loads(line[7:]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]

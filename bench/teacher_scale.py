@@ -6,7 +6,9 @@
 ``big-teacher``: a wide, shallow LLaMA teacher (hidden 4096, 32 heads / 8 kv heads, 2 layers, about
 390 M parameters, 1.55 GB in fp32), larger than one rank's share, trained against on 2 ranks with
 each ``teacher.placement``. Reported per rank: peak RSS of the whole process (``wait4``), and rank 0's
-peak after loading the models and after the steps (the engine's log and metrics).
+peak after loading the models and after the steps (the engine's log and metrics), and its anonymous
+resident memory after loading (the peak RSS counts the memory-mapped checkpoint's pages, which
+every rank touches while loading, whatever the placement).
 
 ``vocab``: a Hugging Face tokenizer directory with 131,072 entries (a word-level tokenizer built
 here; nothing downloads), shards written by ``data_prep.shard`` (int32 tokens, since the ids do not
@@ -98,11 +100,12 @@ def run_engine(work: Path, cfg: dict, nproc: int) -> dict:
             raise SystemExit(f"run failed: see {work}/rank*.log")
         peaks.append(usage.ru_maxrss / 1024)
     text = (work / "rank0.log").read_text()
-    loaded = float(text.split("peak memory after loading ")[1].split(" MiB")[0])
+    after = text.split("memory after loading: peak ")[1]
+    loaded, now = float(after.split(" MiB")[0]), float(after.split("now ")[1].split(" MiB")[0])
     metrics = [json.loads(line) for line in (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "perf/peak_mem_mib" in m]
     placement = next((line for line in text.splitlines() if "| placement " in line), "")
-    return {"peak_rss_mib_per_rank": peaks, "rank0_after_loading_mib": loaded,
+    return {"peak_rss_mib_per_rank": peaks, "rank0_after_loading_mib": loaded, "rank0_anon_after_loading_mib": now,
             "rank0_after_steps_mib": steps[-1]["perf/peak_mem_mib"], "step_s": steps[-1]["perf/step_time_s"],
             "placement_line": placement.strip()}
 
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         what = r.get("placement") or f"vocab {r['vocab']} ({r['shard_dtype']} shards), kd_chunk_size {r['kd_chunk_size']}"
         print(f"{what}: peak RSS per rank {[round(x) for x in r['peak_rss_mib_per_rank']]} MiB | rank 0 after "
-              f"loading {r['rank0_after_loading_mib']:.0f} MiB, after steps {r['rank0_after_steps_mib']:.0f} MiB | "
+              f"loading: peak {r['rank0_after_loading_mib']:.0f} MiB, anonymous now "
+              f"{r['rank0_anon_after_loading_mib']:.0f} MiB; after steps {r['rank0_after_steps_mib']:.0f} MiB | "
               f"step {r['step_s']:.2f} s")
         if r.get("placement_line"):
             print(f"    {r['placement_line']}")

@@ -132,6 +132,9 @@ def load_manifest(data_dir: str | Path, *, require_complete: bool) -> Manifest:
         )
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a valid manifest ({type(exc).__name__}: {exc})") from exc
+    if require_complete and not manifest.complete and "tasks" in manifest.options:
+        raise DataError(f"{path}: a task of this multi-task run was run again after the merge; merge again: "
+                        f"python -m data_prep.shard merge --out {data_dir}")
     if require_complete and not manifest.complete:
         raise DataError(f"{path}: the shard run has not finished; run the same `python -m data_prep.shard` "
                         "command again to resume and complete it")

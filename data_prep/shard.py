@@ -13,6 +13,12 @@ crash re-reads the input, skips (without tokenizing) the documents already in co
 finishes with exactly the output of an uninterrupted run. An output directory made with another
 tokenizer or options is refused unless --overwrite. Readers only accept a manifest marked complete.
 
+Multi-node: with --task-index K --task-count N (defaults: a Slurm array's SLURM_ARRAY_TASK_ID and
+SLURM_ARRAY_TASK_COUNT) a run does only task K's share of the inputs (`data_prep.tasks`) into
+`OUT/parts/task-0000K`, with the same commits and resume, and `python -m data_prep.shard merge --out
+OUT` (`data_prep.merge`) then writes the one manifest over all tasks' shards. The documents of each
+split and their tokens are the same for any N (and the same order as a single run).
+
 --overwrite never touches a complete output before its replacement is complete: the new output is
 built (and, after a kill, resumed) in `OUT/.overwrite-staging`, and only then swapped in (see
 `_swap_in`). An input that turns out to be unusable leaves the old output exactly as it was.
@@ -35,12 +41,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.cli import add_options, options_from_args, run_cli
+from data_prep.cli import add_options, command_line, options_from_args, run_cli
 from data_prep.encode import DocumentEncoder, EncodedBatch
 from data_prep.indexed import TMP_SUFFIX, ShardWriter, fsync_dir, token_dtype
 from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord,
                                 load_manifest, tokenizer_identity, write_manifest)
+from data_prep.merge import merge_main
 from data_prep.sources import Document, InputReport, Source, iter_documents, resolve_inputs
+from data_prep.tasks import PARTS_DIR, assign_units, plan_sha256, plan_units, task_dir_name
 
 # Test hook: seconds to sleep after each committed shard, so a test can kill the run at a known point.
 SLEEP_AFTER_SHARD_ENV = "DATA_PREP_SLEEP_AFTER_SHARD"
@@ -69,6 +77,15 @@ class ShardOptions:
     overwrite: bool = field(default=False, metadata={
         "help": "replace an output directory made differently; the old output stays until the new one is "
                 "complete (room for both is needed)"})
+    task_index: int | None = field(default=None, metadata={
+        "help": "multi-task run (e.g. a Slurm array): this task's index, from 0; it writes OUT/parts/task-NNNNN, "
+                "and `python -m data_prep.shard merge --out OUT` joins the tasks (default: $SLURM_ARRAY_TASK_ID)"})
+    task_count: int | None = field(default=None, metadata={
+        "help": "multi-task run: the number of tasks; give it explicitly when resubmitting only some tasks "
+                "(default: $SLURM_ARRAY_TASK_COUNT)"})
+    unit_bytes: int = field(default=256 << 20, metadata={
+        "help": "multi-task run: .jsonl files larger than this are cut into byte ranges of this size and parquet "
+                "files into row groups of about this size, which are then divided among the tasks"})
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -83,6 +100,12 @@ class ShardOptions:
             raise DataError(f"--shard-tokens {self.shard_tokens}: must be >= 1")
         if not self.text_field:
             raise DataError("--text-field: must not be empty")
+        if (self.task_index is None) != (self.task_count is None):
+            raise DataError("--task-index and --task-count: give both (a multi-task run) or neither")
+        if self.task_count is not None and not 0 <= self.task_index < self.task_count:
+            raise DataError(f"--task-index {self.task_index}: must be in [0, --task-count {self.task_count})")
+        if self.unit_bytes < 1:
+            raise DataError(f"--unit-bytes {self.unit_bytes}: must be >= 1")
 
     def settings(self) -> dict[str, Any]:
         """The options that determine the output (not --workers, which only changes speed)."""
@@ -330,26 +353,70 @@ class _Progress:
         self.bar.update(documents)
 
 
+Documents = Callable[[InputReport], Iterator[Document]]  # the documents to shard, noting skips in the report
+
+
 def build_shards(options: ShardOptions) -> Manifest:
-    """Write (or finish) the shard directory described by `options`; returns its complete manifest."""
+    """Write (or finish) the shard directory described by `options`; returns its complete manifest.
+
+    With --task-index/--task-count, that is this task's part, `OUT/parts/task-NNNNN` (see `_build_task`).
+    """
     sources = resolve_inputs(options.inputs)
     identity = tokenizer_identity(options.tokenizer)
     dtype = token_dtype(identity.vocab_size)
     fresh = Manifest(path=options.out / MANIFEST_NAME, complete=False, tokenizer=identity, dtype=dtype.name,
                      options={"inputs": [s.describe() for s in sources], **options.settings()}, shards=())
+    if options.task_count is not None:
+        return _build_task(options, sources, fresh, dtype)
+    return _build(options, fresh, dtype, lambda report: iter_documents(sources, options.text_field, report))
+
+
+def _build_task(options: ShardOptions, sources: list[Source], fresh: Manifest, dtype: np.dtype) -> Manifest:
+    """One task of a multi-task run: its work units, sharded into `OUT/parts/task-NNNNN` like a whole run.
+
+    Its manifest adds, under options["task"], the task, the whole plan (unit count and digest) and the
+    keys of its units, which `data_prep.merge` checks; stats["rerun"] is the command of the run.
+    """
+    merged = _manifest_or_none(options.out)
+    if merged is not None and "tasks" not in merged.options:
+        raise DataError(f"{options.out}: holds the output of a run without --task-count; choose another --out "
+                        "for a multi-task run")
+    units = plan_units(sources, options.unit_bytes)
+    mine = assign_units(units, options.task_count)[options.task_index]
+    task_out = options.out / PARTS_DIR / task_dir_name(options.task_index)
+    task = {"index": options.task_index, "count": options.task_count, "unit_bytes": options.unit_bytes,
+            "plan_units": len(units), "plan_sha256": plan_sha256([u.key for u in units]),
+            "units": [u.key for u in mine]}
+    rerun = command_line("python -m data_prep.shard", options, leave_out=("task_index", "workers", "overwrite"))
+    fresh = replace(fresh, path=task_out / MANIFEST_NAME, options={**fresh.options, "task": task},
+                    stats={"rerun": rerun})
+
+    def documents(report: InputReport) -> Iterator[Document]:
+        for unit in mine:
+            yield from unit.documents(sources, options.text_field, report)
+
+    current = _manifest_or_none(task_out)
+    if (merged is not None and merged.complete
+            and (options.overwrite or current is None or not current.complete or _differences(current, fresh))):
+        write_manifest(replace(merged, complete=False))  # it may list shards this task replaces: merge again
+    return _build(replace(options, out=task_out), fresh, dtype, documents)
+
+
+def _build(options: ShardOptions, fresh: Manifest, dtype: np.dtype, documents: Documents) -> Manifest:
+    """Write, resume or replace (--overwrite) the output `fresh` describes in `options.out`."""
     root = _build_root(options, fresh)
     if root != options.out:
-        return _replace_output(options, sources, replace(fresh, path=root / MANIFEST_NAME), dtype)
+        return _replace_output(options, replace(fresh, path=root / MANIFEST_NAME), dtype, documents)
     manifest = _prepare_dir(fresh, options.overwrite)
     if manifest.complete:
         print(f"{options.out}: already complete, nothing to do", file=sys.stderr)
         return manifest
-    manifest, summary = _run(options, sources, manifest, dtype)
+    manifest, summary = _run(options, manifest, dtype, documents)
     print(summary, file=sys.stderr)
     return manifest
 
 
-def _replace_output(options: ShardOptions, sources: list[Source], fresh: Manifest, dtype: np.dtype) -> Manifest:
+def _replace_output(options: ShardOptions, fresh: Manifest, dtype: np.dtype, documents: Documents) -> Manifest:
     """Build (or resume, or reuse when complete) the output in the staging dir `fresh.root`, then swap it in.
 
     Bad input found while building removes the staging directory: the old output is untouched and
@@ -358,7 +425,7 @@ def _replace_output(options: ShardOptions, sources: list[Source], fresh: Manifes
     staged, summary = _manifest_or_none(fresh.root), f"{options.out}: replaced by the output finished in {fresh.root}"
     if staged is None or not staged.complete or _differences(staged, fresh):
         try:
-            staged, summary = _run(options, sources, _prepare_dir(fresh, overwrite=True), dtype)
+            staged, summary = _run(options, _prepare_dir(fresh, overwrite=True), dtype, documents)
         except DataError:
             _remove_staging(fresh.root)
             raise
@@ -367,9 +434,11 @@ def _replace_output(options: ShardOptions, sources: list[Source], fresh: Manifes
     return manifest
 
 
-def _run(options: ShardOptions, sources: list[Source], manifest: Manifest,
-         dtype: np.dtype) -> tuple[Manifest, str]:
-    """Tokenize the documents not yet in `manifest`'s shards into its directory; returns it complete and a summary."""
+def _run(options: ShardOptions, manifest: Manifest, dtype: np.dtype, documents: Documents) -> tuple[Manifest, str]:
+    """Tokenize the documents not yet in `manifest`'s shards into its directory; returns it complete and a summary.
+
+    No documents at all is an error, except for a task of a multi-task run (it may get no work units).
+    """
     records = list(manifest.shards)
     sleep_after_shard = float(os.environ.get(SLEEP_AFTER_SHARD_ENV, "0"))
 
@@ -383,7 +452,7 @@ def _run(options: ShardOptions, sources: list[Source], manifest: Manifest,
                                    sum(r.split == split for r in records), commit) for split in options.splits}
     report = InputReport(strict=options.strict)
     progress = _Progress()
-    pending = _PendingBatches(iter_documents(sources, options.text_field, report), options, done)
+    pending = _PendingBatches(documents(report), options, done)
     reported = 0
     try:
         for batch, encoded in _encode_batches(iter(pending), options):
@@ -396,12 +465,13 @@ def _run(options: ShardOptions, sources: list[Source], manifest: Manifest,
             writers[split].close()
     finally:
         progress.bar.close()  # before any error message, so that message is the last line
-    if pending.read == 0:
+    if pending.read == 0 and options.task_count is None:
         raise DataError(f"no documents in the inputs ({', '.join(options.inputs)}); check --input and --text-field"
                         + "".join(f"; {line}" for line in report.summary_lines()))
-    stats = {"documents": {s: sum(r.documents for r in records if r.split == s) for s in options.splits},
+    stats = {**manifest.stats,
+             "documents": {s: sum(r.documents for r in records if r.split == s) for s in options.splits},
              "tokens": {s: sum(r.tokens for r in records if r.split == s) for s in options.splits},
-             "input": report.as_dict()}
+             "input": report.as_dict(), "documents_read": pending.read}
     final = replace(manifest, shards=tuple(records), complete=True, stats=stats)
     write_manifest(final)
     return final, _summary(options.out, final, report, progress)
@@ -422,11 +492,24 @@ def _summary(out: Path, manifest: Manifest, report: InputReport, progress: _Prog
     return "\n".join(lines)
 
 
+# Slurm array variables that give --task-index and --task-count their defaults.
+SLURM_TASK_DEFAULTS = {"task_index": "SLURM_ARRAY_TASK_ID", "task_count": "SLURM_ARRAY_TASK_COUNT"}
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["merge"]:
+        merge_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
+                                     epilog="python -m data_prep.shard merge --out OUT: join the parts of a "
+                                            "multi-task run (see `merge --help`)", allow_abbrev=False)
     add_options(parser, ShardOptions)
-    build_shards(options_from_args(ShardOptions, parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    for name, variable in SLURM_TASK_DEFAULTS.items():
+        if getattr(args, name) is None and os.environ.get(variable, "").isdigit():
+            setattr(args, name, int(os.environ[variable]))
+    build_shards(options_from_args(ShardOptions, args))
 
 
 if __name__ == "__main__":

@@ -93,31 +93,57 @@ def _read_text_file(path: Path, report: InputReport) -> Iterator[Document]:
     yield Document(decode_text(path.read_bytes(), str(path), report), str(path))
 
 
-def _read_jsonl_file(path: Path, text_field: str, report: InputReport) -> Iterator[Document]:
+def _jsonl_lines(path: Path, start: int, stop: int | None) -> Iterator[tuple[str, bytes]]:
+    """(origin, line) of the lines of `path` that begin in bytes `[start, stop)` (all: 0, None), streamed.
+
+    Cutting a file at any byte offsets gives every line to exactly one range: a range skips the line
+    its first byte falls in (unless that byte begins a line) and finishes the line it stops inside.
+    Origins are `path:LINE` for a range from the start of the file, else `path@BYTE_OFFSET` (line
+    numbers would need the bytes before the range).
+    """
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            origin = f"{path}:{lineno}"
-            try:
-                record = json.loads(decode_text(raw, origin, report))
-            except json.JSONDecodeError as exc:
-                report.note("invalid_json", origin, str(exc))
-                continue
-            text = _record_text(record, text_field, origin, report)
-            if text is not None:
-                yield Document(text, origin)
+        pos = 0
+        if start > 0:
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())  # past the rest of the line that began before `start`
+        lineno = 0
+        while stop is None or pos < stop:
+            raw = f.readline()
+            if not raw:
+                return
+            lineno += 1
+            yield (f"{path}:{lineno}" if start == 0 else f"{path}@{pos}"), raw
+            pos += len(raw)
 
 
-def _read_parquet_file(path: Path, text_field: str, report: InputReport) -> Iterator[Document]:
+def _read_jsonl_file(path: Path, text_field: str, report: InputReport, start: int = 0,
+                     stop: int | None = None) -> Iterator[Document]:
+    for origin, raw in _jsonl_lines(path, start, stop):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(decode_text(raw, origin, report))
+        except json.JSONDecodeError as exc:
+            report.note("invalid_json", origin, str(exc))
+            continue
+        text = _record_text(record, text_field, origin, report)
+        if text is not None:
+            yield Document(text, origin)
+
+
+def _read_parquet_file(path: Path, text_field: str, report: InputReport,
+                       row_groups: range | None = None) -> Iterator[Document]:
+    """The documents of a parquet file, or of its `row_groups` only; origins are `path#rowN` in the file."""
     import pyarrow.parquet as pq  # deferred: only parquet inputs need it
 
     parquet = pq.ParquetFile(path)
     if text_field not in parquet.schema_arrow.names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)}); "
                         "choose one with --text-field")
-    row = 0
-    for batch in parquet.iter_batches(columns=[text_field]):
+    if row_groups is None:
+        row_groups = range(parquet.num_row_groups)
+    row = sum(parquet.metadata.row_group(g).num_rows for g in range(row_groups.start))
+    for batch in parquet.iter_batches(columns=[text_field], row_groups=list(row_groups)):
         for value in batch.column(0).to_pylist():
             text = _record_text({text_field: value}, text_field, f"{path}#row{row}", report)
             if text is not None:
@@ -145,13 +171,19 @@ class FileSource:
 
     def documents(self, text_field: str, report: InputReport) -> Iterator[Document]:
         for path in self.files:
-            kind = FILE_KINDS[path.suffix.lower()]
-            if kind == "text":
-                yield from _read_text_file(path, report)
-            elif kind == "jsonl":
-                yield from _read_jsonl_file(path, text_field, report)
-            else:
-                yield from _read_parquet_file(path, text_field, report)
+            yield from read_file(path, text_field, report)
+
+
+def read_file(path: Path, text_field: str, report: InputReport, part: tuple[str, int, int] | None = None
+              ) -> Iterator[Document]:
+    """The documents of one input file, or of one `part` of it: ("bytes", start, stop) of a `.jsonl`
+    file (whole lines, see `_jsonl_lines`) or ("row_groups", start, stop) of a parquet file."""
+    kind = FILE_KINDS[path.suffix.lower()]
+    if kind == "text":
+        return _read_text_file(path, report)
+    if kind == "jsonl":
+        return _read_jsonl_file(path, text_field, report, *(part[1:] if part else (0, None)))
+    return _read_parquet_file(path, text_field, report, range(*part[1:]) if part else None)
 
 
 def _dataset_records(dataset: Iterable[dict], name: str, text_field: str,
@@ -259,11 +291,16 @@ def resolve_inputs(specs: Iterable[str]) -> list[Source]:
     return sources
 
 
+def non_empty(documents: Iterable[Document], report: InputReport) -> Iterator[Document]:
+    """The documents that have text; empty ones are counted and skipped."""
+    for doc in documents:
+        if doc.text:
+            yield doc
+        else:
+            report.note("empty_documents", doc.origin)
+
+
 def iter_documents(sources: Iterable[Source], text_field: str, report: InputReport) -> Iterator[Document]:
     """All documents of all sources in order; empty documents are counted and skipped."""
     for source in sources:
-        for doc in source.documents(text_field, report):
-            if doc.text:
-                yield doc
-            else:
-                report.note("empty_documents", doc.origin)
+        yield from non_empty(source.documents(text_field, report), report)

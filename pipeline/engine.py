@@ -34,7 +34,7 @@ from pipeline import run_dir
 from pipeline.config import ConfigError, Derived, RunConfig, derive, dump_yaml
 from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
 from pipeline.losses import ce_kd_sums
-from pipeline.metrics import MetricsLogger, peak_memory_mib
+from pipeline.metrics import MetricsLogger, memory_now_mib, peak_memory_mib
 from pipeline.run_dir import RunDirRefused, RunDirs
 from pipeline.universal import is_universal, universal_path
 from pipeline import models
@@ -118,7 +118,7 @@ class DistillObjective:
             if set(chan.losses) != set(chan.pairs):
                 raise RuntimeError(f"SHD losses recorded for layers {sorted(chan.losses)}, expected "
                                    f"{sorted(chan.pairs)}")
-            rows = float(mask.sum()) if mask is not None else float(inp.numel())
+            rows = mask.sum() if mask is not None else float(inp.numel())  # a tensor: no host sync
             # shd_loss is a mean over this micro-batch's valid rows: reweight to the global mean
             per_layer = {l: v * (rows / n_rows) for l, v in sorted(chan.losses.items())}
             shd = torch.stack(list(per_layer.values())).mean()
@@ -299,7 +299,8 @@ class Trainer:
 
         # One all-reduce for all logged terms and the preemption flag (step-boundary agreement).
         keys = sorted(logged)
-        vec = torch.stack([logged[k] for k in keys] + [torch.tensor(float(self.stop.requested))])
+        stop = torch.tensor(float(self.stop.requested), device=self.device)
+        vec = torch.stack([logged[k].to(self.device) for k in keys] + [stop])
         vec = self._all_reduce(vec.to(self.device, torch.float64)).cpu()
         self.stop_agreed = vec[-1].item() > 0
         self.step += 1
@@ -546,7 +547,8 @@ class Trainer:
         lines = [f"stage {self.cfg.stage} | {self.world} rank(s) | {self.dtype} | student {n_s / 1e6:.2f}M params"
                  f" | global batch {d.global_batch_size} samples = {d.tokens_per_step} tokens/step"
                  f" | {self.cfg.optim.max_steps} steps = {d.total_tokens} tokens"
-                 f" | peak memory after loading {peak_memory_mib():.0f} MiB (rank 0)"]
+                 f" | memory after loading: peak {peak_memory_mib():.0f} MiB, now {memory_now_mib():.0f} MiB"
+                 f" (rank 0)"]
         if self.teacher is not None:
             params = list(_unwrapped(self.teacher).parameters())
             n_t = sum(getattr(p, "ds_numel", p.numel()) for p in params)

@@ -24,6 +24,16 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def memory_now_mib() -> float:
+    """GPU memory allocated now on CUDA; on CPU the process's anonymous resident memory, i.e.
+    without file pages such as a memory-mapped checkpoint (which the peak RSS counts in full)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as f:
+        _, resident, shared, *_ = (int(x) for x in f.read().split())
+    return (resident - shared) * resource.getpagesize() / 2**20
+
+
 class MetricsLogger:
     def __init__(self, *, enabled: bool, tb_dir: Path, jsonl_path: Path, console_every: int,
                  progress: str, total_steps: int, start_step: int) -> None:
