@@ -155,17 +155,18 @@ def test_sweep_plan_dry_run(tmp_path):
 
 
 def test_step_cost_smoke_dense_and_streaming_agree(tmp_path):
-    """bench/step_cost.py runs its three variants; the dense attention loss (maps from eager
-    attention with output_attentions) and the engine's streaming SHD give the same total loss."""
+    """bench/step_cost.py runs its variants; the dense attention loss (maps from eager attention
+    with output_attentions) and the engine's streaming SHD give the same total loss."""
     out = tmp_path / "step_cost.json"
     r = subprocess.run([sys.executable, str(REPO / "bench/step_cost.py"), "--pairs", "tiny", "--seq-lens", "64",
                         "--steps", "1", "--warmup", "1", "--threads", "1", "--out", str(out)],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"kd", "shd", "dense"} and not any("error" in row for row in rows.values()), rows
+    assert set(rows) == {"kd", "shd", "select", "dense"} and not any("error" in row for row in rows.values()), rows
     assert rows["shd"]["loss"] == pytest.approx(rows["dense"]["loss"], rel=1e-4)
     assert rows["shd"]["loss"] != pytest.approx(rows["kd"]["loss"], rel=1e-6)  # the attention term is there
+    assert rows["select"]["loss"] != pytest.approx(rows["shd"]["loss"], rel=1e-6)  # another plan, another target
     assert "| tiny | 64 | dense |" in r.stdout
 
 
