@@ -110,7 +110,8 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     cfg = config_from_dict({
         "stage": "distill", "teacher": {"path": "unused"}, "data": {"dir": "unused", "seq_len": seq_len},
-        "student": {"num_layers": ss["layers"], "num_heads": ss["heads"], "hidden_size": ss["hidden"]},
+        "student": {"num_layers": ss["layers"], "num_heads": ss["heads"], "hidden_size": ss["hidden"],
+                    "max_position_embeddings": max(seq_len, 2048)},
         "distill": {"w_ce": 0.5, "w_kd": 0.5, "tau_kd": 2.0, "w_shd": 0.0 if variant == "kd" else 1.0,
                     "plan": plan, "objective": "output", "kd_chunk_size": 512, "shd_block_size": 128},
     }, [])
