@@ -303,25 +303,6 @@ def teacher_identity(path: str | Path, known: dict | None = None) -> tuple[dict,
     return {"path": str(p.resolve()), "content_sha256": h.hexdigest()}, records
 
 
-def check_distillable_attention(name: str, hf_config, layers: set[int]) -> None:
-    """Refuse a model whose distilled ``layers`` have no attention SHD can read (LLaMA-style
-    q/k/v/o projections with a layer index).
-
-    Built on the meta device (no memory, no weights), so the check costs nothing at any size."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.attention import attention_modules
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    missing = sorted(layers - set(attention_modules(model)))
-    if missing:
-        raise ConfigError(f"the {name} ({hf_config.model_type}, {type(model).__name__}) has no LLaMA-style "
-                          f"attention module (q_proj/k_proj/v_proj/o_proj with a layer_idx) in its layers "
-                          f"{missing}, which SHD reads: set distill.w_shd=0 (logit KD still works) or use a "
-                          f"LLaMA-family {name}")
-
-
 # --------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------
@@ -467,8 +448,6 @@ class Preflight:
         check_compatibility(cfg, self.student_cfg, self.teacher_cfg, self.vocab)
         self.pairs = distill_pairs(cfg, self.student_cfg, self.teacher_cfg) if cfg.uses_shd else None
         if self.pairs is not None:
-            check_distillable_attention("teacher", self.teacher_cfg, set(self.pairs.values()))
-            check_distillable_attention("student", self.student_cfg, set(self.pairs))
             architectures.check_windows(self.student_cfg, self.teacher_cfg, self.pairs, cfg.data.seq_len)
         check_eval_split(cfg, self.student_cfg.vocab_size)
         build_ds_configs(cfg, 1)  # JSON problems surface here too
