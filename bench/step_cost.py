@@ -93,7 +93,7 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
     from pipeline import attention as attn
     from pipeline.config import config_from_dict
     from pipeline.engine import DistillObjective
-    from pipeline.losses import ce_kd_sums
+    from pipeline.losses import ce_kd_sums_reference
     from pipeline.shd.plan import layer_map
     from pipeline.shd.reference import weights_from_maps
 
@@ -142,7 +142,7 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         with torch.no_grad():
             tout = teacher(input_ids=inp, use_cache=False, output_attentions=True)
         sout = student(input_ids=inp, use_cache=False, output_attentions=True)
-        ce_sum, kl_sum = ce_kd_sums(sout.logits, labels, valid, tout.logits, tau=2.0, chunk=512, vocab=vocab)
+        ce_sum, kl_sum = ce_kd_sums_reference(sout.logits, labels, valid, tout.logits, tau=2.0, vocab=vocab)
         loss = 0.5 * ce_sum / n_tok + 0.5 * 4.0 * kl_sum / n_tok
         attn_losses = []
         for s, t in pairs.items():

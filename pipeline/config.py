@@ -99,8 +99,8 @@ class DistillConfig:
     w_ce: float = _f(1.0, "Weight of the cross-entropy term.")
     w_kd: float = _f(1.0, "Weight of the logit KD term (multiplied by tau_kd^2).")
     tau_kd: float = _f(1.0, "Temperature of the logit KD term.")
-    kd_chunk_size: int = _f(512, "Positions per chunk of the KD/CE computation (bounds the float32 "
-                                 "[chunk, vocab] buffers).")
+    kd_chunk_size: int = _f(512, "Positions per chunk of the LM head + CE/KD computation (the "
+                                 "logits exist only as float32 [chunk, vocab] buffers).")
     w_shd: float = _f(1.0, "Weight of the SHD attention term (mean over distilled layers).")
     tau_shd: float = _f(1.0, "Temperature of the SHD attention maps.")
     plan: Literal["pairwise", "group", "mean", "select"] = _f(

@@ -5,8 +5,9 @@ One optimizer step (``train_step``)::
     batches  <- grad_accum_steps micro-batches from the reader (this rank's slice of the global batch)
     N_tok    <- all-reduce(valid tokens of those batches)           # global normaliser, before compute
     for each micro-batch:
-        teacher forward (no_grad)   -> logits; distilled layers leave q, k, W in the SHD channel
-        student forward             -> logits; distilled layers add their SHD loss in attention
+        teacher forward (no_grad)   -> head input; distilled layers leave q, k, W in the SHD channel
+        student forward             -> CE/KD sums from the LM head in chunks (pipeline.lm_head);
+                                       distilled layers add their SHD loss in attention
         loss = w_ce CE + w_kd tau^2 KL + w_shd mean_l SHD_l      (sums / N_tok: a global mean)
         all-reduce "is any rank's loss non-finite?"  -> if so the backward is poisoned with NaN
         engine.backward(loss * world * gas)      # DeepSpeed divides by gas and averages over ranks
@@ -30,14 +31,13 @@ import torch.distributed as dist
 from pipeline import architectures
 from pipeline import attention as attn
 from pipeline import checkpoint as ckpt
-from pipeline import run_dir
+from pipeline import lm_head, models, run_dir
 from pipeline.config import ConfigError, Derived, RunConfig, derive, dump_yaml
 from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
-from pipeline.losses import ce_kd_sums
+from pipeline.losses import head_ce_kd
 from pipeline.metrics import MetricsLogger, memory_now_mib, peak_memory_mib
 from pipeline.run_dir import RunDirRefused, RunDirs
 from pipeline.universal import is_universal, universal_path
-from pipeline import models
 
 
 class ResumeRefused(ConfigError):
@@ -72,14 +72,13 @@ def _device() -> torch.device:
 
 def split_tokens(tokens: torch.Tensor, pad_id: int | None, device=None):
     """[B, T+1] samples -> (inputs [B, T], labels [B, T], valid labels [B, T] bool, 2-D mask or None)."""
+    full = pad_id is None or bool((tokens[:, :-1] != pad_id).all())  # before the copy: no device sync
     if device is not None:
         tokens = tokens.to(device)
     inp, labels = tokens[:, :-1], tokens[:, 1:]
     if pad_id is None:
         return inp, labels, torch.ones_like(labels, dtype=torch.bool), None
-    valid = labels != pad_id
-    mask = (inp != pad_id).long()
-    return inp, labels, valid, (None if bool(mask.all()) else mask)
+    return inp, labels, labels != pad_id, (None if full else (inp != pad_id).long())
 
 
 class DistillObjective:
@@ -97,22 +96,25 @@ class DistillObjective:
         cfg, d, chan = self.cfg, self.d, self.chan
         if chan is not None:
             chan.begin(mask)
-        teacher_logits = None
+        teacher_rows = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(input_ids=inp, attention_mask=mask, use_cache=False).logits
-        logits = student(input_ids=inp, attention_mask=mask, use_cache=False).logits
-        ce_sum, kl_sum = ce_kd_sums(logits, labels, valid, teacher_logits if cfg.uses_kd else None,
-                                    tau=d.tau_kd, chunk=d.kd_chunk_size, vocab=self.vocab)
-        del teacher_logits
-        terms: dict[str, torch.Tensor] = {}
+                teacher_rows = lm_head.teacher_rows(teacher, inp, mask, keep_logits=cfg.uses_kd)
+        w_kl = d.w_kd * d.tau_kd ** 2 / n_tok if cfg.uses_kd else 0.0
+
+        def student_loss(head, hidden):
+            return torch.stack(head_ce_kd(hidden, head.weight, labels, valid, teacher_rows, tau=d.tau_kd,
+                                          chunk=d.kd_chunk_size, vocab=self.vocab, w_ce=d.w_ce / n_tok,
+                                          w_kl=w_kl))
+
+        with lm_head.intercept(student, student_loss):
+            ce_kd, ce_sum, kl_sum = student(input_ids=inp, attention_mask=mask, use_cache=False).logits
+        del teacher_rows
         ce = ce_sum / n_tok
-        loss = d.w_ce * ce
-        terms["loss/ce"] = ce
+        loss = ce_kd
+        terms: dict[str, torch.Tensor] = {"loss/ce": ce}
         if cfg.uses_kd:
-            kd = kl_sum / n_tok
-            loss = loss + d.w_kd * d.tau_kd ** 2 * kd
-            terms["loss/kd"] = kd
+            terms["loss/kd"] = kl_sum / n_tok
         if chan is not None:
             chan.recording = False  # checkpoint recomputation in backward must not compute it again
             if set(chan.losses) != set(chan.pairs):
@@ -269,21 +271,19 @@ class Trainer:
         n_tok, n_rows = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
 
         logged: dict[str, torch.Tensor] = {}
-        nonfinite = False
+        # 1 from the first micro-batch on which any rank's loss is non-finite: decided on all ranks
+        # together, on the device (no host sync per micro-batch); it poisons the gradients so that
+        # ZeRO-3's non-finite grad-norm check skips the step on every rank.
+        poisoned = torch.zeros(1, device=self.device)
         for i, b in enumerate(batches):
             loss, terms = self.objective(self.student, self.teacher, *self._split(b), n_tok, n_rows)
             if self.step + 1 in cfg.debug.nan_loss_at_steps and self.rank == 0 and i == 0:
                 loss = loss * float("nan")
                 terms["loss/total"] = terms["loss/total"] * float("nan")
-            # Decided on all ranks together; a non-finite loss poisons the gradients so that
-            # ZeRO-3's non-finite grad-norm check skips the step on every rank.
-            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
-            if self._all_reduce(bad, op=dist.ReduceOp.MAX).item() > 0:
-                nonfinite = True
-            backward_loss = loss * (self.world * gas)
-            if nonfinite:
-                backward_loss = backward_loss * float("nan")
-            self.student.backward(backward_loss)
+            bad = (~torch.isfinite(loss.detach())).to(poisoned.dtype).reshape(1)
+            poisoned = torch.maximum(poisoned, self._all_reduce(bad, op=dist.ReduceOp.MAX))
+            scale = torch.where(poisoned > 0, float("nan"), float(self.world * gas))
+            self.student.backward(loss * scale.squeeze(0))
             if self.chan is not None:
                 self.chan.clear()
             for k, v in terms.items():
@@ -291,6 +291,7 @@ class Trainer:
         lr = self.student.get_lr()[0]  # the rate this step uses (the scheduler advances in step())
         self.student.step()
         applied = self.student.was_step_applied()
+        nonfinite = bool(poisoned.item() > 0)
         if not applied or nonfinite:
             self.skipped_steps += 1
             self.consecutive_nonfinite += 1
@@ -349,9 +350,8 @@ class Trainer:
         try:
             for b in batches[:n]:
                 inp, labels, valid, mask = self._split(b)
-                logits = self.student(input_ids=inp, attention_mask=mask, use_cache=False).logits
-                ce_sum, _ = ce_kd_sums(logits, labels, valid, None, chunk=cfg.distill.kd_chunk_size,
-                                       vocab=self.vocab)
+                ce_sum = lm_head.ce_sum(self.student, inp, mask, labels, valid,
+                                        chunk=cfg.distill.kd_chunk_size, vocab=self.vocab)
                 sums[0] += ce_sum.double()
                 sums[1] += valid.sum()
         finally:

@@ -72,7 +72,7 @@ def _hf_perplexity(model_dir: Path, data_dir: str, seq_len: int, split: str, mb:
 
     from pipeline.data import PackedSampleReader
     from pipeline.engine import split_tokens
-    from pipeline.losses import ce_kd_sums
+    from pipeline.lm_head import ce_sum
 
     tok = read_manifest(data_dir).tokenizer
     pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None
@@ -83,11 +83,9 @@ def _hf_perplexity(model_dir: Path, data_dir: str, seq_len: int, split: str, mb:
     with torch.no_grad():
         for i, b in enumerate(reader.eval_batches(mb, max_batches=max_batches)):
             inp, labels, valid, mask = split_tokens(b, pad)
-            logits = model(input_ids=inp, attention_mask=mask).logits
             if i == 0 and dump:
-                torch.save({"input_ids": inp, "logits": logits}, dump)
-            ce, _ = ce_kd_sums(logits, labels, valid, vocab=tok.vocab_size)
-            s += ce.item()
+                torch.save({"input_ids": inp, "logits": model(input_ids=inp, attention_mask=mask).logits}, dump)
+            s += ce_sum(model, inp, mask, labels, valid, chunk=512, vocab=tok.vocab_size).item()
             n += valid.sum().item()
     loss = s / max(n, 1)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)), "eval/tokens": n}

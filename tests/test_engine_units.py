@@ -20,27 +20,60 @@ from pipeline import attention as attn
 from pipeline import models
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.engine import DistillObjective, split_tokens
-from pipeline.losses import ce_kd_sums, ce_kd_sums_reference
+from pipeline.losses import TeacherRows, ce_kd_sums_reference, head_ce_kd
 from pipeline.shd import shd_loss_reference, squeeze_weights
 from tests.conftest import tiny_config
 
 
-def test_chunked_ce_kd_matches_dense():
+@pytest.mark.parametrize("teacher_as", ["hidden", "logits"])
+def test_chunked_head_ce_kd_matches_dense(teacher_as):
+    """Values and gradients (hidden states and head weight) against full float64 logits."""
     torch.manual_seed(0)
-    B, T, V = 2, 9, 13
-    s = torch.randn(B, T, V + 3, dtype=torch.float64, requires_grad=True)  # padded student vocab
-    t = torch.randn(B, T, V + 1, dtype=torch.float64)
-    t[0, 0, 2] = -float("inf")  # a zero teacher probability: 0 log 0 = 0
+    B, T, V, H = 2, 9, 13, 5
+    h = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V + 3, H, dtype=torch.float64, requires_grad=True)  # padded student vocab
+    th, tw = torch.randn(B * T, 4, dtype=torch.float64), torch.randn(V + 1, 4, dtype=torch.float64)
+    tw[2] = 0.0
+    th[0, 0] = 1e4  # a vanishing teacher probability: 0 log 0 = 0
+    t_logits = th @ tw.T
+    rows = TeacherRows(hidden=th, weight=tw) if teacher_as == "hidden" else TeacherRows(logits=t_logits)
     lab = torch.randint(0, V, (B, T))
     valid = torch.rand(B, T) > 0.3
-    got = ce_kd_sums(s, lab, valid, t, tau=2.0, chunk=4, vocab=V)
-    ref = ce_kd_sums_reference(s, lab, valid, t, tau=2.0, vocab=V)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-6)
-    g1 = torch.autograd.grad(0.3 * got[0] + 0.7 * got[1], s)[0]
-    g2 = torch.autograd.grad(0.3 * ref[0] + 0.7 * ref[1], s)[0]
-    torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-7)
-    assert g1[..., V:].abs().max() == 0 and g1[~valid].abs().max() == 0
+    total, ce, kl = head_ce_kd(h, w, lab, valid, rows, tau=2.0, chunk=4, vocab=V, w_ce=0.3, w_kl=0.7)
+    ref_ce, ref_kl = ce_kd_sums_reference(h @ w.T, lab, valid, t_logits.reshape(B, T, -1), tau=2.0, vocab=V)
+    torch.testing.assert_close(ce.double(), ref_ce.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl.double(), ref_kl.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total.double(), (0.3 * ref_ce + 0.7 * ref_kl).double(), rtol=1e-6, atol=1e-6)
+    g_h, g_w = torch.autograd.grad(2.5 * total, (h, w))
+    r_h, r_w = torch.autograd.grad(2.5 * (0.3 * ref_ce + 0.7 * ref_kl), (h, w))
+    torch.testing.assert_close(g_h, r_h, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-6, atol=1e-7)
+    assert g_w[V:].abs().max() == 0 and g_h[~valid].abs().max() == 0 and g_h[valid].abs().max() > 0
+
+
+def test_lm_head_intercept_is_one_shot_and_leaves_the_head_a_linear_layer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline import lm_head
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    inp = torch.randint(0, 20, (2, 5))
+    before = model(input_ids=inp).logits
+    with lm_head.intercept(model, lambda head, hidden: hidden.sum()):
+        assert model(input_ids=inp).logits.dim() == 0
+        assert model(input_ids=inp).logits.shape == (2, 5, 20)  # the next call is a plain head again
+    torch.testing.assert_close(model(input_ids=inp).logits, before)
+    with pytest.raises(RuntimeError, match="did not call its output embeddings"):
+        with lm_head.intercept(model, lambda head, hidden: hidden):
+            pass
+    with torch.no_grad():
+        ce = lm_head.ce_sum(model, inp[:, :-1], None, inp[:, 1:], torch.ones(2, 4, dtype=torch.bool),
+                            chunk=3, vocab=20)
+        ref = F.cross_entropy(model(input_ids=inp[:, :-1]).logits.reshape(-1, 20), inp[:, 1:].reshape(-1),
+                              reduction="sum")
+    torch.testing.assert_close(ce, ref, rtol=1e-6, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

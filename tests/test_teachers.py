@@ -148,6 +148,23 @@ def test_shd_maps_targets_and_weights_are_the_models_own(family, tmp_path):
         torch.testing.assert_close(w.double(), literal, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kd_rebuilds_the_models_own_logits_from_its_head_input(family, tmp_path):
+    """Logit KD never holds a teacher's [B, T, V] logits: it rebuilds them chunk by chunk from the
+    head's input and weight. That must give the model's own logits (granite's logits_scaling included)."""
+    from pipeline import lm_head
+
+    path, cfg = save_model(family, tmp_path / family)
+    teacher = _load(path, "sdpa")
+    tokens, mask = _batch(VOCAB)
+    with torch.no_grad():
+        want = teacher(input_ids=tokens, attention_mask=mask).logits.reshape(-1, VOCAB)
+        rows = lm_head.teacher_rows(teacher, tokens, mask, keep_logits=True)
+        assert rows.logits is None and rows.hidden.shape == (want.shape[0], cfg.hidden_size)
+        torch.testing.assert_close(rows.rows(0, want.shape[0], VOCAB), want, rtol=1e-5, atol=1e-5)
+        assert lm_head.teacher_rows(teacher, tokens, mask, keep_logits=False) is None
+
+
 def test_tied_embeddings_and_llama3_rope_survive_save_and_load(tmp_path):
     path, cfg = save_model("llama3_rope_tied", tmp_path / "m")
     model = _load(path, "sdpa", torch.float32)
@@ -260,7 +277,8 @@ def _captured_qk(teacher, layer, inp):
 def test_gemma2_is_refused_for_shd_from_its_config_and_runs_logit_kd_in_eager(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config
 
-    from pipeline.losses import ce_kd_sums, ce_kd_sums_reference
+    from pipeline import lm_head
+    from pipeline.losses import ce_kd_sums_reference, head_ce_kd
 
     cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -280,12 +298,16 @@ def test_gemma2_is_refused_for_shd_from_its_config_and_runs_logit_kd_in_eager(tm
     tokens, mask = _batch(VOCAB, 12)
     with torch.no_grad():
         teacher_logits = teacher(input_ids=tokens, attention_mask=mask).logits
-    student_logits = torch.randn(3, 12, VOCAB, requires_grad=True)
+    # its logits are soft-capped after the head, so KD takes them in full, not from the head's input
+    assert not lm_head.passes_hidden(teacher)
+    with torch.no_grad():
+        rows = lm_head.teacher_rows(teacher, tokens, mask, keep_logits=True)
+    hidden, weight = torch.randn(3, 12, 16, requires_grad=True), torch.randn(VOCAB, 16, requires_grad=True)
     valid = mask.bool()
-    got = ce_kd_sums(student_logits, tokens, valid, teacher_logits, tau=2.0, chunk=7)
-    want = ce_kd_sums_reference(student_logits, tokens, valid, teacher_logits, tau=2.0)
-    assert torch.isfinite(got[1]) and got[1] > 0
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    _, _, got = head_ce_kd(hidden, weight, tokens, valid, rows, tau=2.0, chunk=7)
+    _, want = ce_kd_sums_reference(hidden @ weight.T, tokens, valid, teacher_logits, tau=2.0)
+    assert torch.isfinite(got) and got > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
     # and the attention function's last line of defence, should such a teacher reach it anyway
     shd = _load(tmp_path / "gemma2", attn.TEACHER_ATTN, torch.float32)

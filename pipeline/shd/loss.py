@@ -116,9 +116,18 @@ def _blockwise(
     # teacher heads that no target draws on (select, hard selection, weights clipped to 0) are skipped
     used = mix.ne(0).flatten(0, 1).any(dim=0).nonzero().flatten()
     per_kv = teacher_q.shape[1] // teacher_k.shape[1]
-    tq = teacher_q[:, used].to(dtype)
-    tk = teacher_k[:, used // per_kv].to(dtype)
     mix = mix[:, :, used]
+    if bool(((mix == 0) | (mix == 1)).all()):
+        # every target is one teacher head's map (select, hard selection): score that head for each
+        # student head directly, and get the target's entropy from its log-probabilities
+        pick = used[mix.argmax(dim=-1)]  # [B, N] teacher head of each student head
+        batch_index = torch.arange(batch, device=device)[:, None]
+        tq = teacher_q[batch_index, pick].to(dtype)
+        tk = teacher_k[batch_index, pick // per_kv].to(dtype)
+        mix = None
+    else:
+        tq = teacher_q[:, used].to(dtype)
+        tk = teacher_k[:, used // per_kv].to(dtype)
     student_scale = student_spec.scale_for(student_dim)
     teacher_scale = teacher_spec.scale_for(teacher_q.shape[-1])
     teacher_window, student_window = teacher_spec.window_for(length), student_spec.window_for(length)
@@ -141,14 +150,21 @@ def _blockwise(
                         BlockMask(attention_mask, right_padded, start, end, device, teacher_window, first))
         # in-place masking and early deletes keep at most two [B, M, block, keys] buffers alive
         teacher_scores = (tq[:, :, start:end] @ tk[:, :, first:end].transpose(-1, -2)).mul_(teacher_scale / tau)
-        target = merged_target(teacher_scores, teacher_mask, mix, merge, sharpen)
-        del teacher_scores
+        # KL per row = sum t log t - sum t log s, each as a batched row-by-row dot product
+        if mix is None:
+            log_target = teacher_mask.fill_(teacher_scores.div_(sharpen), lowest).log_softmax(dim=-1)
+            del teacher_scores
+            target = log_target.exp()
+            row_kl = _row_dot(target, log_target)
+            del log_target
+        else:
+            target = merged_target(teacher_scores, teacher_mask, mix, merge, sharpen)
+            del teacher_scores
+            row_kl = torch.xlogy(target, target).sum(dim=-1)
         student_scores = (sq[:, :, start:end] @ sk[:, :, first:end].transpose(-1, -2)).mul_(student_scale / tau)
         log_student = student_mask.fill_(student_scores, lowest).log_softmax(dim=-1)
         del student_scores
-        # KL per row = sum t log t - sum t log s, the second as a batched row-by-row dot product
-        cross = (target.unsqueeze(-2) @ log_student.unsqueeze(-1)).view(target.shape[:-1])
-        row_kl = torch.xlogy(target, target).sum(dim=-1).sub_(cross)
+        row_kl = row_kl.sub_(_row_dot(target, log_student))
         block_rows = rows[:, None, start:end]
         total = total + (row_kl * block_rows).sum()
         if with_grad:
@@ -158,6 +174,11 @@ def _blockwise(
             grad_q[:, :, start:end] = grad_scores @ sk[:, :, first:end]
             grad_k[:, :, first:end] += grad_scores.transpose(-1, -2) @ sq[:, :, start:end]
     return total * (tau * tau) / count, grad_q, grad_k
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum over the last dim of a * b, as a batched matrix product (no [.., keys] temporary)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).view(a.shape[:-1])
 
 
 def _fold_kv_grad(grad_k: Tensor, num_kv: int) -> Tensor:
