@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ import torch
 
 from data_prep.manifest import TOKENIZER_FILES, DataError, read_manifest, tokenizer_files_sha256
 from pipeline.config import ConfigError
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE
+from pipeline.export import ExportRefused, NonFiniteWeights
+from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 
 #: (where a tokenizer identity comes from, its tokenizer files sha256)
 Claim = tuple[str, str]
@@ -70,13 +72,20 @@ def _hf_perplexity(model_dir: Path, data_dir: str, seq_len: int, split: str, mb:
                    max_batches: int | None, dump: str | None) -> dict:
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return _model_perplexity(model, data_dir, seq_len, split, mb, max_batches, dump)
+
+
+def _model_perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, max_batches: int | None,
+                      dump: str | None) -> dict:
+    """Perplexity of a plain (one-process) model over every batch of the split, up to max_batches."""
     from pipeline.data import PackedSampleReader
     from pipeline.engine import split_tokens
     from pipeline.lm_head import ce_sum
 
     tok = read_manifest(data_dir).tokenizer
     pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.eval()
     reader = PackedSampleReader(data_dir, split=split, seq_len=seq_len, verify_checksums=False,
                                 model_vocab_size=model.config.vocab_size)
     s = n = 0.0
@@ -109,10 +118,19 @@ def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None,
     state = ckpt.read_state(path)
     if tokenizer_claims is not None:
         check_tokenizer(checkpoint_tokenizer_claims(path, state) + tokenizer_claims, path, cfg.data.dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.get("world_size") != world:
+        if world != 1:
+            raise ConfigError(f"{path} was saved by {state.get('world_size')} ranks and this evaluation runs "
+                              f"{world}: run it with {state.get('world_size')} processes, or with one")
+        # one process: the ZeRO shards consolidated into a plain model, as pipeline.export does
+        from pipeline.export import load_student
+
+        print(f"{path} was saved by {state.get('world_size')} ranks: evaluating its consolidated weights in "
+              "this one process", file=sys.stderr)
+        return _model_perplexity(load_student(path), cfg.data.dir, cfg.data.seq_len, cfg.eval.split,
+                                 cfg.eval.micro_batch_size or cfg.data.micro_batch_size, cfg.eval.max_batches, dump)
     t = Trainer(cfg, for_eval=True)
-    if state.get("world_size") != t.world:
-        raise ConfigError(f"{path} was saved by {state.get('world_size')} ranks; evaluate it with "
-                          f"that many processes, or export it first (python -m pipeline.export)")
     t.student.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True,
                               load_optimizer_states=False, load_lr_scheduler_states=False)
     out = t.evaluate()
@@ -137,11 +155,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0],
                                  allow_abbrev=False)
     ap.add_argument("--checkpoint", required=True, help="checkpoint (tag dir or root) or exported HF dir")
-    ap.add_argument("--data", help="data dir (default: the one in the checkpoint's config)")
+    ap.add_argument("--data", help="data dir (default: the training run's, from the checkpoint's or the "
+                                   "export's config)")
     ap.add_argument("--split", default=None, help="data split (default: eval.split of the config, or val)")
     ap.add_argument("--max-batches", type=int, default=None)
     ap.add_argument("--micro-batch-size", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=None, help="HF dir only (default 128 or the model's max)")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="model dir only (default: the training run's data.seq_len for an export, else 128)")
     ap.add_argument("--tokenizer", default=None,
                     help="the model's tokenizer dir, for a model dir without tokenizer files (also checked "
                          "against the data)")
@@ -163,17 +183,33 @@ def _evaluate(a: argparse.Namespace) -> dict | None:
         print("warning: --skip-tokenizer-check: the model's tokenizer is not compared with the data's",
               file=sys.stderr)
     if (path / "config.json").is_file() and not (path / "trainer_state.json").is_file():
-        if not a.data:
-            raise ConfigError("--data is required to evaluate an exported model directory")
+        data, seq_len = _export_data(path, a.data, a.seq_len)
         if not a.skip_tokenizer_check:
-            check_tokenizer(model_tokenizer_claims(path) + user_claims, path, a.data)
-        return _hf_perplexity(path, a.data, a.seq_len or 128, a.split or "val", a.micro_batch_size or 4,
+            check_tokenizer(model_tokenizer_claims(path) + user_claims, path, data)
+        return _hf_perplexity(path, data, seq_len, a.split or "val", a.micro_batch_size or 4,
                               a.max_batches, a.dump_logits)
     out = _checkpoint_perplexity(ckpt.resolve(path), _checkpoint_overrides(a), a.dump_logits,
                                  None if a.skip_tokenizer_check else user_claims)
     import torch.distributed as dist
 
-    return out if dist.get_rank() == 0 else None
+    return out if not dist.is_initialized() or dist.get_rank() == 0 else None
+
+
+def _export_data(model_dir: Path, data: str | None, seq_len: int | None) -> tuple[str, int]:
+    """(data dir, seq_len) for a model directory: the flags, else what its training run used
+    (an export's training_config.yaml), else an error naming the flag to pass."""
+    import yaml
+
+    recorded = model_dir / "training_config.yaml"
+    trained = (yaml.safe_load(recorded.read_text()) or {}).get("data") or {} if recorded.is_file() else {}
+    if data is None:
+        data = trained.get("dir")
+        if data is None:
+            raise ConfigError(f"{model_dir} records no training data (no training_config.yaml, not made by "
+                              "pipeline.export): pass --data DIR")
+        if not Path(data).is_dir():
+            raise ConfigError(f"{recorded} names data.dir {data}, which does not exist here: pass --data DIR")
+    return data, seq_len or trained.get("seq_len") or 128
 
 
 def _checkpoint_overrides(a: argparse.Namespace) -> list[str]:
@@ -196,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     a = _parse_args(argv)
     try:
         out = _evaluate(a)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ExportRefused) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return CONFIG_ERROR_EXIT_CODE
+        return NONFINITE_EXIT_CODE if isinstance(e, NonFiniteWeights) else CONFIG_ERROR_EXIT_CODE
     if out is not None:
-        print(f"perplexity {out['eval/perplexity']:.4f} | loss {out['eval/loss']:.4f} | "
+        print(f"perplexity {out['eval/perplexity']:.6f} | loss {out['eval/loss']:.8f} | "
               f"tokens {int(out['eval/tokens'])}", flush=True)
     return 0
 

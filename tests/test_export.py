@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -46,8 +47,16 @@ def test_export_round_trip_and_evaluate(ref_run, tmp_path, tiny_data):
     torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-5)
     assert AutoTokenizer.from_pretrained(out).vocab_size == model.config.vocab_size
 
-    r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(out), "--data",
-                        str(tiny_data[1]), "--seq-len", "32", "--max-batches", "2"],
+    # data dir and seq_len come from the export's training_config.yaml
+    same_batches = ["--max-batches", "2", "--micro-batch-size", "2"]
+    r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(out), *same_batches],
                        cwd=REPO, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("perplexity ")
+    # the 2-rank checkpoint evaluated from one process (its shards consolidated): the export's number
+    one = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(ckpts), *same_batches],
+                         cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    assert "saved by 2 ranks" in one.stderr
+    ppl = [float(re.search(r"^perplexity (\S+)", x.stdout, re.M).group(1)) for x in (r, one)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6), ppl

@@ -97,6 +97,26 @@ def test_evaluate_refuses_data_of_another_tokenizer(tiny_data, other_data, tmp_p
     assert capsys.readouterr().out.startswith("perplexity ")
 
 
+def test_evaluate_model_dir_takes_data_and_seq_len_from_its_training_config(tiny_data, tmp_path, capsys):
+    import yaml
+
+    tok, data = tiny_data
+    model = hf_model(tmp_path / "model", vocab_of(data), tok)
+    assert evaluate.main(["--checkpoint", str(model), *EVAL_ARGS]) == 2  # nothing records the data
+    assert "records no training data" in capsys.readouterr().err
+    config = {"data": {"dir": str(tmp_path / "gone"), "seq_len": 16}}
+    (model / "training_config.yaml").write_text(yaml.safe_dump(config))
+    assert evaluate.main(["--checkpoint", str(model), *EVAL_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "training_config.yaml names data.dir" in err and "--data" in err
+    config["data"]["dir"] = str(data)
+    (model / "training_config.yaml").write_text(yaml.safe_dump(config))
+    assert evaluate.main(["--checkpoint", str(model), "--max-batches", "1", "--micro-batch-size", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("perplexity ") and line.endswith("tokens 32"), line  # 2 x seq_len 16 labels
+    assert len(line.split()[1].split(".")[1]) == 6  # more than 4 decimals
+
+
 def test_evaluate_model_without_tokenizer_needs_one(tiny_data, other_data, tmp_path, capsys):
     tok, data = tiny_data
     model = hf_model(tmp_path / "model", vocab_of(data))
