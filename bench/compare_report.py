@@ -8,7 +8,7 @@ A run's record (``summarize_run``):
     final train CE (mean of ``loss/ce`` over the last 10 % of steps: comparable across variants,
     unlike ``loss/total`` whose terms differ), tokens/s (median of ``perf/tokens_per_s``), peak
     memory (max of ``perf/peak_mem_mib``, rank 0: peak RSS on CPU, max allocated on CUDA), and the
-    SHD mixing-weight statistics (``shd_weights/layer_XX_mean_max`` and ``..._entropy``: per layer,
+    SHD mixing-weight statistics (``shd_weights/layer_XX_mean_max`` and ``..._entropy``: per student layer XX,
     mean over sequences and student heads of the largest weight of a row of W and of its entropy),
     averaged over layers and over the last 10 % of steps.
 """

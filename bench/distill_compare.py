@@ -176,7 +176,9 @@ class Runner:
             return
         self.prepare_dir(run_dir, cfg)
         cmd = [*self.launcher, str(run_dir / "config.yaml")]
-        env = dict(os.environ, NPROC=str(self.args.nproc), PYTHONUNBUFFERED="1", SHD_ENV_SETUP="0",
+        # the launch scripts run `python`: make it this interpreter even when no venv is activated
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = dict(os.environ, NPROC=str(self.args.nproc), PYTHONUNBUFFERED="1", SHD_ENV_SETUP="0", PATH=path,
                    **(extra_env or {}))
         log(f"  $ NPROC={self.args.nproc} {shlex.join(cmd)}   (full log: {run_dir}/launch.log)")
         self._stream(cmd, env, run_dir / "launch.log", name)

@@ -321,10 +321,12 @@ class Trainer:
             "perf/peak_mem_mib": peak_memory_mib(),
             "data/consumed_tokens": float(self.consumed_tokens),
         })
-        if self.chan is not None:
-            for t, st in sorted(self.chan.weight_stats.items()):
-                out[f"shd_weights/layer_{t:02d}_mean_max"] = st[0].item()
-                out[f"shd_weights/layer_{t:02d}_entropy"] = st[1].item()
+        if self.chan is not None:  # tagged by student layer, as shd/layer_XX (its teacher layer: the run log)
+            for s, t in sorted(self.chan.pairs.items()):
+                if t in self.chan.weight_stats:
+                    st = self.chan.weight_stats[t]
+                    out[f"shd_weights/layer_{s:02d}_mean_max"] = st[0].item()
+                    out[f"shd_weights/layer_{s:02d}_entropy"] = st[1].item()
         return out
 
     # ------------------------------------------------------------------------------------------
