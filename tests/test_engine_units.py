@@ -304,3 +304,21 @@ def test_tokenizer_mismatch_fails(tiny_data, tiny_teacher, tmp_path):
                                        **{"data.tokenizer_dir": str(other)}))
     with pytest.raises(ConfigError, match="does not match the tokenizer the data"):
         models.Preflight(cfg)
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr(tiny_data, tiny_teacher, tmp_path, warmup):
+    import math
+
+    cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, tiny_teacher, **{
+        "optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": warmup, "optim.max_steps": 13}))
+    lr = [1e-3 * models.lr_lambda(cfg)(s) for s in range(16)]
+    assert lr[:warmup] == pytest.approx([1e-3 * (s + 1) / warmup for s in range(warmup)])
+    assert lr[warmup] == pytest.approx(1e-3)  # the peak, the first step after warm-up
+    mid = warmup + (13 - warmup) / 2
+    if mid.is_integer():
+        assert lr[int(mid)] == pytest.approx(0.55e-3)  # half way down the cosine: (lr + min_lr) / 2
+    assert all(a > b for a, b in zip(lr[warmup:13], lr[warmup + 1:14]))
+    assert lr[13:] == pytest.approx([1e-4] * 3)  # min_lr from max_steps on (never below)
+    cos = [1e-4 + 0.45e-3 * (1 + math.cos(math.pi * (s - warmup) / (13 - warmup))) for s in range(warmup, 14)]
+    assert lr[warmup:14] == pytest.approx(cos)
