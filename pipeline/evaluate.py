@@ -77,7 +77,7 @@ def _hf_perplexity(model_dir: Path, data_dir: str, seq_len: int, split: str, mb:
 
 
 def _model_perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, max_batches: int | None,
-                      dump: str | None) -> dict:
+                      dump: str | None, chunk: int = 512) -> dict:
     """Perplexity of a plain (one-process) model over every batch of the split, up to max_batches."""
     from pipeline.data import PackedSampleReader
     from pipeline.engine import split_tokens
@@ -94,7 +94,7 @@ def _model_perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, m
             inp, labels, valid, mask = split_tokens(b, pad)
             if i == 0 and dump:
                 torch.save({"input_ids": inp, "logits": model(input_ids=inp, attention_mask=mask).logits}, dump)
-            s += ce_sum(model, inp, mask, labels, valid, chunk=512, vocab=tok.vocab_size).item()
+            s += ce_sum(model, inp, mask, labels, valid, chunk=chunk, vocab=tok.vocab_size).item()
             n += valid.sum().item()
     loss = s / max(n, 1)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)), "eval/tokens": n}
@@ -129,7 +129,8 @@ def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None,
         print(f"{path} was saved by {state.get('world_size')} ranks: evaluating its consolidated weights in "
               "this one process", file=sys.stderr)
         return _model_perplexity(load_student(path), cfg.data.dir, cfg.data.seq_len, cfg.eval.split,
-                                 cfg.eval.micro_batch_size or cfg.data.micro_batch_size, cfg.eval.max_batches, dump)
+                                 cfg.eval.micro_batch_size or cfg.data.micro_batch_size, cfg.eval.max_batches, dump,
+                                 chunk=cfg.distill.kd_chunk_size)
     t = Trainer(cfg, for_eval=True)
     t.student.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True,
                               load_optimizer_states=False, load_lr_scheduler_states=False)
@@ -201,7 +202,8 @@ def _export_data(model_dir: Path, data: str | None, seq_len: int | None) -> tupl
     import yaml
 
     recorded = model_dir / "training_config.yaml"
-    trained = (yaml.safe_load(recorded.read_text()) or {}).get("data") or {} if recorded.is_file() else {}
+    saved = yaml.safe_load(recorded.read_text()) if recorded.is_file() else None
+    trained = (saved or {}).get("data") or {}
     if data is None:
         data = trained.get("dir")
         if data is None:
