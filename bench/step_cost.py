@@ -92,7 +92,7 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
 
     from pipeline import attention as attn
     from pipeline.config import config_from_dict
-    from pipeline.engine import DistillObjective
+    from pipeline.objective import DistillObjective
     from pipeline.losses import ce_kd_sums_reference
     from pipeline.shd.plan import layer_map
     from pipeline.shd.reference import weights_from_maps
@@ -101,11 +101,16 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
     ts, ss, vocab = p["teacher"], p["student"], p["vocab"]
     plan = "select" if variant == "select" else "pairwise"
     captured = variant in ("shd", "select")
+    pairs = dict(enumerate(layer_map(ss["layers"], ts["layers"])))
+    capture = None
+    if captured:
+        capture = attn.ShdCapture(attn.ShdChannel(pairs=pairs, num_student_heads=ss["heads"], plan=plan,
+                                                  objective="output", tau=1.0, block_size=128))
     t_attn, s_attn = {"kd": ("sdpa", "sdpa"), "dense": ("eager", "eager")}.get(
         variant, (attn.TEACHER_ATTN, attn.STUDENT_ATTN))
     teacher = _llama(ts, vocab, seq_len, t_attn, 0).to(device).eval().requires_grad_(False)
     student = _llama(ss, vocab, seq_len, s_attn, 1).to(device).train()
-    # the engine's activation checkpointing (pipeline/models.py): per layer, non-reentrant
+    # the engine's activation checkpointing (pipeline/builders.py): per layer, non-reentrant
     student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     cfg = config_from_dict({
@@ -115,14 +120,9 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         "distill": {"w_ce": 0.5, "w_kd": 0.5, "tau_kd": 2.0, "w_shd": 0.0 if variant == "kd" else 1.0,
                     "plan": plan, "objective": "output", "kd_chunk_size": 512, "shd_block_size": 128},
     }, [])
-    pairs = dict(enumerate(layer_map(ss["layers"], ts["layers"])))
-    chan = None
-    if captured:
-        chan = attn.ShdChannel(pairs=pairs, num_student_heads=ss["heads"], plan=plan, objective="output",
-                               tau=1.0, block_size=128)
-        attn.attach_teacher(teacher, chan)
-        attn.attach_student(student, chan)
-    objective = DistillObjective(cfg, vocab, chan)
+    if capture is not None:
+        capture.attach(student, teacher)
+    objective = DistillObjective(cfg, vocab, capture)
     values: dict[int, torch.Tensor] = {}
     if variant == "dense":  # the teacher's values of distilled layers, for the mixing weights
         mods = attn.attention_modules(teacher)
@@ -165,8 +165,8 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         else:
             loss, _ = objective(student, teacher, inp, labels, valid, None, n_tok, float(inp.numel()))
         loss.backward()
-        if chan is not None:
-            chan.clear()
+        if capture is not None:
+            capture.end()
         opt.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -7,14 +7,14 @@ Computed, not measured: parameter bytes from the counts (bf16 weights, fp32 Adam
 student), traffic from ZeRO-3's all-gathers (each rank receives the whole model but its own share
 per forward) and, for the student, its backward all-gather and gradient reduce-scatter. Activations
 and buffers are left out; they do not depend on the placement. The formulas are
-``pipeline.models.TeacherPlacement``'s, the ones the run log prints.
+``pipeline.ds_config.TeacherPlacement``'s, the ones the run log prints.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from pipeline.models import TeacherPlacement
+from pipeline.ds_config import TeacherPlacement
 
 BF16 = 2
 STUDENT_BYTES_PER_PARAM = 2 + 2 + 12  # bf16 weights + bf16 grads + fp32 master, m, v (ZeRO-3, partitioned)

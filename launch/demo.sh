@@ -17,7 +17,7 @@
 # Every stage leaves a DONE marker: running the demo again reuses what is finished (an interrupted
 # stage resumes from its newest checkpoint or starts over). --fresh deletes runs/demo first.
 #
-# Options (all but --fresh/--help are bench/distill_compare.py's, which does the work):
+# Options (all but --fresh/--help are python -m pipeline.study's, which does the work):
 #   --budget ci|demo|small|large   steps, vocabulary and evaluation size (default demo;
 #                                  or DEMO_BUDGET=...). ci = a 2-3 minute smoke run
 #   --steps N / --tokens N         student budget;   --teacher-steps N   teacher budget
@@ -32,17 +32,19 @@
 #                                  keeps 3 heads (--student-heads N, N <= teacher heads)
 #   --data SHARDS --tokenizer DIR  already prepared shards (data_prep.shard) and their tokenizer
 #   --student-config / --teacher-config YAML   other model shapes (defaults configs/demo_*.yaml)
-#   --override key=value           extra engine setting for every student (repeatable)
+#   --override key=value           extra engine setting for every student (repeatable, each key once)
 #   --out DIR                      output directory (default runs/demo)
 #   --launcher CMD                 how a run is started (default 'bash launch/local.sh')
-#   --dry-run                      print the stages and commands, run nothing
+#   --dry-run                      check every run config, print the stages and commands,
+#                                  run nothing
 #   --fresh                        delete the output directory first
 # Examples:
 #   bash launch/demo.sh --budget ci --out runs/demo-ci         # smoke test
 #   bash launch/demo.sh --steps 1000 --teacher-steps 2000 --seeds 3
 #   bash launch/demo.sh --corpus ~/texts/ --vocab 8000 --out runs/mytexts
 #   bash launch/demo.sh --teacher /models/TinyLlama --corpus data.jsonl --student-config my_student.yaml
-# More: python bench/distill_compare.py --help; sweeps and the analysis: docs/results.md.
+# More: python -m pipeline.study --help (or python bench/distill_compare.py --help); sweeps and
+# the analysis: docs/results.md.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -77,7 +79,7 @@ if ((fresh)) && [[ -d "$out" ]]; then
   rm -rf -- "$out"
 fi
 
-python bench/distill_compare.py --preset demo "${args[@]}"
+python -m pipeline.study --preset demo "${args[@]}"
 
 for a in "${args[@]}"; do [[ "$a" == "--dry-run" ]] && exit 0; done
 elapsed=$(( $(date +%s) - t0 ))

@@ -18,8 +18,10 @@ Two attention functions are registered (selected per model with ``attn_implement
   layer outlives it except the scalar. Which families these functions serve correctly is
   ``pipeline.architectures``' table.
 
-The losses of a forward pass are computed and recorded while ``ShdChannel.recording`` is true.
-The engine clears that flag before ``backward``: non-reentrant activation checkpointing runs each
+``ShdCapture`` is the one object the objective, the trainer, benchmarks and tests drive; it also
+registers the two functions (explicitly, not on import). The losses of a forward pass are computed
+and recorded while ``ShdChannel.recording`` is true; ``ShdCapture.layer_losses`` clears that flag
+before ``backward``: non-reentrant activation checkpointing runs each
 layer's forward again during backward to rebuild its saved tensors, and that re-run skips the SHD
 loss. The loss saves nothing through autograd's saved-tensor hooks (its gradient w.r.t. q and k,
 computed in the forward pass, is kept on the autograd node), so the re-run has nothing to rebuild
@@ -190,7 +192,8 @@ def attach_student(model: torch.nn.Module, chan: ShdChannel) -> None:
 
 
 def register() -> None:
-    """Register both functions (idempotent); the masks are built as for SDPA."""
+    """Register both functions with transformers (idempotent; needed before a model is built with
+    ``attn_implementation`` TEACHER_ATTN or STUDENT_ATTN); the masks are built as for SDPA."""
     AttentionInterface.register(TEACHER_ATTN, teacher_attention)
     AttentionInterface.register(STUDENT_ATTN, student_attention)
     AttentionMaskInterface.register(TEACHER_ATTN, sdpa_mask)
@@ -198,4 +201,53 @@ def register() -> None:
     assert TEACHER_ATTN in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 
 
-register()
+class ShdCapture:
+    """The SHD attention capture of one run, as the objective, the trainer, benchmarks and tests
+    drive it: build the models with ``teacher_impl`` / ``student_impl``, ``attach`` them (after
+    ``deepspeed.initialize``), then per micro-batch ``begin(mask)``, the teacher's and the
+    student's forwards, ``layer_losses()`` (before backward), ``end()`` (after backward)."""
+
+    teacher_impl = TEACHER_ATTN
+    student_impl = STUDENT_ATTN
+
+    def __init__(self, chan: ShdChannel) -> None:
+        register()
+        self.chan = chan
+
+    @classmethod
+    def from_config(cls, distill, pairs: dict[int, int], num_student_heads: int) -> "ShdCapture":
+        return cls(ShdChannel.from_config(distill, pairs, num_student_heads))
+
+    @property
+    def pairs(self) -> dict[int, int]:
+        """{student layer: teacher layer} of the distilled layers."""
+        return self.chan.pairs
+
+    def attach(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        """Point both models' distilled layers at the channel (plain modules, not engines)."""
+        attach_student(student, self.chan)
+        attach_teacher(teacher, self.chan)
+
+    def begin(self, attention_mask: torch.Tensor | None) -> None:
+        self.chan.begin(attention_mask)
+
+    def layer_losses(self) -> dict[int, torch.Tensor]:
+        """{student layer: SHD loss} of this micro-batch's forward; recording stops here, so that
+        activation checkpointing's re-run of the forward in backward does not compute it again."""
+        chan = self.chan
+        chan.recording = False
+        if set(chan.losses) != set(chan.pairs):
+            raise RuntimeError(f"SHD losses recorded for layers {sorted(chan.losses)}, expected {sorted(chan.pairs)}")
+        return dict(sorted(chan.losses.items()))
+
+    def end(self) -> None:
+        self.chan.clear()
+
+    def weight_stats(self) -> dict[int, tuple[float, float]]:
+        """{student layer: (mean max mixing weight, mean entropy)} of the last micro-batch."""
+        stats = self.chan.weight_stats
+        return {s: (stats[t][0].item(), stats[t][1].item()) for s, t in sorted(self.chan.pairs.items()) if t in stats}
+
+    def describe(self) -> str:
+        return (f"SHD plan={self.chan.plan} objective={self.chan.objective} layers (student->teacher) "
+                f"{self.chan.pairs}")

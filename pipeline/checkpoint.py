@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -190,10 +191,26 @@ def load_rng(ckpt: Path, rank: int) -> bool:
     return True
 
 
-def commit(root: Path, ckpt: Path, trainer_state: dict, resolved_yaml: str) -> None:
-    """Rank 0, after the barrier that follows every rank's writes."""
-    (ckpt / "resolved_config.yaml").write_text(resolved_yaml)
-    (ckpt / STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+@dataclass(frozen=True)
+class Records:
+    """What a checkpoint records beside DeepSpeed's files (:data:`RECORD_FILES`)."""
+
+    trainer_state: dict  # step, consumed samples/tokens, reader state, identities, run id
+    resolved_config: str  # the run config with its derived values (YAML)
+    student_config: str  # the student's Hugging Face config (JSON)
+
+
+#: The files of :class:`Records`, in every checkpoint and in its universal copy.
+RECORD_FILES = (STATE, "resolved_config.yaml", "student_config.json")
+
+
+def commit(root: Path, ckpt: Path, records: Records) -> None:
+    """Write the records, COMPLETE and the pointer: rank 0, after the barrier that follows every
+    rank's writes."""
+    texts = (json.dumps(records.trainer_state, indent=1, sort_keys=True), records.resolved_config,
+             records.student_config)
+    for name, text in zip(RECORD_FILES, texts):
+        (ckpt / name).write_text(text)
     write_complete(ckpt)
     atomic_write_text(root / POINTER, ckpt.name + "\n")
 

@@ -16,14 +16,49 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from typing import Optional
+
 import numpy as np
 import torch
+from pydantic import model_validator
 
 from data_prep.indexed import IndexFormatError, read_index, sha256_file
 from data_prep.manifest import (DataError, Manifest, ShardRecord, TokenizerIdentity, read_manifest,
                                 tokenizer_identity)
+from pipeline.settings import ConfigError, Section, setting
 
-__all__ = ["DataError", "Manifest", "PackedSampleReader", "TokenizerIdentity", "read_manifest", "tokenizer_identity"]
+__all__ = ["DataConfig", "DataError", "Manifest", "PackedSampleReader", "TokenizerIdentity", "read_manifest",
+           "split_tokens", "tokenizer_identity"]
+
+
+class DataConfig(Section):
+    dir: str = setting("", "Directory written by data_prep (manifest + shards).")
+    tokenizer_dir: Optional[str] = setting(None, "Tokenizer directory; when set its identity must match the "
+                                                 "manifest's, and export copies it next to the model.")
+    seq_len: int = setting(128, "Tokens per training sample (the reader yields seq_len + 1 for the shift).")
+    micro_batch_size: int = setting(8, "Samples per rank per forward/backward.")
+    verify_checksums: bool = setting(True, "Verify shard checksums when opening the data.")
+
+    @model_validator(mode="after")
+    def _values(self) -> "DataConfig":
+        if not self.dir:
+            raise ConfigError("data.dir is required (the directory written by data_prep)")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        return self
+
+
+def split_tokens(tokens: torch.Tensor, pad_id: int | None, device=None):
+    """[B, T+1] samples -> (inputs [B, T], labels [B, T], valid labels [B, T] bool, 2-D mask or None)."""
+    full = pad_id is None or bool((tokens[:, :-1] != pad_id).all())  # before the copy: no device sync
+    if device is not None:
+        tokens = tokens.to(device)
+    inp, labels = tokens[:, :-1], tokens[:, 1:]
+    if pad_id is None:
+        return inp, labels, torch.ones_like(labels, dtype=torch.bool), None
+    return inp, labels, labels != pad_id, (None if full else (inp != pad_id).long())
 
 
 def _open_shard(root: Path, shard: ShardRecord, dtype: np.dtype, verify_checksums: bool) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Held-out perplexity of a student: a training checkpoint or an exported Hugging Face directory.
 
-    # a checkpoint (tag directory, or the checkpoint root = its newest complete checkpoint);
-    # launched with the world size it was saved with (ZeRO-3 partitions), e.g.
+    # a checkpoint (tag directory, or the checkpoint root = its newest complete checkpoint): one
+    # process, or as many as saved it (each evaluates its share of the batches), e.g.
+    python -m pipeline.evaluate --checkpoint runs/x/checkpoints
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m pipeline.evaluate --checkpoint runs/x/checkpoints
     # an exported model (one process, no DeepSpeed)
     python -m pipeline.evaluate --checkpoint runs/x/export --data data/tiny
@@ -68,47 +69,40 @@ def check_tokenizer(claims: list[Claim], model: Path, data_dir: str | Path) -> N
                             f"model's tokenizer (python -m data_prep.shard --tokenizer ...)")
 
 
-def _hf_perplexity(model_dir: Path, data_dir: str, seq_len: int, split: str, mb: int,
-                   max_batches: int | None, dump: str | None) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return _model_perplexity(model, data_dir, seq_len, split, mb, max_batches, dump)
-
-
-def _model_perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, max_batches: int | None,
-                      dump: str | None, chunk: int = 512) -> dict:
-    """Perplexity of a plain (one-process) model over every batch of the split, up to max_batches."""
-    from pipeline.data import PackedSampleReader
-    from pipeline.engine import split_tokens
-    from pipeline.lm_head import ce_sum
+def _perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, max_batches: int | None,
+                dump: str | None, chunk: int = 512) -> dict:
+    """Perplexity of a plain model over the split (up to max_batches), each rank of the launch
+    taking its data-parallel share, as the trainer's evaluation does; ``dump`` gets rank 0's first
+    batch and its logits (tests)."""
+    from pipeline import distributed
+    from pipeline.evaluator import Evaluator
 
     tok = read_manifest(data_dir).tokenizer
-    pad = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None
-    model.eval()
-    reader = PackedSampleReader(data_dir, split=split, seq_len=seq_len, verify_checksums=False,
-                                model_vocab_size=model.config.vocab_size)
-    s = n = 0.0
-    with torch.no_grad():
-        for i, b in enumerate(reader.eval_batches(mb, max_batches=max_batches)):
-            inp, labels, valid, mask = split_tokens(b, pad)
-            if i == 0 and dump:
-                torch.save({"input_ids": inp, "logits": model(input_ids=inp, attention_mask=mask).logits}, dump)
-            s += ce_sum(model, inp, mask, labels, valid, chunk=chunk, vocab=tok.vocab_size).item()
-            n += valid.sum().item()
-    loss = s / max(n, 1)
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)), "eval/tokens": n}
+    device = distributed.device()
+    model.to(device)
+    evaluator = Evaluator(data_dir, split=split, seq_len=seq_len, micro_batch_size=mb, max_batches=max_batches,
+                          pad_id=tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None,
+                          vocab=tok.vocab_size, chunk=chunk, model_vocab_size=model.config.vocab_size, device=device)
+    out = evaluator(model)
+    if dump and distributed.rank() == 0:
+        inp, _, _, mask = evaluator.batches()[0]
+        with torch.no_grad():
+            logits = model.eval()(input_ids=inp, attention_mask=mask).logits
+        torch.save({"input_ids": inp.cpu(), "logits": logits.cpu()}, dump)
+    return out
 
 
 def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None,
                            tokenizer_claims: list[Claim] | None) -> dict:
-    """Perplexity of a resolved checkpoint; `tokenizer_claims` None: the tokenizer is not checked."""
-    import torch.distributed as dist
+    """Perplexity of a resolved checkpoint's student, its ZeRO shards consolidated into a plain
+    model (no optimizer, no teacher); launched with the world size that saved it, or with one
+    process. `tokenizer_claims` None: the tokenizer is not checked."""
     import yaml
 
     from pipeline import checkpoint as ckpt
+    from pipeline import distributed
     from pipeline.config import config_from_dict
-    from pipeline.engine import Trainer
+    from pipeline.export import load_student
 
     saved = yaml.safe_load((path / "resolved_config.yaml").read_text())
     saved.pop("derived", None)
@@ -123,32 +117,15 @@ def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None,
         if world != 1:
             raise ConfigError(f"{path} was saved by {state.get('world_size')} ranks and this evaluation runs "
                               f"{world}: run it with {state.get('world_size')} processes, or with one")
-        # one process: the ZeRO shards consolidated into a plain model, as pipeline.export does
-        from pipeline.export import load_student
-
         print(f"{path} was saved by {state.get('world_size')} ranks: evaluating its consolidated weights in "
               "this one process", file=sys.stderr)
-        return _model_perplexity(load_student(path), cfg.data.dir, cfg.data.seq_len, cfg.eval.split,
-                                 cfg.eval.micro_batch_size or cfg.data.micro_batch_size, cfg.eval.max_batches, dump,
-                                 chunk=cfg.distill.kd_chunk_size)
-    t = Trainer(cfg, for_eval=True)
-    t.student.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True,
-                              load_optimizer_states=False, load_lr_scheduler_states=False)
-    out = t.evaluate()
-    if dump:
-        from pipeline.data import PackedSampleReader
-
-        reader = PackedSampleReader(cfg.data.dir, split=cfg.eval.split, seq_len=cfg.data.seq_len,
-                                    dp_rank=t.rank, dp_world_size=t.world, verify_checksums=False)
-        b = next(iter(reader.eval_batches(cfg.eval.micro_batch_size or cfg.data.micro_batch_size, 1)))
-        inp, _, _, mask = t._split(b)
-        t.student.eval()
-        with torch.no_grad():
-            logits = t.student(input_ids=inp, attention_mask=mask, use_cache=False).logits
-        if t.rank == 0:
-            torch.save({"input_ids": inp.cpu(), "logits": logits.cpu()}, dump)
-    if dist.is_initialized():
-        dist.barrier()
+    if world > 1:
+        distributed.init_distributed()
+    e = cfg.eval
+    out = _perplexity(load_student(path), cfg.data.dir, cfg.data.seq_len, e.split,
+                      e.micro_batch_size or cfg.data.micro_batch_size, e.max_batches, dump,
+                      chunk=cfg.distill.kd_chunk_size)
+    distributed.barrier()
     return out
 
 
@@ -187,8 +164,11 @@ def _evaluate(a: argparse.Namespace) -> dict | None:
         data, seq_len = _export_data(path, a.data, a.seq_len)
         if not a.skip_tokenizer_check:
             check_tokenizer(model_tokenizer_claims(path) + user_claims, path, data)
-        return _hf_perplexity(path, data, seq_len, a.split or "val", a.micro_batch_size or 4,
-                              a.max_batches, a.dump_logits)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return _perplexity(model, data, seq_len, a.split or "val", a.micro_batch_size or 4, a.max_batches,
+                           a.dump_logits)
     out = _checkpoint_perplexity(ckpt.resolve(path), _checkpoint_overrides(a), a.dump_logits,
                                  None if a.skip_tokenizer_check else user_claims)
     import torch.distributed as dist

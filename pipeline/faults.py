@@ -11,6 +11,11 @@ collective and deadlock); the trainer all-reduces the flag once per step.
 from __future__ import annotations
 
 import signal
+from typing import Optional
+
+from pydantic import model_validator
+
+from pipeline.settings import ConfigError, Float, Section, setting
 
 #: Exit code of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL:
 #: "temporary failure, retry"). Requeue on it; ``--resume auto`` continues from that checkpoint.
@@ -53,3 +58,27 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signum != 0
+
+
+class DebugConfig(Section):
+    """Fault injection for tests; leave empty in real runs."""
+
+    nan_loss_at_steps: list[int] = setting([], "Make the loss NaN on rank 0 at these (1-based) steps.")
+    sleep_per_step: Float = setting(0.0, "Seconds to sleep after each step (lets a test signal mid-run).")
+    hang_in_save_at_step: Optional[int] = setting(None, "During this step's save, after the DeepSpeed files are "
+                                                        "written and before the commit, touch <ckpt>/SAVE_HANG "
+                                                        "and sleep (a test SIGKILLs it).")
+    nonfinite_weights_at_step: Optional[int] = setting(None, "After this optimizer step, overwrite rank 0's share of "
+                                                             "the student's weights with NaN (tests that no "
+                                                             "checkpoint or export is written from non-finite "
+                                                             "weights).")
+
+    @model_validator(mode="after")
+    def _one_based(self) -> "DebugConfig":
+        # steps are 1-based: a step 0 would never fire and the test would pass vacuously
+        for k in ("hang_in_save_at_step", "nonfinite_weights_at_step"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                raise ConfigError(f"debug.{k} must be >= 1 (a 1-based step) or empty, got {getattr(self, k)}")
+        if not all(s >= 1 for s in self.nan_loss_at_steps):
+            raise ConfigError(f"debug.nan_loss_at_steps must hold 1-based steps (>= 1), got {self.nan_loss_at_steps}")
+        return self

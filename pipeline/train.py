@@ -89,7 +89,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def check(cfg: RunConfig, config_path: str | None) -> int:
     """``--check``: the start-up checks that need no weights and no process group, one OK line."""
-    from pipeline.models import Preflight
+    from pipeline.preflight import Preflight
 
     pre = Preflight(cfg)
     s = pre.student_cfg

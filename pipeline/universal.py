@@ -39,7 +39,7 @@ def convert(checkpoint: str | Path, workers: int = 1) -> Path:
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
                     "--output_folder", str(tmp), "--num_extract_workers", str(workers),
                     "--num_merge_workers", str(workers)], check=True)
-    for f in ("trainer_state.json", "resolved_config.yaml", "student_config.json"):
+    for f in ckpt.RECORD_FILES:
         shutil.copy2(path / f, tmp / f)
     (tmp / MARKER).write_text(path.name + "\n")
     ckpt.write_complete(tmp)

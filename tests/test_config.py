@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import ConfigError, config_from_dict, config_from_saved, derive, dump_yaml, load_config
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE
-from pipeline.models import build_ds_configs
+from pipeline.ds_config import build_ds_configs
 from pipeline.train import flag_overrides, main, parse_args
 from tests.conftest import tiny_config, write_config
 

@@ -339,7 +339,7 @@ def merged_data(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path,
 
 
 def test_trainer_accepts_merged_data(tmp_path: Path, tokenizer_dir: Path, merged_data: Path) -> None:
-    from pipeline import models
+    from pipeline.preflight import Preflight
     from pipeline.config import config_from_dict
     from tests.conftest import tiny_config
 
@@ -348,7 +348,7 @@ def test_trainer_accepts_merged_data(tmp_path: Path, tokenizer_dir: Path, merged
     assert batch.shape == (4, 33) and int(batch.max()) < read_manifest(merged_data).tokenizer.vocab_size
     assert reader.num_samples >= 64
     cfg = config_from_dict(tiny_config(tmp_path / "run", (tokenizer_dir, merged_data), None))
-    assert models.Preflight(cfg).vocab == 400
+    assert Preflight(cfg).vocab == 400
 
 
 @pytest.mark.multiprocess

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import attention as attn
-from pipeline import models
+from pipeline.builders import build_student_module, lr_lambda
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.engine import DistillObjective, split_tokens
+from pipeline.data import split_tokens
+from pipeline.objective import DistillObjective
+from pipeline.preflight import Preflight
 from pipeline.losses import TeacherRows, ce_kd_sums_reference, head_ce_kd
 from pipeline.shd import shd_loss_reference, squeeze_weights
 from tests.conftest import tiny_config
@@ -81,14 +83,14 @@ def test_lm_head_intercept_is_one_shot_and_leaves_the_head_a_linear_layer():
 
 def _setup(tiny_data, teacher_dir, tmp_path, **over):
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, teacher_dir, **over))
-    pre = models.Preflight(cfg)
-    chan = attn.ShdChannel.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads)
+    pre = Preflight(cfg)
+    chan = attn.ShdCapture.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads).chan
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32,
                                                    attn_implementation=attn.TEACHER_ATTN).eval()
     teacher.requires_grad_(False)
-    student = models.build_student_module(cfg, pre.student_cfg, attn.STUDENT_ATTN)
+    student = build_student_module(cfg, pre.student_cfg, attn.STUDENT_ATTN)
     attn.attach_teacher(teacher, chan)
     attn.attach_student(student, chan)
     return cfg, pre, chan, teacher, student
@@ -175,7 +177,7 @@ def test_shd_in_engine_equals_reference_on_rebuilt_maps(tiny_data, tiny_teacher,
 
 
 def _objective_loss_and_grads(cfg, pre, chan, teacher, student, tokens):
-    obj = DistillObjective(cfg, pre.vocab, chan)
+    obj = DistillObjective(cfg, pre.vocab, attn.ShdCapture(chan))
     inp, labels, valid, mask = split_tokens(tokens, pre.pad_id)
     n_rows = float(mask.sum()) if mask is not None else float(inp.numel())
     loss, terms = obj(student, teacher, inp, labels, valid, mask, float(valid.sum()), n_rows)
@@ -292,7 +294,7 @@ def test_incompatible_models_fail_before_compute(tiny_data, tmp_path, teacher_kw
     tc.save_pretrained(tmp_path / "teacher")  # config only: preflight reads no weights
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, tmp_path / "teacher", **over))
     with pytest.raises(ConfigError) as e:
-        models.Preflight(cfg)
+        Preflight(cfg)
     assert fragment in str(e.value)
 
 
@@ -303,7 +305,7 @@ def test_tokenizer_mismatch_fails(tiny_data, tiny_teacher, tmp_path):
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, tiny_teacher,
                                        **{"data.tokenizer_dir": str(other)}))
     with pytest.raises(ConfigError, match="does not match the tokenizer the data"):
-        models.Preflight(cfg)
+        Preflight(cfg)
 
 
 @pytest.mark.parametrize("warmup", [0, 3])
@@ -312,7 +314,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr(tiny_da
 
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, tiny_teacher, **{
         "optim.lr": 1e-3, "optim.min_lr": 1e-4, "optim.warmup_steps": warmup, "optim.max_steps": 13}))
-    lr = [1e-3 * models.lr_lambda(cfg)(s) for s in range(16)]
+    lr = [1e-3 * lr_lambda(cfg)(s) for s in range(16)]
     assert lr[:warmup] == pytest.approx([1e-3 * (s + 1) / warmup for s in range(warmup)])
     assert lr[warmup] == pytest.approx(1e-3)  # the peak, the first step after warm-up
     mid = warmup + (13 - warmup) / 2

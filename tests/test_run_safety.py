@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpoint as ckpt
-from pipeline import models
+from pipeline.identity import teacher_identity
+from pipeline.preflight import Preflight
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.run_dir import RUN_FILE, RunDirRefused, RunDirs, claim
 from tests.conftest import tiny_config
@@ -25,7 +26,7 @@ def _checkpoint(root: Path, step: int, run_id: str | None, payload: bytes = b"x"
     (path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(payload)
     (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"model" * 10)
     state = {"step": step} if run_id is None else {"step": step, "run_id": run_id}
-    ckpt.commit(root, path, state, "resolved: config\n")
+    ckpt.commit(root, path, ckpt.Records(state, "resolved: config\n", "{}"))
     return path
 
 
@@ -191,24 +192,24 @@ def _llama(out: Path, vocab: int, seed: int) -> Path:
 
 def test_teacher_identity_sees_weights_replaced_in_place(tmp_path):
     teacher = _llama(tmp_path / "t", 100, seed=0)
-    ident, files = models.teacher_identity(teacher)
+    ident, files = teacher_identity(teacher)
     assert set(files) == {"config.json", "model.safetensors"}
     size = files["model.safetensors"]["bytes"]
     _llama(teacher, 100, seed=1)  # same shapes, other weights, same path
     assert (teacher / "model.safetensors").stat().st_size == size
-    changed, _ = models.teacher_identity(teacher, known=files)
+    changed, _ = teacher_identity(teacher, known=files)
     assert changed["path"] == ident["path"] and changed["content_sha256"] != ident["content_sha256"]
 
 
 def test_teacher_identity_rehashes_only_files_whose_size_or_mtime_changed(tmp_path):
     teacher = _llama(tmp_path / "t", 100, seed=0)
-    ident, files = models.teacher_identity(teacher)
+    ident, files = teacher_identity(teacher)
     # A recorded hash is trusted while size and mtime match, so it is not re-read: a wrong one shows.
     stale = {n: dict(r, sha256="0" * 64) for n, r in files.items()}
-    assert models.teacher_identity(teacher, known=stale)[0] != ident
+    assert teacher_identity(teacher, known=stale)[0] != ident
     weights = teacher / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # touched only
-    again, refreshed = models.teacher_identity(teacher, known=files)
+    again, refreshed = teacher_identity(teacher, known=files)
     assert again == ident and refreshed["model.safetensors"]["mtime_ns"] != files["model.safetensors"]["mtime_ns"]
 
 
@@ -222,10 +223,10 @@ def test_gpt2_teacher_is_refused_for_shd_before_loading_and_accepted_for_kd(tiny
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, tmp_path / "gpt2",
                                        **{"distill.layer_map": [0, 1]}))
     with pytest.raises(ConfigError) as e:
-        models.Preflight(cfg)
+        Preflight(cfg)
     assert "teacher (gpt2" in str(e.value) and "distill.w_shd=0" in str(e.value)
     kd_only = config_from_dict(tiny_config(tmp_path / "run", tiny_data, tmp_path / "gpt2", **{"distill.w_shd": 0.0}))
-    assert models.Preflight(kd_only).pairs is None
+    assert Preflight(kd_only).pairs is None
 
 
 def test_missing_eval_split_is_refused_at_start_up(tiny_data, tmp_path):
@@ -238,11 +239,11 @@ def test_missing_eval_split_is_refused_at_start_up(tiny_data, tmp_path):
     build_shards(ShardOptions(inputs=(str(corpus),), tokenizer=tok, out=data, val_fraction=0.0, shard_tokens=2000))
     over = {"data.dir": str(data), "eval.at_end": True}
     with pytest.raises(ConfigError) as e:
-        models.Preflight(config_from_dict(tiny_config(tmp_path / "run", tiny_data, None, **over)))
+        Preflight(config_from_dict(tiny_config(tmp_path / "run", tiny_data, None, **over)))
     assert "eval.split='val'" in str(e.value) and "--val-fraction" in str(e.value)
     assert "eval.at_end=false" in str(e.value)
     off = dict(over, **{"eval.at_end": False})
-    models.Preflight(config_from_dict(tiny_config(tmp_path / "run", tiny_data, None, **off)))
+    Preflight(config_from_dict(tiny_config(tmp_path / "run", tiny_data, None, **off)))
 
 
 def test_soft_capped_teacher_is_refused_for_shd_from_its_config(tiny_data, tmp_path):
@@ -256,5 +257,5 @@ def test_soft_capped_teacher_is_refused_for_shd_from_its_config(tiny_data, tmp_p
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, tmp_path / "gemma2",
                                        **{"distill.layer_map": [0, 1]}))
     with pytest.raises(ConfigError, match="soft-capping") as e:
-        models.Preflight(cfg)
+        Preflight(cfg)
     assert "distill.w_shd=0" in str(e.value)

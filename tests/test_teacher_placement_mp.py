@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import config_from_dict
-from pipeline.models import resolve_placement
+from pipeline.ds_config import resolve_placement
 from tests.conftest import run_ranks, step_losses, tiny_config
 
 STEPS = 3

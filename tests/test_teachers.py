@@ -19,10 +19,14 @@ import torch.nn.functional as F
 
 from pipeline import architectures
 from pipeline import attention as attn
+from pipeline.builders import build_student_module
 from pipeline.config import ConfigError, config_from_dict
+from pipeline.preflight import Preflight
 from pipeline.shd import MapSpec, attention_maps, shd_loss, squeeze_plan
 from pipeline.shd.reference import weights_from_maps
 from tests.conftest import tiny_config
+
+attn.register()  # the shd_teacher / shd_student attention functions, for models built here
 
 VOCAB = 96
 LENGTH = 24
@@ -178,16 +182,14 @@ def test_tied_embeddings_and_llama3_rope_survive_save_and_load(tmp_path):
 
 
 def _engine_pieces(tiny_data, teacher_dir, tmp_path, **over):
-    from pipeline import models
-
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, teacher_dir, **over))
-    pre = models.Preflight(cfg)
+    pre = Preflight(cfg)
     architectures.check_distillable("teacher", pre.teacher_cfg)
     architectures.check_distillable("student", pre.student_cfg)
     architectures.check_windows(pre.student_cfg, pre.teacher_cfg, pre.pairs, cfg.data.seq_len)
-    chan = attn.ShdChannel.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads)
+    chan = attn.ShdCapture.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads).chan
     teacher = _load(teacher_dir, attn.TEACHER_ATTN, torch.float32)
-    student = models.build_student_module(cfg, pre.student_cfg, attn.STUDENT_ATTN)
+    student = build_student_module(cfg, pre.student_cfg, attn.STUDENT_ATTN)
     attn.attach_teacher(teacher, chan)
     attn.attach_student(student, chan)
     return cfg, pre, chan, teacher, student
@@ -209,7 +211,7 @@ def _eager_attentions(model, tokens, mask):
 ])
 def test_engine_shd_loss_is_the_kl_of_the_models_eager_maps(tiny_data, tmp_path, teacher_family, student_family):
     from pipeline.data import read_manifest
-    from pipeline.engine import DistillObjective
+    from pipeline.objective import DistillObjective
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     length = 64
@@ -231,7 +233,7 @@ def test_engine_shd_loss_is_the_kl_of_the_models_eager_maps(tiny_data, tmp_path,
     tokens = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(4))
     inp, labels = tokens, tokens
     valid = torch.ones_like(tokens, dtype=torch.bool)
-    loss, terms = DistillObjective(cfg, vocab, chan)(student, teacher, inp, labels, valid, None, float(length),
+    loss, terms = DistillObjective(cfg, vocab, attn.ShdCapture(chan))(student, teacher, inp, labels, valid, None, float(length),
                                                       float(length))
     chan.clear()
 
@@ -369,21 +371,21 @@ def test_a_student_window_narrower_than_its_teacher_layer_is_refused():
 
 
 def test_padded_teacher_vocab_is_distilled_on_the_shared_vocab(tiny_data, tmp_path):
-    from pipeline import models
     from pipeline.data import read_manifest
-    from pipeline.engine import DistillObjective, split_tokens
+    from pipeline.data import split_tokens
+    from pipeline.objective import DistillObjective
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     teacher_dir, _ = save_model("llama3_rope_tied", tmp_path / "teacher", vocab + 8)  # 8 padding rows
     over = {"distill.w_shd": 0.0, "distill.w_ce": 0.0, "distill.w_kd": 1.0, "distill.tau_kd": 2.0}
     with pytest.raises(ConfigError, match="distill.allow_padded_vocab=true"):
-        models.Preflight(config_from_dict(tiny_config(tmp_path / "refused", tiny_data, teacher_dir, **over)))
+        Preflight(config_from_dict(tiny_config(tmp_path / "refused", tiny_data, teacher_dir, **over)))
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, teacher_dir,
                                        **over, **{"distill.allow_padded_vocab": True}))
-    pre = models.Preflight(cfg)
+    pre = Preflight(cfg)
     teacher = _load(teacher_dir, "sdpa", torch.float32)
     assert teacher.model.embed_tokens.weight.shape[0] == vocab + 8
-    student = models.build_student_module(cfg, pre.student_cfg, "sdpa")
+    student = build_student_module(cfg, pre.student_cfg, "sdpa")
     tokens = torch.randint(4, vocab, (2, 17), generator=torch.Generator().manual_seed(5))
     inp, labels, valid, mask = split_tokens(tokens, pre.pad_id)
     loss, terms = DistillObjective(cfg, pre.vocab, None)(student, teacher, inp, labels, valid, mask,

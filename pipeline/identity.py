@@ -1,0 +1,33 @@
+"""Identity of a teacher directory for resume checks: a content hash, re-read only when a file changes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from data_prep.indexed import sha256_file
+
+#: The files of a Hugging Face model directory that determine the teacher's outputs.
+TEACHER_FILE_PATTERNS = ("config.json", "*.index.json", "*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def teacher_identity(path: str | Path, known: dict | None = None) -> tuple[dict, dict]:
+    """(identity, file records) of a teacher directory.
+
+    identity = {"path", "content_sha256"}: a hash over the sha256 of every file that defines the
+    model, so weights replaced in place (same shapes) are seen. File records {name: {bytes,
+    mtime_ns, sha256}} are stored with each checkpoint; passing them back as ``known`` reuses a
+    file's hash while its size and modification time are unchanged, so a requeue does not re-read
+    a 100 GB teacher.
+    """
+    p = Path(path)
+    known = known or {}
+    records = {}
+    for f in sorted({f for pattern in TEACHER_FILE_PATTERNS for f in p.glob(pattern) if f.is_file()}):
+        st = f.stat()
+        old = known.get(f.name, {})
+        same = old.get("bytes") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+        records[f.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                           "sha256": old["sha256"] if same and "sha256" in old else sha256_file(f)}
+    h = hashlib.sha256("".join(f"{n}:{r['sha256']}\n" for n, r in records.items()).encode())
+    return {"path": str(p.resolve()), "content_sha256": h.hexdigest()}, records

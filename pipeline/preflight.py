@@ -1,0 +1,59 @@
+"""Preflight: every check of a run that needs no process group and no weights, in one place.
+
+``python -m pipeline.train --check`` runs exactly this; the trainer runs it before building anything.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline import architectures
+from pipeline.ds_config import build_ds_configs
+from pipeline.model_configs import (check_compatibility, check_tokenizer, distill_pairs, student_hf_config,
+                                    teacher_hf_config)
+from pipeline.settings import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+
+def check_eval_split(cfg: RunConfig, model_vocab_size: int) -> None:
+    """When the run evaluates, its split must be readable now, not at the first evaluation."""
+    from pipeline.data import DataError, PackedSampleReader
+
+    e = cfg.eval
+    if not (e.every_steps > 0 or e.at_end):
+        return
+    try:
+        PackedSampleReader(cfg.data.dir, split=e.split, seq_len=cfg.data.seq_len, verify_checksums=False,
+                           model_vocab_size=model_vocab_size)
+    except DataError as err:
+        raise ConfigError(f"evaluation is on (eval.every_steps={e.every_steps}, eval.at_end={e.at_end}) but "
+                          f"eval.split={e.split!r} cannot be read: {err}. Re-shard with a val split "
+                          f"(python -m data_prep.shard ... --val-fraction 0.01), set eval.split to a split the "
+                          f"data has, or turn evaluation off (eval.every_steps=0 eval.at_end=false)") from None
+
+
+class Preflight:
+    """Config + manifest + model configs, checked together before anything is built."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from pipeline.data import read_manifest
+
+        self.cfg = cfg
+        self.manifest = read_manifest(cfg.data.dir)
+        tok = self.manifest.tokenizer
+        self.vocab: int = tok.vocab_size
+        self.pad_id: int | None = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None
+        check_tokenizer(cfg, self.manifest)
+        self.teacher_cfg = teacher_hf_config(cfg) if cfg.uses_teacher else None
+        self.student_cfg = student_hf_config(cfg, self.vocab)
+        if cfg.uses_shd:  # from the configs alone, before any weights load
+            architectures.check_distillable("teacher", self.teacher_cfg)
+            architectures.check_distillable("student", self.student_cfg)
+        check_compatibility(cfg, self.student_cfg, self.teacher_cfg, self.vocab)
+        self.pairs = distill_pairs(cfg, self.student_cfg, self.teacher_cfg) if cfg.uses_shd else None
+        if self.pairs is not None:
+            architectures.check_windows(self.student_cfg, self.teacher_cfg, self.pairs, cfg.data.seq_len)
+        check_eval_split(cfg, self.student_cfg.vocab_size)
+        build_ds_configs(cfg, 1)  # JSON problems surface here too

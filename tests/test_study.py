@@ -1,0 +1,285 @@
+"""The comparison study (pipeline/study/): its variant table, plan, config validation, report
+and runner, on synthetic metrics and dry runs: no training here (the demo tests run the real thing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.study import cli, report
+from pipeline.study.plan import DataPlan, apply_overrides, student_config
+from pipeline.study.variants import BUDGETS, VARIANTS, check_variant, expand_variants, split_variant, variant_label
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_run(run_dir: Path, ppl_curve: list[float], ce0: float, *, steps: int = 20, shd: bool = False,
+               resumed_dup: bool = False) -> Path:
+    run_dir.mkdir(parents=True)
+    lines = []
+    for s in range(1, steps + 1):
+        rec = {"step": s, "loss/ce": ce0 - 0.01 * s, "loss/total": ce0 - 0.01 * s, "perf/tokens_per_s": 1000.0 + s,
+               "perf/step_time_s": 0.5, "perf/peak_mem_mib": 400.0 + s, "data/consumed_tokens": 512.0 * s,
+               "optim/skipped_steps": 0.0}
+        if shd:
+            rec.update({"shd_weights/layer_01_mean_max": 0.5, "shd_weights/layer_01_entropy": 0.9,
+                        "shd_weights/layer_03_mean_max": 0.7, "shd_weights/layer_03_entropy": 0.5})
+        lines.append(rec)
+    every = steps // len(ppl_curve)
+    for i, p in enumerate(ppl_curve):
+        lines.append({"step": every * (i + 1), "eval/loss": math.log(p), "eval/perplexity": p, "eval/tokens": 99.0})
+    if resumed_dup:  # a resumed run appends: the later record of a step wins
+        lines.append({"step": steps, "eval/loss": 0.0, "eval/perplexity": ppl_curve[-1] - 1, "eval/tokens": 99.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "trunc')
+    return run_dir
+
+
+def _given(tmp_path: Path) -> list[str]:
+    """Flags of a study on given (fake) data and teacher: nothing to prepare."""
+    return ["--out", str(tmp_path / "o"), "--data", str(tmp_path / "shards"), "--tokenizer", str(tmp_path / "tok"),
+            "--teacher", str(tmp_path / "teacher")]
+
+
+# --------------------------------------------------------------------------------------------
+# variants and configs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_makes_a_valid_student_config(tmp_path, name):
+    """The engine's config validation accepts each variant of the table (representative budget)."""
+    opts = cli.parse_args(_given(tmp_path) + ["--budget", "small"])
+    data = DataPlan(tmp_path / "tok", tmp_path / "shards")
+    cfg = student_config(opts, name, 1, tmp_path / "teacher" / "export", data, 128, opts.budget.steps,
+                         tmp_path / "runs" / name, tmp_path / "tb" / name)
+    run = config_from_dict(cfg)
+    assert run.optim.max_steps == BUDGETS["small"].steps and run.seed == 1
+    assert run.uses_teacher == (name != "ce")
+
+
+def test_variant_names_and_weights():
+    assert VARIANTS["kd_shd"].dynamic_plan == "pairwise" and VARIANTS["kd_select"].dynamic_plan is None
+    assert report.NO_ATTENTION == ("ce", "kd")
+    check_variant("kd_shd@0.3")
+    for bad, msg in (("kd_shdd", "unknown variant"), ("kd@0.3", "no attention-loss term"),
+                     ("kd_shd@x", "must be a number"), ("kd_shd@0", "must be > 0")):
+        with pytest.raises(ValueError, match=msg):
+            check_variant(bad)
+
+
+def test_weight_sweep_pairs_and_table():
+    """--w-shd-list: variants "x@w" are compared at the same weight; kd (no attention term) with all."""
+    assert expand_variants(["kd", "kd_select", "kd_logit", "kd_hard@0.1"], [0.3, 1.0]) == \
+        ["kd", "kd_select@0.3", "kd_select@1", "kd_logit@0.3", "kd_logit@1", "kd_hard@0.1"]
+    assert cli.parse_args(["--variants", "kd,kd_mean@0.3", "--out", "o"]).variants == ("kd", "kd_mean@0.3")
+    assert split_variant("kd_logit@0.3") == ("kd_logit", 0.3) and split_variant("kd") == ("kd", None)
+    ppl = {"kd": [10.0, 12.0, 11.0], "kd_select@0.3": [9.5, 11.4, 10.6], "kd_logit@0.3": [9.0, 11.0, 10.0],
+           "kd_select@1": [9.0, 11.0, 10.0], "kd_logit@1": [9.2, 11.5, 9.9]}
+    runs = {v: {s: {"final_eval_ppl": p} for s, p in zip((1, 2, 3), ps)} for v, ps in ppl.items()}
+    pairs = {(p["a"], p["b"]): p for p in report.paired_differences(runs)}
+    assert pairs[("kd_logit@0.3", "kd_select@0.3")]["diffs"] == pytest.approx([-0.5, -0.4, -0.6])
+    assert pairs[("kd_logit@1", "kd_select@1")]["diffs"] == pytest.approx([0.2, 0.5, -0.1])
+    assert pairs[("kd_logit@0.3", "kd")]["exceeds_spread"] is True
+    assert ("kd_logit@0.3", "kd_select@1") not in pairs and "w_shd 0.3" in pairs[("kd_logit@0.3", "kd")]["what"]
+    agg = report.aggregate(runs)
+    all_pairs = report.paired_differences(runs)
+    table = report.sweep_table([("h8", agg, all_pairs), ("h16", agg, all_pairs)],
+                               {v: variant_label(v) for v in runs})
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| CE")}
+    assert rows["CE + KD + SHD, score-space merge, w_shd 0.3"].endswith("| 2/2 |")  # beats KD and select twice
+    assert rows["CE + KD + SHD, score-space merge, w_shd 1"].endswith("| 0/2 |")  # ties select at w 1
+    assert rows["CE + KD + attn KD, select, w_shd 1"].endswith("| 2/2 |")  # select: beating KD is enough
+    opts = cli.parse_args(["--variants", "kd,kd_shd", "--w-shd-list", "0.1,1", "--out", "o", "--budget", "ci"])
+    cfg = student_config(opts, "kd_shd@0.1", 1, Path("H"), DataPlan(Path("T"), Path("D")), 128, 5, Path("r"),
+                         Path("tb"))
+    assert cfg["distill"]["w_shd"] == 0.1 and cfg["distill"]["plan"] == "pairwise"
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--w-shd-list", "0,1"])
+
+
+def test_overrides_and_variant_configs(tmp_path):
+    opts = cli.parse_args(["--out", str(tmp_path), "--data", "D", "--tokenizer", "T", "--teacher", "H"])
+    data = DataPlan(Path("T"), Path("D"))
+    cfgs = {v: student_config(opts, v, 3, Path("H"), data, 128, 50, tmp_path / v, tmp_path / "tb" / v)
+            for v in VARIANTS}
+    assert cfgs["ce"]["stage"] == "pretrain" and cfgs["ce"]["teacher"]["path"] is None
+    assert cfgs["kd"]["distill"]["w_shd"] == 0.0 and cfgs["kd"]["distill"]["w_kd"] == 0.5
+    assert cfgs["shd_only"]["distill"]["w_kd"] == 0.0 and cfgs["shd_only"]["distill"]["w_shd"] == 1.0
+    assert {cfgs[v]["distill"]["plan"] for v in ("kd_shd", "kd_group", "kd_mean", "kd_select")} == \
+        {"pairwise", "group", "mean", "select"}
+    # same student, seed, data order, schedule and evaluation for every variant
+    keys = lambda c: (c["student"], c["seed"], c["data"], c["optim"], c["eval"])  # noqa: E731
+    assert len({json.dumps(keys(c), sort_keys=True) for c in cfgs.values()}) == 1
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2.5", "x.y=null", "a.b=[1, 2]"]) == \
+        {"a": {"b": [1, 2], "c": 2.5}, "x": {"y": None}}
+    with pytest.raises(ConfigError, match="'a.b' is given twice"):
+        apply_overrides({}, ["a.b=1", "a.b=2"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["a.b"])
+
+
+# --------------------------------------------------------------------------------------------
+# validation before anything runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_misspelt_override_stops_the_study_before_any_stage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(_given(tmp_path) + ["--variants", "kd,kd_shd", "--override", "distill.w_shdd=1", "--dry-run"])
+    msg = str(e.value.code)
+    assert "distill.w_shdd" in msg and "variant kd_shd" in msg and "variant kd " in msg and "nothing was run" in msg
+    assert "stage " not in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_value_in_a_sweep_names_the_setting(tmp_path):
+    argv = _given(tmp_path) + ["--variants", "kd", "--seeds", "2", "--steps-list", "10,20", "--dry-run",
+                               "--override", "optim.warmup_steps=15"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    msg = str(e.value.code)
+    # 15 warm-up steps fit the 20-step setting, not the 10-step one
+    assert "variant kd (setting h8_T128_s10) (seed 1, seed 2): optim.warmup_steps (15)" in msg, msg
+    assert "s20" not in msg
+
+
+def test_same_override_twice_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(_given(tmp_path) + ["--override", "distill.w_kd=1", "--override", "distill.w_kd=0.5", "--dry-run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "override 'distill.w_kd' is given twice" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_plan_dry_run(tmp_path):
+    """--teacher-heads x --seq-lens x --steps-list: one teacher per (heads, seq_len), students per setting."""
+    r = subprocess.run([sys.executable, "-m", "pipeline.study", "--dry-run", "--out",
+                        str(tmp_path / "o"), "--teacher-heads", "8,16", "--student-heads", "4", "--seq-lens",
+                        "128,512", "--steps-list", "10,20", "--variants", "kd,kd_shd", "--seeds", "2",
+                        "--budget", "ci"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(": teacher: pre-train") == 4
+    assert "16-head" in r.stdout and "h16_T512_s20" in r.stdout
+    assert r.stdout.count("kd_shd seed 2:") == 8  # 2 heads x 2 seq lens x 2 lengths
+    assert "36 run config(s) checked" in r.stdout  # 4 teachers + 8 settings x 2 variants x 2 seeds
+    assert not any((tmp_path / "o").rglob("DONE*"))
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+
+
+def test_summarize_run_reads_the_engine_metrics(tmp_path):
+    r = report.summarize_run(_write_run(tmp_path / "a", [50.0, 40.0], 5.0, shd=True, resumed_dup=True))
+    assert r["steps"] == 20 and r["tokens"] == 20 * 512
+    assert r["final_eval_ppl"] == 39.0  # the appended (resumed) record wins
+    assert r["final_train_ce"] == pytest.approx(5.0 - 0.01 * 19.5)  # mean of the last 10 % (2 steps)
+    assert r["peak_mem_mib"] == 420.0
+    assert r["w_mean_max"] == pytest.approx(0.6) and r["w_entropy"] == pytest.approx(0.7)
+    assert [p for _, p in r["curve_eval"]] == [50.0, 39.0]
+
+
+def test_paired_differences_and_spread():
+    runs = {"kd": {1: {"final_eval_ppl": 10.0}, 2: {"final_eval_ppl": 12.0}, 3: {"final_eval_ppl": 11.0}},
+            "kd_shd": {1: {"final_eval_ppl": 9.0}, 2: {"final_eval_ppl": 11.1}, 3: {"final_eval_ppl": 10.2}},
+            "kd_mean": {1: {"final_eval_ppl": 8.0}, 2: {"final_eval_ppl": 12.0}, 3: {"final_eval_ppl": 10.2}}}
+    pairs = {(p["a"], p["b"]): p for p in report.paired_differences(runs)}
+    p = pairs[("kd_shd", "kd")]
+    assert p["diffs"] == pytest.approx([-1.0, -0.9, -0.8]) and p["mean"] == pytest.approx(-0.9)
+    assert p["exceeds_spread"] is True
+    q = pairs[("kd_shd", "kd_mean")]
+    assert q["diffs"] == pytest.approx([1.0, -0.9, 0.0]) and q["exceeds_spread"] is False
+    assert ("kd_group", "kd_shd") not in pairs  # only pairs whose variants ran
+    one = report.paired_differences({k: {1: v[1]} for k, v in runs.items()})
+    assert all(p["exceeds_spread"] is None for p in one)
+
+
+def test_uniform_reference_matches_the_plans():
+    # 8 -> 3 pairwise: rounds 8 -> 4 -> 3, groups of 4, 2, 2 teacher heads
+    ref = report.uniform_reference(8, 3, "pairwise")
+    assert ref["w_mean_max"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2) / 3)
+    assert ref["w_entropy"] == pytest.approx((math.log(4) + 2 * math.log(2)) / 3)
+    # 8 -> 3 group: contiguous groups of 3, 3, 2
+    ref = report.uniform_reference(8, 3, "group")
+    assert ref["w_mean_max"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert report.uniform_reference(4, 4, "pairwise") == {"w_mean_max": 1.0, "w_entropy": 0.0}
+
+
+def test_markdown_and_plot(tmp_path):
+    runs = {v: {s: report.summarize_run(_write_run(tmp_path / v / str(s), [60.0 - s, 40.0 - i - s], 5.0 + i,
+                                                    shd=v == "kd_shd"))
+                for s in (1, 2)} for i, v in enumerate(("ce", "kd", "kd_shd"))}
+    labels = {v: VARIANTS[v].label for v in runs}
+    agg = report.aggregate(runs)
+    assert agg["kd"]["ppl_per_seed"] == [38.0, 37.0] and agg["kd"]["ppl_mean"] == 37.5
+    setting = {"teacher": "t", "teacher_heads": 8, "student_layers": 2, "student_heads": 3, "seq_len": 128,
+               "tokens_per_step": 512, "steps": 20, "tokens": 10240, "nproc": 2, "seeds": [1, 2]}
+    md = report.markdown(setting, labels, agg, report.paired_differences(runs), {"final_eval_ppl": 20.0},
+                         {"pairwise": report.uniform_reference(8, 3, "pairwise")})
+    for label in labels.values():
+        assert f"| {label} |" in md
+    assert "37.50 ± 0.71" in md and "kd_shd vs kd" in md and "Teacher held-out perplexity: 20.00" in md
+    png = report.plot(tmp_path / "p.png", labels, runs, {"final_eval_ppl": 20.0})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------------------------
+# runner (a fake launcher: no training)
+# --------------------------------------------------------------------------------------------
+
+FAKE_LAUNCHER = '''
+import json, os, sys, time, yaml
+cfg = yaml.safe_load(open(sys.argv[1]))
+out = cfg["output_dir"]
+start = time.time()
+time.sleep(1.0)
+if cfg["seed"] == int(os.environ.get("FAIL_SEED", "-1")) and cfg["distill"]["w_shd"] > 0:
+    sys.exit(3)
+with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+    for step in (1, 2):
+        f.write(json.dumps({"step": step, "loss/total": 1.0, "loss/ce": 5.0 - cfg["distill"]["w_shd"],
+                            "data/consumed_tokens": 100.0 * step, "perf/tokens_per_s": 10.0,
+                            "perf/step_time_s": 0.1}) + "\\n")
+    ppl = 50.0 - cfg["seed"] - cfg["distill"]["w_shd"]
+    f.write(json.dumps({"step": 2, "eval/perplexity": ppl, "eval/loss": 3.9}) + "\\n")
+with open(os.path.join(os.path.dirname(sys.argv[1]), "..", "..", "..", "spans.jsonl"), "a") as f:
+    f.write(json.dumps({"start": start, "end": time.time(), "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+'''
+
+
+def test_jobs_run_students_concurrently_and_report_failures(tmp_path, monkeypatch):
+    """--jobs 2: two runs at a time (each told to use half the cores), the report as with one job;
+    a failed run is reported after the others finished, which keep their DONE markers."""
+    fake = tmp_path / "fake_launch.py"
+    fake.write_text(FAKE_LAUNCHER)
+    out = tmp_path / "o"
+    argv = ["--out", str(out), "--data", "D", "--tokenizer", "T", "--teacher", "H", "--variants", "kd,kd_shd",
+            "--w-shd-list", "0.5", "--seeds", "2", "--jobs", "2", "--budget", "ci",
+            "--launcher", f"{sys.executable} {fake}"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cli.main(argv) == 0
+    spans = [json.loads(line) for line in (out / "spans.jsonl").read_text().splitlines()]
+    assert len(spans) == 4
+    at_once = max(sum(s["start"] <= t["start"] < s["end"] for s in spans) for t in spans)
+    assert at_once == 2
+    assert {s["omp"] for s in spans} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    results = json.loads((out / "results.json").read_text())
+    assert results["aggregate"]["kd_shd@0.5"]["ppl_per_seed"] == [48.5, 47.5]
+    md = (out / "results.md").read_text()
+    assert "kd_shd@0.5 vs kd" in md and "Produced by `python -m pipeline.study --out" in md
+
+    monkeypatch.setenv("FAIL_SEED", "1")
+    out2 = tmp_path / "o2"
+    with pytest.raises(SystemExit, match="kd_shd@0.5 seed 1 failed with exit code 3"):
+        cli.main([a if a != str(out) else str(out2) for a in argv])
+    done = sorted(p.parent.relative_to(out2 / "runs").as_posix() for p in (out2 / "runs").rglob("DONE"))
+    assert done == ["kd/seed1", "kd/seed2", "kd_shd_w0.5/seed2"]
