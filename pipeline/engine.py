@@ -221,7 +221,8 @@ class Trainer:
         cfg = self.cfg
         every_ckpt, every_eval = cfg.checkpoint.every_steps, cfg.eval.every_steps
         while self.step < cfg.optim.max_steps:
-            self.log.log_step(self.step, self.train_step())
+            scalars = self.train_step()  # advances self.step: the record is of the step just taken
+            self.log.log_step(self.step, scalars)
             if self.consecutive_nonfinite:
                 self.log.info(f"step {self.step}: non-finite loss or gradient norm, step skipped "
                               f"({self.consecutive_nonfinite} in a row, {self.skipped_steps} in total)")
