@@ -34,6 +34,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.settings import set_dotted  # noqa: E402
+
 TINY_DS = ROOT / "ds_configs" / "zero3_tiny_cpu.json"
 
 
@@ -124,8 +128,7 @@ def base_config(work: Path, data: Path, tokenizer: Path, teacher: Path, **over) 
         "eval": {"every_steps": 0, "at_end": False},
     }
     for key, value in over.items():
-        section, name = key.split(".")
-        cfg[section][name] = value
+        set_dotted(cfg, key, value)
     return cfg
 
 

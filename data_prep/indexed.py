@@ -98,6 +98,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_digests(directory: Path, *, leave_out: str, hash_max_bytes: int | None = None) -> dict[str, dict]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``directory`` but those named
+    ``leave_out`` (the record being written); files bigger than ``hash_max_bytes`` get no sha256
+    (checked by size only, so a record of gigabytes is not re-read). The file list of a
+    checkpoint's COMPLETE and of an export's marker."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != leave_out:
+            entry: dict = {"bytes": path.stat().st_size}
+            if hash_max_bytes is None or entry["bytes"] <= hash_max_bytes:
+                entry["sha256"] = sha256_file(path)
+            files[path.relative_to(directory).as_posix()] = entry
+    return files
+
+
 def write_atomic(path: Path, data: bytes) -> FileDigest:
     """Write `data` to `path` via a temporary file, fsync and rename, so `path` is never partial."""
     tmp = path.with_name(path.name + TMP_SUFFIX)

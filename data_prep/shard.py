@@ -34,14 +34,15 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
+from pydantic import model_validator
 from tqdm import tqdm
 
-from data_prep.cli import add_options, command_line, options_from_args, run_cli
+from data_prep.cli import Options, add_options, command_line, option, options_from_args, run_cli
 from data_prep.encode import DocumentEncoder, EncodedBatch
 from data_prep.indexed import TMP_SUFFIX, ShardWriter, fsync_dir, token_dtype
 from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord,
@@ -49,6 +50,7 @@ from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, Shar
 from data_prep.merge import merge_main
 from data_prep.sources import Document, InputReport, Source, iter_documents, resolve_inputs
 from data_prep.tasks import PARTS_DIR, assign_units, plan_sha256, plan_units, task_dir_name
+from pipeline.settings import Float
 
 # Test hook: seconds to sleep after each committed shard, so a test can kill the run at a known point.
 SLEEP_AFTER_SHARD_ENV = "DATA_PREP_SLEEP_AFTER_SHARD"
@@ -59,35 +61,34 @@ BATCH_DOCS = 512
 BATCH_CHARS = 1 << 20
 
 
-@dataclass(frozen=True, kw_only=True)
-class ShardOptions:
+class ShardOptions(Options):
     """Options of `python -m data_prep.shard`; those in `settings()` must match to resume a directory."""
 
-    inputs: tuple[str, ...] = field(metadata={
-        "flag": "--input", "help": "files (.txt/.jsonl/.json/.parquet), directories, globs, dataset "
-                                   "directories, Hub dataset names owner/name[:config], or python-stdlib"})
-    tokenizer: Path = field(metadata={"help": "Hugging Face tokenizer directory (trained one or the teacher's)"})
-    out: Path = field(metadata={"help": "output directory for shards and manifest.json"})
-    text_field: str = field(default="text", metadata={"help": "record field holding the text (jsonl/parquet/datasets)"})
-    workers: int = field(default=1, metadata={"help": "tokenizer processes; the output does not depend on it"})
-    val_fraction: float = field(default=0.01, metadata={"help": "fraction of documents in the val split"})
-    seed: int = field(default=0, metadata={"help": "seed of the per-document train/val assignment"})
-    shard_tokens: int = field(default=20_000_000, metadata={"help": "tokens per shard (whole documents)"})
-    strict: bool = field(default=False, metadata={"help": "fail on a record without text instead of skipping it"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace an output directory made differently; the old output stays until the new one is "
-                "complete (room for both is needed)"})
-    task_index: int | None = field(default=None, metadata={
-        "help": "multi-task run (e.g. a Slurm array): this task's index, from 0; it writes OUT/parts/task-NNNNN, "
-                "and `python -m data_prep.shard merge --out OUT` joins the tasks (default: $SLURM_ARRAY_TASK_ID)"})
-    task_count: int | None = field(default=None, metadata={
-        "help": "multi-task run: the number of tasks; give it explicitly when resubmitting only some tasks "
-                "(default: $SLURM_ARRAY_TASK_COUNT)"})
-    unit_bytes: int = field(default=256 << 20, metadata={
-        "help": "multi-task run: .jsonl files larger than this are cut into byte ranges of this size and parquet "
-                "files into row groups of about this size, which are then divided among the tasks"})
+    inputs: tuple[str, ...] = option(
+        flag="--input", help="files (.txt/.jsonl/.json/.parquet), directories, globs, dataset directories, Hub "
+                             "dataset names owner/name[:config], or python-stdlib")
+    tokenizer: Path = option(help="Hugging Face tokenizer directory (trained one or the teacher's)")
+    out: Path = option(help="output directory for shards and manifest.json")
+    text_field: str = option("text", "record field holding the text (jsonl/parquet/datasets)")
+    workers: int = option(1, "tokenizer processes; the output does not depend on it")
+    val_fraction: Float = option(0.01, "fraction of documents in the val split")
+    seed: int = option(0, "seed of the per-document train/val assignment")
+    shard_tokens: int = option(20_000_000, "tokens per shard (whole documents)")
+    strict: bool = option(False, "fail on a record without text instead of skipping it")
+    overwrite: bool = option(False, "replace an output directory made differently; the old output stays until "
+                                    "the new one is complete (room for both is needed)")
+    task_index: Optional[int] = option(
+        None, "multi-task run (e.g. a Slurm array): this task's index, from 0; it writes OUT/parts/task-NNNNN, "
+              "and `python -m data_prep.shard merge --out OUT` joins the tasks (default: $SLURM_ARRAY_TASK_ID)")
+    task_count: Optional[int] = option(
+        None, "multi-task run: the number of tasks; give it explicitly when resubmitting only some tasks "
+              "(default: $SLURM_ARRAY_TASK_COUNT)")
+    unit_bytes: int = option(256 << 20, "multi-task run: .jsonl files larger than this are cut into byte ranges of "
+                                        "this size and parquet files into row groups of about this size, which are "
+                                        "then divided among the tasks")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _values(self) -> "ShardOptions":
         if not self.inputs:
             raise DataError("--input: give at least one input")
         if self.workers < 1:
@@ -106,6 +107,7 @@ class ShardOptions:
             raise DataError(f"--task-index {self.task_index}: must be in [0, --task-count {self.task_count})")
         if self.unit_bytes < 1:
             raise DataError(f"--unit-bytes {self.unit_bytes}: must be >= 1")
+        return self
 
     def settings(self) -> dict[str, Any]:
         """The options that determine the output (not --workers, which only changes speed)."""
@@ -399,7 +401,7 @@ def _build_task(options: ShardOptions, sources: list[Source], fresh: Manifest, d
     if (merged is not None and merged.complete
             and (options.overwrite or current is None or not current.complete or _differences(current, fresh))):
         write_manifest(replace(merged, complete=False))  # it may list shards this task replaces: merge again
-    return _build(replace(options, out=task_out), fresh, dtype, documents)
+    return _build(options.replace(out=task_out), fresh, dtype, documents)
 
 
 def _build(options: ShardOptions, fresh: Manifest, dtype: np.dtype, documents: Documents) -> Manifest:

@@ -25,10 +25,11 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.cli import add_options, options_from_args, run_cli
+from pydantic import model_validator
+
+from data_prep.cli import Options, add_options, option, options_from_args, run_cli
 from data_prep.manifest import TOKENIZER_FILES, DataError, load_hf_tokenizer
 from data_prep.sources import InputReport, iter_documents, resolve_inputs
 
@@ -41,26 +42,27 @@ PROBES = ("Hello world", " leading space", "  two leading spaces", "trailing  ",
           "def f(x):\n    return x + 1\n", "<s> literal </s> <pad> <unk>", "a\r\nb", "ﬁ ŉ ǅ ½")
 
 
-@dataclass(frozen=True, kw_only=True)
-class TokenizerTrainOptions:
+class TokenizerTrainOptions(Options):
     """Options of `python -m data_prep.tokenizer train`."""
 
-    inputs: tuple[str, ...] = field(metadata={
-        "flag": "--input", "help": "files, directories, globs, dataset names or a named corpus (python-stdlib)"})
-    out: Path = field(metadata={"help": "directory to write the tokenizer into"})
-    vocab_size: int = field(default=32000, metadata={"help": "vocabulary size, special pieces included"})
-    seed: int = field(default=0, metadata={"help": "seed of the sentence sampling"})
-    text_field: str = field(default="text", metadata={"help": "record field holding the text (jsonl/parquet/datasets)"})
-    max_sentences: int = field(default=2_000_000, metadata={"help": "lines sampled for training"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a tokenizer already in --out"})
+    inputs: tuple[str, ...] = option(flag="--input", help="files, directories, globs, dataset names or a named "
+                                                          "corpus (python-stdlib)")
+    out: Path = option(help="directory to write the tokenizer into")
+    vocab_size: int = option(32000, "vocabulary size, special pieces included")
+    seed: int = option(0, "seed of the sentence sampling")
+    text_field: str = option("text", "record field holding the text (jsonl/parquet/datasets)")
+    max_sentences: int = option(2_000_000, "lines sampled for training")
+    overwrite: bool = option(False, "replace a tokenizer already in --out")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _values(self) -> "TokenizerTrainOptions":
         if not self.inputs:
             raise DataError("--input: give at least one input")
         if self.vocab_size < MIN_VOCAB_SIZE:
             raise DataError(f"--vocab-size {self.vocab_size}: at least {MIN_VOCAB_SIZE} (specials + 256 bytes + 1)")
         if self.seed < 0 or self.max_sentences < 1:
             raise DataError("--seed must be >= 0 and --max-sentences >= 1")
+        return self
 
 
 def _training_lines(options: TokenizerTrainOptions, report: InputReport) -> Iterator[str]:

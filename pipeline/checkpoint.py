@@ -36,7 +36,7 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from data_prep.indexed import sha256_file, write_atomic
+from data_prep.indexed import file_digests, sha256_file, write_atomic
 
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.json"
@@ -121,13 +121,7 @@ def verify(ckpt: Path) -> list[str]:
 
 def write_complete(ckpt: Path) -> None:
     """Record every file of ``ckpt`` (size; sha256 up to HASHED_MAX_BYTES) in COMPLETE, atomically."""
-    files = {}
-    for path in sorted(ckpt.rglob("*")):
-        if path.is_file() and path.name != COMPLETE:
-            entry = {"bytes": path.stat().st_size}
-            if entry["bytes"] <= HASHED_MAX_BYTES:
-                entry["sha256"] = sha256_file(path)
-            files[path.relative_to(ckpt).as_posix()] = entry
+    files = file_digests(ckpt, leave_out=COMPLETE, hash_max_bytes=HASHED_MAX_BYTES)
     atomic_write_text(ckpt / COMPLETE, json.dumps({"files": files}, indent=1, sort_keys=True))
 
 

@@ -99,17 +99,13 @@ class Checkpointer:
         problems = ckpt.verify(p)
         if problems:
             raise ResumeRefused(f"checkpoint.resume={r}: cannot resume from {p}: " + "; ".join(problems))
-        resume = Resume(p, ckpt.read_state(p))
-        saved_world = resume.state.get("world_size")
-        if saved_world != self.world and not is_universal(p):
-            raise ResumeRefused(f"{p} was saved by {saved_world} ranks and this run has {self.world}: "
-                                f"convert it first with `python -m pipeline.universal --checkpoint {p}` "
-                                f"(then --resume auto uses the converted copy)")
-        return resume
+        return Resume(p, ckpt.read_state(p))
 
-    def check_identity(self, resume: Resume, identity: dict) -> None:
+    def check_resume(self, resume: Resume, identity: dict) -> None:
         """Refuse a checkpoint made with another teacher, tokenizer, data or model shape (unless
-        force_resume, which records the changes in ``resume.changes``)."""
+        force_resume, which records the changes in ``resume.changes``), then one saved by another
+        number of ranks that is not a universal copy. Identity first: converting a checkpoint of
+        another teacher would not make it resumable."""
         saved = dict(resume.state["identity"])
         teacher = saved.get("teacher")
         if teacher and "content_sha256" not in teacher and identity["teacher"]:
@@ -125,6 +121,12 @@ class Checkpointer:
                                   "output_dir=... (or --move-aside to move this run's files aside); or set "
                                   "checkpoint.force_resume=true (--force-resume) to resume anyway")
         resume.changes = changes
+        saved_world = resume.state.get("world_size")
+        if saved_world != self.world and not is_universal(resume.path):
+            p = resume.path
+            raise ResumeRefused(f"{p} was saved by {saved_world} ranks and this run has {self.world}: "
+                                f"convert it first with `python -m pipeline.universal --checkpoint {p}` "
+                                f"(then --resume auto uses the converted copy)")
 
     def claim_run_dir(self, dirs: RunDirs, resume: Resume | None) -> str:
         """This run's id; refuses a start that would mix two runs in one directory (run_dir.py)."""

@@ -69,3 +69,16 @@ def on_rank0(fn: Callable[[], T]) -> T:
     if kind == "error":
         raise value
     return value
+
+
+def shut_down(agreed: bool) -> None:
+    """Close the process group, if one was started (``python -m`` entry points, at exit). After
+    an exit every rank agreed on (the loop's decisions are all-reduced), the ranks first meet at a
+    barrier, so that none tears down its communicator while a peer still uses it (gloo aborts
+    that peer: "terminate called without an active exception"); after an error on some ranks only
+    there is nothing to wait for."""
+    if not dist.is_initialized():
+        return
+    if agreed and world() > 1:
+        dist.barrier()
+    dist.destroy_process_group()

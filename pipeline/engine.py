@@ -81,7 +81,7 @@ class Trainer:
                          "data_sha256": self.reader.state_dict()["data_sha256"],
                          "student_shape": model_shape(self.student_cfg), "seq_len": cfg.data.seq_len}
         if self.resume is not None:
-            self.checkpointer.check_identity(self.resume, self.identity)
+            self.checkpointer.check_resume(self.resume, self.identity)
             if is_universal(self.resume.path):
                 student_ds["checkpoint"] = {"load_universal": True}
         self.run_id = self.checkpointer.claim_run_dir(

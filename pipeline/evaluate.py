@@ -84,8 +84,9 @@ def _perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, max_bat
                           pad_id=tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None,
                           vocab=tok.vocab_size, chunk=chunk, model_vocab_size=model.config.vocab_size, device=device)
     out = evaluator(model)
+    first = evaluator.batches()[0] if dump else None  # collective: on every rank
     if dump and distributed.rank() == 0:
-        inp, _, _, mask = evaluator.batches()[0]
+        inp, _, _, mask = first
         with torch.no_grad():
             logits = model.eval()(input_ids=inp, attention_mask=mask).logits
         torch.save({"input_ids": inp.cpu(), "logits": logits.cpu()}, dump)
@@ -225,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    import torch.distributed as dist
+    from pipeline import distributed
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.shut_down(agreed=code == 0)
     sys.exit(code)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.indexed import sha256_file
+from data_prep.indexed import file_digests
 from data_prep.manifest import TOKENIZER_FILES, DataError, tokenizer_files_sha256
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 
@@ -156,16 +156,6 @@ def load_student(path: Path):
     return model
 
 
-def _digest(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def _files(directory: Path) -> dict[str, dict]:
-    """Size and sha256 of every file under `directory` but the marker, by relative path."""
-    return {p.relative_to(directory).as_posix(): _digest(p) for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != MARKER}
-
-
 def write_export(tmp: Path, model, checkpoint: Path, tokenizer: Path | None, trainer_state: dict) -> None:
     """Weights, config, tokenizer files and the training config into `tmp`; the marker last."""
     model.save_pretrained(tmp, safe_serialization=True)
@@ -180,7 +170,7 @@ def write_export(tmp: Path, model, checkpoint: Path, tokenizer: Path | None, tra
         "tokenizer_sha256": (trainer_state.get("identity") or {}).get("tokenizer_sha256"),
         "tokenizer_dir": str(tokenizer.resolve()) if tokenizer is not None else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": _files(tmp),
+        "files": file_digests(tmp, leave_out=MARKER),
     }
     (tmp / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
 
@@ -188,7 +178,7 @@ def write_export(tmp: Path, model, checkpoint: Path, tokenizer: Path | None, tra
 def _is_unchanged_export(directory: Path, checkpoint: Path) -> bool:
     """An export of `checkpoint`'s run holding exactly the files its marker lists, unchanged."""
     marker = _export_of_run(directory, checkpoint)
-    return marker is not None and _files(directory) == marker.get("files")
+    return marker is not None and file_digests(directory, leave_out=MARKER) == marker.get("files")
 
 
 def _aside_path(out: Path) -> Path:

@@ -134,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     try:
-        dist = sys.modules.get("torch.distributed")  # not imported (a refused start): no group to close
-        if dist is not None and dist.is_initialized():
-            dist.destroy_process_group()
+        if "pipeline.distributed" in sys.modules:  # not imported (a refused start): no group to close
+            from pipeline import distributed
+            from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+
+            distributed.shut_down(agreed=code in (0, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE))
     finally:
         sys.exit(code)

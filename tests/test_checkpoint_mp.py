@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.checkpoint import COMPLETE, POINTER, complete_checkpoints, tag_for
 from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
-from tests.conftest import (REF_STEPS, REPO, _env, launch_ranks, logs, read_metrics, ref_config, run_ranks,
+from tests.helpers import (REF_STEPS, REPO, rank_env, launch_ranks, logs, read_metrics, ref_config, run_ranks,
                             step_losses, wait_for, wait_ranks, write_config)
 
 pytestmark = pytest.mark.multiprocess
@@ -64,10 +64,12 @@ def test_kill_and_resume_is_exact(ref_run, tmp_path, tiny_data, tiny_teacher):
     got, want = step_losses(read_metrics(out)), step_losses(ref_records)
     assert sorted(got) == list(range(1, REF_STEPS + 1))
     assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit for bit
-    # keep-last-k pruned older complete checkpoints and the incomplete one left by SIGKILL
+    # keep-last-k pruned the older complete checkpoints; the incomplete one left by SIGKILL was
+    # started over by the resumed run's save at that step, then kept or pruned like the others (a
+    # leftover at a step that is not saved again is removed by prune: tests/test_run_safety.py)
     names = [p.name for p in complete_checkpoints(ckpts)]
     assert names == [tag_for(s) for s in (REF_STEPS - 4, REF_STEPS - 2, REF_STEPS)]
-    assert not (ckpts / tag_for(hang)).exists() or (ckpts / tag_for(hang) / COMPLETE).exists()
+    assert (ckpts / tag_for(hang)).exists() == (tag_for(hang) in names)
     state = json.loads((ckpts / tag_for(REF_STEPS) / "trainer_state.json").read_text())
     assert state["consumed_samples"] == REF_STEPS * 4 and state["identity"]["teacher"]["content_sha256"]
     assert (ckpts / tag_for(REF_STEPS) / "resolved_config.yaml").read_text().startswith("derived:")
@@ -92,7 +94,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_data, tiny_teacher
 
 def test_resume_refused_when_teacher_changed(ref_run, tmp_path, tiny_data):
     """A different teacher refuses to resume (fast, before building models), listing the change."""
-    from tests.conftest import make_teacher
+    from tests.helpers import make_teacher
     from pipeline.data import read_manifest
 
     work, cfg, _ = ref_run
@@ -124,7 +126,7 @@ def test_universal_checkpoint_two_ranks_to_one(ref_run, tmp_path, tiny_data, tin
     assert "python -m pipeline.universal" in (tmp_path / "refused" / "logs" / "rank0.log").read_text()
 
     subprocess.run([sys.executable, "-m", "pipeline.universal", "--checkpoint", str(ckpts)], cwd=REPO,
-                   env=_env(), check=True, capture_output=True)
+                   env=rank_env(), check=True, capture_output=True)
     assert (ckpts / (tag_for(6) + "_universal") / COMPLETE).is_file()
     recs = run_ranks(1, cfg, tmp_path / "resumed")
     assert "resumed from" in (tmp_path / "resumed" / "logs" / "rank0.log").read_text()

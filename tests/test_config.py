@@ -13,7 +13,7 @@ from pipeline.config import ConfigError, config_from_dict, config_from_saved, de
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE
 from pipeline.ds_config import build_ds_configs
 from pipeline.train import flag_overrides, main, parse_args
-from tests.conftest import tiny_config, write_config
+from tests.helpers import tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"teacher": {"path": "t"}, "data": {"dir": "d"}}

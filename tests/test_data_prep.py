@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -223,7 +222,7 @@ def _new_output(tmp_path: Path, tokenizer_dir: Path, out: Path) -> tuple[ShardOp
     options = ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=out, val_fraction=0.2,
                            shard_tokens=1000)
     reference = tmp_path / "reference"
-    build_shards(replace(options, out=reference))
+    build_shards(options.replace(out=reference))
     assert "train-00002.bin" not in _checksums(reference)
     return options, {**_checksums(reference), "NOTES.txt": _checksums(out)["NOTES.txt"]}
 
@@ -289,7 +288,7 @@ def test_overwrite_killed_at_any_step_is_finished_by_the_same_command(tmp_path: 
     pristine = tmp_path / "pristine"
     shutil.copytree(out, pristine)
     new, expected = _new_output(tmp_path, tokenizer_dir, out)
-    command = replace(new, overwrite=True)
+    command = new.replace(overwrite=True)
     step, seen_incomplete = 0, False
     while True:
         shutil.rmtree(out)
@@ -391,6 +390,27 @@ def test_abbreviated_flags_are_refused(main, argv: list[str], flag: str, capsys:
         main(argv)
     assert exit_info.value.code == 2
     assert f"error: unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_options_are_validated_once_naming_the_flag(tmp_path: Path) -> None:
+    """The options sections (pipeline.settings, as the run config): a wrong type, a bad value, an
+    unknown or missing option is a DataError naming the flag, from Python as from the command line;
+    `replace` validates the copy; the optional ints of a multi-task run parse as ints."""
+    base = {"inputs": ("x",), "tokenizer": tmp_path, "out": tmp_path / "out"}
+    with pytest.raises(DataError, match=r"^--workers: expected an int, got '2'$"):
+        ShardOptions(**base, workers="2")
+    with pytest.raises(DataError, match=r"--val-fraction 1.0: must be in \[0, 1\)"):
+        ShardOptions(**base, val_fraction=1)
+    with pytest.raises(DataError, match="unknown option 'worker'"):
+        ShardOptions(**base, worker=2)
+    with pytest.raises(DataError, match="--out: required"):
+        ShardOptions(inputs=("x",), tokenizer=tmp_path)
+    options = ShardOptions(**base)
+    with pytest.raises(DataError, match="--task-index and --task-count"):
+        options.replace(task_index=0)
+    assert options.replace(task_index=1, task_count=3).task_count == 3 and options.task_count is None
+    with pytest.raises(DataError, match="--vocab-size 10: at least"):
+        TokenizerTrainOptions(inputs=("x",), out=tmp_path, vocab_size=10)
 
 
 def test_tokenizer_overwrite_with_unusable_input_keeps_the_old_one(tmp_path: Path, tokenizer_dir: Path) -> None:

@@ -57,7 +57,7 @@ def _options(corpus_dir: Path, tokenizer_dir: Path, out: Path, **kwargs) -> Shar
 
 def _run_tasks(options: ShardOptions, count: int, unit_bytes: int = 1500) -> None:
     for index in range(count):
-        build_shards(replace(options, task_index=index, task_count=count, unit_bytes=unit_bytes))
+        build_shards(options.replace(task_index=index, task_count=count, unit_bytes=unit_bytes))
 
 
 def _split_docs(data_dir: Path, split: str) -> list[list[int]]:
@@ -127,7 +127,7 @@ def test_three_tasks_merged_equal_one_run_and_reruns_are_identical(tmp_path: Pat
 
     before = _checksums(out)
     merge_tasks(out)  # merging again is harmless: the same bytes
-    build_shards(replace(options, task_index=1, task_count=3, unit_bytes=1500))  # complete: nothing done
+    build_shards(options.replace(task_index=1, task_count=3, unit_bytes=1500))  # complete: nothing done
     assert _checksums(out) == before
     shutil.rmtree(out)  # a full rerun from nothing gives the same bytes, file for file
     _run_tasks(options, 3)
@@ -139,7 +139,7 @@ def test_killed_task_resumes_to_the_same_bytes(tmp_path: Path, tokenizer_dir: Pa
                                                corpus: tuple[Path, list[str]]) -> None:
     root, _ = corpus
     out = tmp_path / "out"
-    options = replace(_options(root, tokenizer_dir, out), task_index=1, task_count=2, unit_bytes=1500)
+    options = _options(root, tokenizer_dir, out).replace(task_index=1, task_count=2, unit_bytes=1500)
     build_shards(options)
     task_dir = out / "parts" / "task-00001"
     complete = _checksums(task_dir)
@@ -153,7 +153,7 @@ def test_killed_task_resumes_to_the_same_bytes(tmp_path: Path, tokenizer_dir: Pa
         shard.idx_path(task_dir).unlink()
     (task_dir / "train-00009.bin.tmp").write_bytes(b"half")
     mtime = kept.bin_path(task_dir).stat().st_mtime_ns
-    build_shards(replace(options, workers=2))
+    build_shards(options.replace(workers=2))
     assert _checksums(task_dir) == complete
     assert kept.bin_path(task_dir).stat().st_mtime_ns == mtime  # reused, not rewritten
 
@@ -167,15 +167,15 @@ def test_merge_names_each_task_to_rerun_and_its_command(tmp_path: Path, tokenize
     options = _options(root, tokenizer_dir, out)
     with pytest.raises(DataError, match="no task has written its manifest yet"):
         merge_tasks(out)
-    build_shards(replace(options, task_index=0, task_count=3, unit_bytes=1500))
+    build_shards(options.replace(task_index=0, task_count=3, unit_bytes=1500))
     with pytest.raises(DataError) as error:
         merge_tasks(out)
     message = str(error.value)
     assert "task 1: has not run" in message and "task 2: has not run" in message
     assert "for K in 1-2" in message and "sbatch --array=1-2 launch/slurm/prep.sbatch" in message
-    build_shards(replace(options, task_index=2, task_count=3, unit_bytes=1500))
+    build_shards(options.replace(task_index=2, task_count=3, unit_bytes=1500))
     task1 = out / "parts" / "task-00001"
-    build_shards(replace(options, task_index=1, task_count=3, unit_bytes=1500))
+    build_shards(options.replace(task_index=1, task_count=3, unit_bytes=1500))
     manifest = load_manifest(task1, require_complete=True)
     write_manifest(replace(manifest, complete=False))
     proc = subprocess.run([sys.executable, "-m", "data_prep.shard", "merge", "--out", str(out)], cwd=REPO,
@@ -189,7 +189,7 @@ def test_merge_names_each_task_to_rerun_and_its_command(tmp_path: Path, tokenize
     subprocess.run([sys.executable, *words[1:]], cwd=REPO, check=True, capture_output=True, timeout=120)  # as told
     assert merge_tasks(out).complete
     # a task made with other options is named, with --overwrite in its command
-    build_shards(replace(options, task_index=1, task_count=3, unit_bytes=1500, seed=5, overwrite=True))
+    build_shards(options.replace(task_index=1, task_count=3, unit_bytes=1500, seed=5, overwrite=True))
     with pytest.raises(DataError, match="run again after the merge; merge again: python -m data_prep.shard merge"):
         read_manifest(out)  # the merged manifest listed the shards task 1 just replaced
     with pytest.raises(DataError, match=r"task 1: made with another.*--overwrite --task-index 1"):
@@ -198,7 +198,7 @@ def test_merge_names_each_task_to_rerun_and_its_command(tmp_path: Path, tokenize
     single = tmp_path / "single"
     build_shards(_options(root, tokenizer_dir, single))
     with pytest.raises(DataError, match="without --task-count"):
-        build_shards(replace(options, out=single, task_index=0, task_count=3))
+        build_shards(options.replace(out=single, task_index=0, task_count=3))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -341,7 +341,7 @@ def merged_data(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path,
 def test_trainer_accepts_merged_data(tmp_path: Path, tokenizer_dir: Path, merged_data: Path) -> None:
     from pipeline.preflight import Preflight
     from pipeline.config import config_from_dict
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     reader = PackedSampleReader(merged_data, split="train", seq_len=32)  # checks every shard's sha256
     batch = reader.next_batch(4)
@@ -353,7 +353,7 @@ def test_trainer_accepts_merged_data(tmp_path: Path, tokenizer_dir: Path, merged
 
 @pytest.mark.multiprocess
 def test_pretrain_two_steps_on_merged_data(tmp_path: Path, tokenizer_dir: Path, merged_data: Path) -> None:
-    from tests.conftest import run_ranks, tiny_config
+    from tests.helpers import run_ranks, tiny_config
 
     cfg = tiny_config(tmp_path / "run", (tokenizer_dir, merged_data), None, **{"optim.max_steps": 2})
     records = run_ranks(1, cfg, tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REF_STEPS, read_metrics, run_ranks, step_losses, tiny_config
+from tests.helpers import REF_STEPS, read_metrics, run_ranks, step_losses, tiny_config
 
 pytestmark = pytest.mark.multiprocess
 
@@ -94,7 +94,10 @@ def test_reference_run_losses_match_the_golden_file(ref_run):
     loss-compare habit): a refactor that changes no arithmetic changes no number.
 
     Exact on the CPU kind that wrote the file (float arithmetic is only reproducible on the same
-    kernels); elsewhere within rel 1e-5 and the reason is printed. After an intended change of the
+    kernels); elsewhere within rel 1e-5 or abs 1e-7, and the reason is printed. The absolute part
+    is for the KL terms (loss/kd, loss/shd ~1e-4 here): a KL between near-equal distributions is a
+    sum of O(1) float32 log-probability differences, so its rounding error is absolute, about
+    float32's epsilon (1.2e-7), not relative to the small result (AVX2 vs AVX512 kernels: 1.7e-8). After an intended change of the
     numbers, regenerate with SHD_WRITE_GOLDEN=1 bash tests/run.sh tests/test_engine_mp.py -k golden
     and say why in the commit.
     """
@@ -111,9 +114,10 @@ def test_reference_run_losses_match_the_golden_file(ref_run):
     if golden["written_on"] == cpu:
         assert got == golden["values"]
     else:
-        print(f"golden file written on {golden['written_on']}, this is {cpu}: comparing within rel 1e-5")
+        print(f"golden file written on {golden['written_on']}, this is {cpu}: comparing within rel 1e-5 "
+              f"or abs 1e-7")
         assert got.keys() == golden["values"].keys()
         for k, want in golden["values"].items():
             assert got[k].keys() == want.keys(), k
             steps = sorted(want, key=int)  # the file's keys are sorted as strings ('10' before '2')
-            assert [got[k][s] for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5), k
+            assert [got[k][s] for s in steps] == pytest.approx([want[s] for s in steps], rel=1e-5, abs=1e-7), k

@@ -24,7 +24,7 @@ from pipeline.objective import DistillObjective
 from pipeline.preflight import Preflight
 from pipeline.losses import TeacherRows, ce_kd_sums_reference, head_ce_kd
 from pipeline.shd import shd_loss_reference, squeeze_weights
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize("teacher_as", ["hidden", "logits"])

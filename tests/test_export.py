@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, _env, launch_ranks, logs, wait_ranks
+from tests.helpers import REPO, rank_env, launch_ranks, logs, wait_ranks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -27,7 +27,7 @@ def test_export_round_trip_and_evaluate(ref_run, tmp_path, tiny_data):
 
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, "-m", "pipeline.export", "--checkpoint", str(ckpts), "--out", str(out)],
-                       cwd=REPO, env=_env(), capture_output=True, text=True)
+                       cwd=REPO, env=rank_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     # the export carries the training data's tokenizer, and says so in its marker
@@ -50,12 +50,12 @@ def test_export_round_trip_and_evaluate(ref_run, tmp_path, tiny_data):
     # data dir and seq_len come from the export's training_config.yaml
     same_batches = ["--max-batches", "2", "--micro-batch-size", "2"]
     r = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(out), *same_batches],
-                       cwd=REPO, env=_env(), capture_output=True, text=True)
+                       cwd=REPO, env=rank_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("perplexity ")
     # the 2-rank checkpoint evaluated from one process (its shards consolidated): the export's number
     one = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--checkpoint", str(ckpts), *same_batches],
-                         cwd=REPO, env=_env(), capture_output=True, text=True)
+                         cwd=REPO, env=rank_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     assert "saved by 2 ranks" in one.stderr
     ppl = [float(re.search(r"^perplexity (\S+)", x.stdout, re.M).group(1)) for x in (r, one)]

@@ -5,7 +5,6 @@ time boxes kill what overruns and keep the other parts' results; bad arguments a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,15 +17,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_check  # noqa: E402
 
-
-def _env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+from tests.helpers import rank_env  # noqa: E402
 
 
 def _run(tmp_path: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, list[dict]]:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--out", str(out), *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           "--out", str(out), *args], cwd=REPO, env=rank_env(), capture_output=True, text=True,
                           timeout=timeout)
     results = out / "results.json"
     return proc, json.loads(results.read_text())["rows"] if results.is_file() else []

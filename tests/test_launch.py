@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.faults import PREEMPTED_EXIT_CODE
-from tests.conftest import (REF_STEPS, _free_port, read_metrics, ref_config, step_losses, tiny_config,
+from tests.helpers import (REF_STEPS, free_port, read_metrics, ref_config, step_losses, tiny_config,
                             wait_for, write_config)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,7 +359,7 @@ def test_two_nodes_on_loopback_equal_one_node(ref_run, tmp_path, tiny_data, tiny
     _, _, ref_records = ref_run
     cfg = ref_config(tmp_path / "run", tiny_data, tiny_teacher)
     cfg_path = write_config(tmp_path / "config.yaml", cfg)
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for node in (0, 1):
         log = open(tmp_path / f"node{node}.log", "wb")

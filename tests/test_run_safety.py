@@ -16,7 +16,7 @@ from pipeline.identity import teacher_identity
 from pipeline.preflight import Preflight
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.run_dir import RUN_FILE, RunDirRefused, RunDirs, claim
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _checkpoint(root: Path, step: int, run_id: str | None, payload: bytes = b"x" * 300) -> Path:

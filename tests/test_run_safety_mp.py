@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import checkpoint as ckpt
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
-from tests.conftest import logs, run_ranks, tiny_config
+from tests.helpers import logs, run_ranks, tiny_config
 
 pytestmark = pytest.mark.multiprocess
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import config_from_dict
 from pipeline.ds_config import resolve_placement
-from tests.conftest import run_ranks, step_losses, tiny_config
+from tests.helpers import run_ranks, step_losses, tiny_config
 
 STEPS = 3
 

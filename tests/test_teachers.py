@@ -24,7 +24,7 @@ from pipeline.config import ConfigError, config_from_dict
 from pipeline.preflight import Preflight
 from pipeline.shd import MapSpec, attention_maps, shd_loss, squeeze_plan
 from pipeline.shd.reference import weights_from_maps
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 attn.register()  # the shd_teacher / shd_student attention functions, for models built here
 

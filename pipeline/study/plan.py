@@ -27,7 +27,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, config_from_dict, parse_override
+from pipeline import settings
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.settings import set_dotted
 
 from .variants import VARIANTS, Budget, split_variant
 
@@ -41,19 +43,6 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(Path(path).read_text())
 
 
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """``tree["a"]["b"] = value`` for key ``a.b``; missing or empty (null) sections are made."""
-    *sections, leaf = key.split(".")
-    node = tree
-    for name in sections:
-        if node.get(name) is None:
-            node[name] = {}
-        elif not isinstance(node[name], dict):
-            raise ConfigError(f"override '{key}': '{name}' is not a section")
-        node = node[name]
-    node[leaf] = value
-
-
 def with_values(cfg: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
     """A copy of cfg with each dotted key of ``values`` set to its value."""
     out = copy.deepcopy(dict(cfg))
@@ -63,17 +52,9 @@ def with_values(cfg: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
 
 
 def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict:
-    """A copy of cfg with ``key.sub=value`` overrides applied, each read by the engine's
-    ``parse_override`` (YAML value); the same key twice in the list is refused (which was meant?)."""
-    values: dict[str, Any] = {}
-    given: dict[str, str] = {}
-    for text in overrides:
-        key, value = parse_override(text)
-        if key in given:
-            raise ConfigError(f"override '{key}' is given twice ('{given[key]}' and '{text}'): give it once")
-        given[key] = text
-        values[key] = value
-    return with_values(cfg, values)
+    """A copy of cfg with ``key.sub=value`` overrides applied by the run config's parser
+    (``pipeline.settings``: YAML values, the same key twice refused)."""
+    return settings.apply_overrides(copy.deepcopy(dict(cfg)), list(overrides))
 
 
 def tokens_per_step(cfg: Mapping[str, Any], nproc: int) -> int:
