@@ -21,7 +21,7 @@ split and their tokens are the same for any N (and the same order as a single ru
 
 --overwrite never touches a complete output before its replacement is complete: the new output is
 built (and, after a kill, resumed) in `OUT/.overwrite-staging`, and only then swapped in (see
-`_swap_in`). An input that turns out to be unusable leaves the old output exactly as it was.
+`data_prep.output_dir`). An input that turns out to be unusable leaves the old output exactly as it was.
 """
 
 from __future__ import annotations
@@ -44,18 +44,18 @@ from tqdm import tqdm
 
 from data_prep.cli import Options, add_options, command_line, option, options_from_args, run_cli
 from data_prep.encode import DocumentEncoder, EncodedBatch
-from data_prep.indexed import TMP_SUFFIX, ShardWriter, fsync_dir, token_dtype
-from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord,
-                                load_manifest, tokenizer_identity, write_manifest)
+from data_prep.indexed import ShardWriter, token_dtype
+from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord, tokenizer_identity,
+                                write_manifest)
 from data_prep.merge import merge_main
+from data_prep.output_dir import (build_root, differences, manifest_or_none, prepare_dir, remove_staging,
+                                  swap_in)
 from data_prep.sources import Document, InputReport, Source, iter_documents, resolve_inputs
 from data_prep.tasks import PARTS_DIR, assign_units, plan_sha256, plan_units, task_dir_name
 from pipeline.settings import Float
 
 # Test hook: seconds to sleep after each committed shard, so a test can kill the run at a known point.
 SLEEP_AFTER_SHARD_ENV = "DATA_PREP_SLEEP_AFTER_SHARD"
-# Where --overwrite builds the new output, inside --out (so on the same filesystem), until it is complete.
-STAGING_NAME = ".overwrite-staging"
 # A batch sent to the encoder: big enough to amortize process hand-offs, small enough to keep memory flat.
 BATCH_DOCS = 512
 BATCH_CHARS = 1 << 20
@@ -217,129 +217,6 @@ class _PendingBatches:
             yield batch
 
 
-def _differences(old: Manifest, fresh: Manifest) -> list[str]:
-    """Which of tokenizer, dtype and options differ between two manifests (none: the same output)."""
-    return [name for name in ("tokenizer", "dtype", "options") if getattr(old, name) != getattr(fresh, name)]
-
-
-def _manifest_or_none(root: Path) -> Manifest | None:
-    """The manifest in `root`, or None when it has none or an unreadable one."""
-    try:
-        return load_manifest(root, require_complete=False)
-    except DataError:
-        return None
-
-
-def _check_resumable(old: Manifest, fresh: Manifest) -> None:
-    """Raise unless `old` was made like `fresh` and every shard it lists is on disk at its size."""
-    root = old.root
-    differs = _differences(old, fresh)
-    if differs:
-        raise DataError(f"{root}: holds shards made with a different {' and '.join(differs)}; pass --overwrite "
-                        "to replace them, or choose another --out")
-    for shard in old.shards:
-        for path, digest in ((shard.bin_path(root), shard.bin), (shard.idx_path(root), shard.idx)):
-            if not path.is_file() or path.stat().st_size != digest.bytes:
-                raise DataError(f"{path}: listed in the manifest but missing or of the wrong size; "
-                                "pass --overwrite to start over")
-
-
-def _resumable(fresh: Manifest, overwrite: bool) -> Manifest | None:
-    """The manifest already in `fresh.root` to continue from, or None to start over.
-
-    Without `overwrite` a manifest that cannot be continued is an error; with it, that directory is
-    started over (callers pass `overwrite` only for a directory that holds no complete output).
-    """
-    if not fresh.path.is_file():
-        return None
-    try:
-        old = load_manifest(fresh.root, require_complete=False)
-        _check_resumable(old, fresh)
-    except DataError:
-        if overwrite:
-            return None
-        raise
-    return old
-
-
-def _prepare_dir(fresh: Manifest, overwrite: bool) -> Manifest:
-    """The manifest to continue from in `fresh.root`: the matching one already there (resume), or `fresh`."""
-    root = fresh.root
-    old = _resumable(fresh, overwrite)
-    if old is not None:
-        _remove(root, lambda p: p.name.endswith(TMP_SUFFIX))
-        return old
-    if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise DataError(f"{root}: exists, is not empty and has no {MANIFEST_NAME}; choose an empty or new --out "
-                        "(or --overwrite to replace shard files in it)")
-    root.mkdir(parents=True, exist_ok=True)
-    _remove(root, _is_ours)
-    write_manifest(fresh)
-    return fresh
-
-
-def _build_root(options: ShardOptions, fresh: Manifest) -> Path:
-    """Where to write: --out itself, or its staging directory when a complete output must be kept meanwhile.
-
-    Staging is used by --overwrite of a complete output, and to finish a swap a kill cut short (--out
-    then holds the incomplete manifest `_swap_in` writes first, made like the complete staged one).
-    """
-    out, staging = options.out, options.out / STAGING_NAME
-    current, staged = _manifest_or_none(out), _manifest_or_none(staging)
-    if options.overwrite and current is not None and current.complete:
-        return staging
-    if (staged is not None and staged.complete and not _differences(staged, fresh)
-            and current is not None and not _differences(current, fresh)):
-        return staging
-    if staging.is_dir() and options.overwrite:
-        _remove_staging(staging)  # left by another --overwrite command: this one replaces --out in place
-    elif staging.is_dir():
-        print(f"note: {staging} is left from an interrupted --overwrite run and is not part of the output; "
-              "rerun that command to finish it, or delete the directory", file=sys.stderr)
-    return out
-
-
-def _swap_in(staged: Manifest, out: Path) -> Manifest:
-    """Replace the output in `out` by the complete one in the staging directory; returns its manifest there.
-
-    Steps: (1) mark `out` incomplete, so readers refuse it from here on and say to rerun the command;
-    (2) delete our old files that the new output does not reuse by name; (3) move each new shard file
-    in (a rename, replacing an old file of the same name); (4) move the staged manifest in, which
-    makes `out` complete again; (5) remove the staging directory. Every step can be repeated, so
-    after a kill the same command (see `_build_root`) finishes the swap; files we did not write stay.
-    """
-    staging = staged.root
-    final = replace(staged, path=out / MANIFEST_NAME)
-    write_manifest(replace(final, complete=False, shards=(), stats={}))
-    new_files = {path.name for shard in staged.shards for path in (shard.bin_path(out), shard.idx_path(out))}
-    _remove(out, lambda p: _is_ours(p) and p.name != MANIFEST_NAME and p.name not in new_files)
-    for name in sorted(new_files):
-        if (staging / name).is_file():
-            os.replace(staging / name, out / name)
-    fsync_dir(out)
-    os.replace(staged.path, final.path)
-    fsync_dir(out)
-    _remove_staging(staging)
-    return final
-
-
-def _remove_staging(staging: Path) -> None:
-    """Delete the staging directory: our files in it, then the directory (which fails if anything else is left)."""
-    _remove(staging, _is_ours)
-    staging.rmdir()
-
-
-def _is_ours(path: Path) -> bool:
-    name = path.name.removesuffix(TMP_SUFFIX)
-    return name == MANIFEST_NAME or (name.split("-")[0] in SPLITS and name.endswith((".bin", ".idx")))
-
-
-def _remove(out: Path, which: Callable[[Path], bool]) -> None:
-    for path in out.iterdir():
-        if path.is_file() and which(path):
-            path.unlink()
-
-
 class _Progress:
     """tqdm bar on stderr: documents read, tokens written and the tokenization rate."""
 
@@ -379,7 +256,7 @@ def _build_task(options: ShardOptions, sources: list[Source], fresh: Manifest, d
     Its manifest adds, under options["task"], the task, the whole plan (unit count and digest) and the
     keys of its units, which `data_prep.merge` checks; stats["rerun"] is the command of the run.
     """
-    merged = _manifest_or_none(options.out)
+    merged = manifest_or_none(options.out)
     if merged is not None and "tasks" not in merged.options:
         raise DataError(f"{options.out}: holds the output of a run without --task-count; choose another --out "
                         "for a multi-task run")
@@ -397,19 +274,19 @@ def _build_task(options: ShardOptions, sources: list[Source], fresh: Manifest, d
         for unit in mine:
             yield from unit.documents(sources, options.text_field, report)
 
-    current = _manifest_or_none(task_out)
+    current = manifest_or_none(task_out)
     if (merged is not None and merged.complete
-            and (options.overwrite or current is None or not current.complete or _differences(current, fresh))):
+            and (options.overwrite or current is None or not current.complete or differences(current, fresh))):
         write_manifest(replace(merged, complete=False))  # it may list shards this task replaces: merge again
     return _build(options.replace(out=task_out), fresh, dtype, documents)
 
 
 def _build(options: ShardOptions, fresh: Manifest, dtype: np.dtype, documents: Documents) -> Manifest:
     """Write, resume or replace (--overwrite) the output `fresh` describes in `options.out`."""
-    root = _build_root(options, fresh)
+    root = build_root(options.out, options.overwrite, fresh)
     if root != options.out:
         return _replace_output(options, replace(fresh, path=root / MANIFEST_NAME), dtype, documents)
-    manifest = _prepare_dir(fresh, options.overwrite)
+    manifest = prepare_dir(fresh, options.overwrite)
     if manifest.complete:
         print(f"{options.out}: already complete, nothing to do", file=sys.stderr)
         return manifest
@@ -424,14 +301,14 @@ def _replace_output(options: ShardOptions, fresh: Manifest, dtype: np.dtype, doc
     Bad input found while building removes the staging directory: the old output is untouched and
     nothing staged is worth resuming once the input or options change.
     """
-    staged, summary = _manifest_or_none(fresh.root), f"{options.out}: replaced by the output finished in {fresh.root}"
-    if staged is None or not staged.complete or _differences(staged, fresh):
+    staged, summary = manifest_or_none(fresh.root), f"{options.out}: replaced by the output finished in {fresh.root}"
+    if staged is None or not staged.complete or differences(staged, fresh):
         try:
-            staged, summary = _run(options, _prepare_dir(fresh, overwrite=True), dtype, documents)
+            staged, summary = _run(options, prepare_dir(fresh, overwrite=True), dtype, documents)
         except DataError:
-            _remove_staging(fresh.root)
+            remove_staging(fresh.root)
             raise
-    manifest = _swap_in(staged, options.out)
+    manifest = swap_in(staged, options.out)
     print(summary, file=sys.stderr)
     return manifest
 

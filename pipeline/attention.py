@@ -54,6 +54,9 @@ class ShdChannel:
     selection: str = "soft"
     merge: str = "prob"
     sharpen: float = 1.0
+    divergence: str = "forward"
+    select_heads: str = "first"  # plan "select": which head of each group (pipeline.shd.plan.SELECT_HEADS)
+    select_seed: int = 0
     tau: float = 1.0
     block_size: int = 128
     # per micro-batch state
@@ -64,13 +67,15 @@ class ShdChannel:
     captures: dict[int, tuple] = field(default_factory=dict)  # teacher layer -> (q, k, W, MapSpec)
     losses: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> SHD loss
     weight_stats: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [2]
+    selected: dict[int, tuple[int, ...]] = field(default_factory=dict)  # teacher layer -> head per student head
 
     @classmethod
     def from_config(cls, distill, pairs: dict[int, int], num_student_heads: int) -> "ShdChannel":
         """The channel for a run's `distill` config section (pipeline.config.DistillConfig)."""
         return cls(pairs=pairs, num_student_heads=num_student_heads, plan=distill.plan,
                    objective=distill.objective, selection=distill.selection, merge=distill.merge,
-                   sharpen=distill.sharpen, tau=distill.tau_shd, block_size=distill.shd_block_size)
+                   sharpen=distill.sharpen, divergence=distill.shd_divergence, select_heads=distill.select_heads,
+                   select_seed=distill.select_seed, tau=distill.tau_shd, block_size=distill.shd_block_size)
 
     @property
     def teacher_layers(self) -> set[int]:
@@ -130,7 +135,7 @@ def student_attention(module, query, key, value, attention_mask, **kwargs):
         chan.losses[module.layer_idx] = shd_loss(query, key, tq, tk, w, tau=chan.tau,
                                                  attention_mask=chan.attention_mask, block_size=chan.block_size,
                                                  merge=chan.merge, sharpen=chan.sharpen, teacher_spec=teacher_spec,
-                                                 student_spec=map_spec(module, kwargs))
+                                                 student_spec=map_spec(module, kwargs), divergence=chan.divergence)
     return out
 
 
@@ -152,7 +157,8 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
         with torch.no_grad():
             w = squeeze_weights(q, k, v, weight, chan.num_student_heads, plan=chan.plan,
                                 objective=chan.objective, attention_mask=chan.attention_mask,
-                                selection=chan.selection, head_outputs=head_outputs, spec=spec)
+                                selection=chan.selection, head_outputs=head_outputs, spec=spec,
+                                selected=chan.selected.get(layer))
             # statistics for logging: mean over (batch, student head) of the max weight and entropy
             ent = -(w.clamp_min(1e-12).log() * w).sum(-1)
             chan.weight_stats[layer] = torch.stack([w.max(-1).values.mean(), ent.mean()]).detach()
@@ -173,11 +179,17 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 def attach_teacher(model: torch.nn.Module, chan: ShdChannel) -> list:
     """Point the distilled teacher layers at the channel; call after deepspeed.initialize."""
+    from pipeline.shd.plan import selected_heads, squeeze_plan
+
     mods = attention_modules(model)
     handles = []
+    heads = model.config.num_attention_heads
     for t in sorted(chan.teacher_layers):
         if t not in mods:
             raise ValueError(f"teacher has no attention module with layer_idx {t}")
+        if chan.plan == "select":  # fixed for the run: a pure function of the config
+            chan.selected[t] = selected_heads(squeeze_plan(heads, chan.num_student_heads, "select"),
+                                              chan.select_heads, chan.select_seed, t)
         mods[t].shd_channel = chan
         handles.append(mods[t].o_proj.register_forward_pre_hook(_o_proj_pre_hook(chan, t)))
     return handles
@@ -249,5 +261,9 @@ class ShdCapture:
         return {s: (stats[t][0].item(), stats[t][1].item()) for s, t in sorted(self.chan.pairs.items()) if t in stats}
 
     def describe(self) -> str:
-        return (f"SHD plan={self.chan.plan} objective={self.chan.objective} layers (student->teacher) "
-                f"{self.chan.pairs}")
+        chan = self.chan
+        text = f"SHD plan={chan.plan} objective={chan.objective} layers (student->teacher) {chan.pairs}"
+        if chan.selected:  # which teacher head each student head learns from
+            text += f" | teacher head per student head ({chan.select_heads}): " + ", ".join(
+                f"layer {s}<-{t}: {list(chan.selected[t])}" for s, t in sorted(chan.pairs.items()) if t in chan.selected)
+        return text

@@ -133,7 +133,7 @@ class Trainer:
         # ZeRO-3's non-finite grad-norm check skips the step on every rank.
         poisoned = torch.zeros(1, device=self.device)
         for i, batch in enumerate(batches):
-            loss, terms = self.objective(self.student, self.teacher, *batch, n_tok, n_rows)
+            loss, terms = self.objective(self.student, self.teacher, *batch, n_tok, n_rows, step=self.step + 1)
             if self.step + 1 in cfg.debug.nan_loss_at_steps and self.rank == 0 and i == 0:
                 loss = loss * float("nan")
                 terms["loss/total"] = terms["loss/total"] * float("nan")
@@ -176,6 +176,7 @@ class Trainer:
             "data/consumed_tokens": float(self.consumed_tokens),
         })
         if self.capture is not None:  # tagged by student layer, as shd/layer_XX (its teacher layer: the run log)
+            out["optim/w_shd"] = self.objective.shd_weight(self.step)  # after the ramp (self.step: just taken)
             for s, (mean_max, entropy) in self.capture.weight_stats().items():
                 out[f"shd_weights/layer_{s:02d}_mean_max"] = mean_max
                 out[f"shd_weights/layer_{s:02d}_entropy"] = entropy

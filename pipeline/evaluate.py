@@ -20,7 +20,6 @@ its tokenizer, or ``--skip-tokenizer-check`` says the caller vouches for the ids
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path

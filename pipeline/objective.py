@@ -42,6 +42,17 @@ class DistillConfig(Section):
                                                       "(paper) or in score space (product of experts, stays "
                                                       "sharp).")
     sharpen: Float = setting(1.0, "Target temperature applied after merging (< 1 sharpens; 1 = off).")
+    shd_divergence: Literal["forward", "reverse"] = setting(
+        "forward", "Direction of the attention-map KL: forward = KL(target || student), the paper's "
+                   "(mass-covering); reverse = KL(student || target), mode-seeking: a student head may "
+                   "match one member of a merged target instead of its blur.")
+    select_heads: Literal["first", "random"] = setting(
+        "first", "plan=select: which teacher head of its group each student head distils; first = the group's "
+                 "first head; random = one per group and layer drawn with distill.select_seed (a control: does the "
+                 "choice matter?). Fixed for the whole run and logged at start.")
+    select_seed: int = setting(0, "Seed of select_heads=random.")
+    shd_warmup_steps: int = setting(0, "Linear ramp of w_shd over the first S optimizer steps (step s uses "
+                                       "w_shd * min(1, s / S)); 0 = the full weight from step 1.")
     student_layers: Optional[list[int]] = setting(None, "Student layers that get the SHD term; empty = all.")
     layer_map: Optional[list[int]] = setting(None, "Teacher layer for each student layer (length = student "
                                                    "layers); empty = uniform g(l) = round((l+1) Lt/Ls) - 1.")
@@ -59,6 +70,8 @@ class DistillConfig(Section):
             (self.sharpen > 0, f"distill.sharpen must be > 0 (1 = off, < 1 sharpens), got {self.sharpen}"),
             (self.kd_chunk_size >= 1, f"distill.kd_chunk_size must be >= 1, got {self.kd_chunk_size}"),
             (self.shd_block_size >= 1, f"distill.shd_block_size must be >= 1, got {self.shd_block_size}"),
+            (self.shd_warmup_steps >= 0, f"distill.shd_warmup_steps must be >= 0 (0 = no ramp), got "
+                                         f"{self.shd_warmup_steps}"),
         ]
         layers = self.student_layers
         if layers is not None:
@@ -82,7 +95,16 @@ class DistillObjective:
     def __init__(self, cfg: RunConfig, vocab: int, capture: ShdCapture | None) -> None:
         self.cfg, self.d, self.vocab, self.capture = cfg, cfg.distill, vocab, capture
 
-    def __call__(self, student, teacher, inp, labels, valid, mask, n_tok: float, n_rows: float):
+    def shd_weight(self, step: int | None) -> float:
+        """w_shd at optimizer step ``step`` (1-based), ramped over distill.shd_warmup_steps; the full
+        weight when ``step`` is None (a loss measured outside the training loop)."""
+        ramp = self.d.shd_warmup_steps
+        if step is None or ramp == 0 or step >= ramp:
+            return self.d.w_shd
+        return self.d.w_shd * max(step, 0) / ramp
+
+    def __call__(self, student, teacher, inp, labels, valid, mask, n_tok: float, n_rows: float,
+                 step: int | None = None):
         cfg, d, capture = self.cfg, self.d, self.capture
         if capture is not None:
             capture.begin(mask)
@@ -109,7 +131,7 @@ class DistillObjective:
             # each layer's loss is a mean over this micro-batch's valid rows: reweight to the global mean
             per_layer = {l: v * (rows / n_rows) for l, v in capture.layer_losses().items()}
             shd = torch.stack(list(per_layer.values())).mean()
-            loss = loss + d.w_shd * shd
+            loss = loss + self.shd_weight(step) * shd
             terms["loss/shd"] = shd
             for l, v in per_layer.items():
                 terms[f"shd/layer_{l:02d}"] = v

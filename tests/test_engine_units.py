@@ -131,7 +131,7 @@ def _rebuilt_qkv(model, layers, inp, mask):
     return out
 
 
-def _reference_shd(cfg, pre, teacher, student, inp, mask):
+def _reference_shd(cfg, pre, chan, teacher, student, inp, mask):
     """Mean over distilled layers of shd_loss_reference on maps rebuilt from the models."""
     pairs = pre.pairs
     t = _rebuilt_qkv(teacher, sorted(set(pairs.values())), inp, mask)
@@ -141,9 +141,10 @@ def _reference_shd(cfg, pre, teacher, student, inp, mask):
         tq, tk, tv, wo = t[tl]
         d = cfg.distill
         w = squeeze_weights(tq, tk, tv, wo, pre.student_cfg.num_attention_heads, plan=d.plan,
-                            objective=d.objective, attention_mask=mask, selection=d.selection)
+                            objective=d.objective, attention_mask=mask, selection=d.selection,
+                            selected=chan.selected.get(tl))
         per[sl] = shd_loss_reference(s[sl][0], s[sl][1], tq, tk, w, tau=d.tau_shd, attention_mask=mask,
-                                     merge=d.merge, sharpen=d.sharpen)
+                                     merge=d.merge, sharpen=d.sharpen, divergence=d.shd_divergence)
     return per
 
 
@@ -153,6 +154,9 @@ def _reference_shd(cfg, pre, teacher, student, inp, mask):
     (4, 2, "mean", "output", 0, {}),
     (4, 4, "select", "output", 3, {}),
     (3, 1, "pairwise", "output", 4, {"distill.selection": "hard", "distill.merge": "logit", "distill.sharpen": 0.5}),
+    (4, 2, "pairwise", "output", 3, {"distill.shd_divergence": "reverse"}),
+    (4, 4, "select", "output", 0, {"distill.shd_divergence": "reverse"}),
+    (2, 2, "select", "output", 2, {"distill.select_heads": "random", "distill.select_seed": 3}),
 ])
 def test_shd_in_engine_equals_reference_on_rebuilt_maps(tiny_data, tiny_teacher, tmp_path, heads, kv, plan,
                                                          objective, pad, variant):
@@ -170,10 +174,31 @@ def test_shd_in_engine_equals_reference_on_rebuilt_maps(tiny_data, tiny_teacher,
     student(input_ids=inp, attention_mask=mask)
     got = {l: v.detach() for l, v in chan.losses.items()}
     chan.clear()
-    ref = _reference_shd(cfg, pre, teacher, student, inp, mask)
+    ref = _reference_shd(cfg, pre, chan, teacher, student, inp, mask)
     for l in ref:
         torch.testing.assert_close(got[l], ref[l], rtol=1e-5, atol=1e-7)
     assert all(v > 0 for v in got.values())
+
+
+def test_shd_weight_ramps_linearly_over_the_warmup_steps(tiny_data, tiny_teacher, tmp_path):
+    """distill.shd_warmup_steps = S: step s's total uses w_shd * min(1, s / S) on the same SHD term
+    (logged unweighted as loss/shd); outside the loop (no step) the full weight."""
+    cfg, pre, chan, teacher, student = _setup(tiny_data, tiny_teacher, tmp_path,
+                                              **{"distill.w_shd": 2.0, "distill.shd_warmup_steps": 4})
+    obj = DistillObjective(cfg, pre.vocab, attn.ShdCapture(chan))
+    assert [obj.shd_weight(s) for s in (1, 2, 3, 4, 9, None)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    inp, labels, valid, mask = split_tokens(_batch(pre, pad_last=3), pre.pad_id)
+    d, totals = cfg.distill, {}
+    for step in (1, 3, 4):
+        with torch.no_grad():
+            loss, terms = obj(student, teacher, inp, labels, valid, mask, float(valid.sum()), float(mask.sum()),
+                              step=step)
+        chan.clear()
+        rest = d.w_ce * terms["loss/ce"] + d.w_kd * d.tau_kd ** 2 * terms["loss/kd"]
+        torch.testing.assert_close(loss, rest + obj.shd_weight(step) * terms["loss/shd"], rtol=1e-6, atol=1e-7)
+        assert terms["loss/shd"] > 0
+        totals[step] = loss
+    assert totals[1] < totals[3] < totals[4]
 
 
 def _objective_loss_and_grads(cfg, pre, chan, teacher, student, tokens):

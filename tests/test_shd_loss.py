@@ -285,3 +285,84 @@ def test_windowed_loss_and_weights_stay_within_the_window():
     assert loss_probe.largest <= max(inputs, batch * teacher_heads * block * (block + window)) < one_block_all_keys
     rows = WEIGHTS_BLOCK_SIZE
     assert weights_probe.largest <= max(inputs, batch * teacher_heads * rows * (rows + window))
+
+
+# ----------------------------------------------------------------------------------------------
+# the reverse (mode-seeking) divergence, KL(student || target)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plan,merge,sharpen", [("select", "prob", 1.0), ("pairwise", "prob", 1.0),
+                                                ("mean", "prob", 0.5), ("group", "logit", 1.0)])
+@pytest.mark.parametrize("heads", [(8, 4, 3, 1), (16, 4, 6, 2)], ids=lambda h: f"{h[0]}->{h[2]}")
+def test_reverse_divergence_streams_like_the_dense_oracle(plan, merge, sharpen, heads):
+    """Values and gradients of KL(student || target) equal the float64 oracle's, for one-head
+    targets (select) and merged ones, with padding on either side."""
+    teacher, teacher_kv, student, student_kv = heads
+    case = make_case(batch=3, length=21, teacher_heads=teacher, teacher_kv_heads=teacher_kv, student_heads=student,
+                     student_kv_heads=student_kv, padding="left" if plan in ("select", "mean") else "right", seed=9)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, student,
+                              plan=plan, attention_mask=case.attention_mask)
+    kwargs = dict(tau=1.3, merge=merge, sharpen=sharpen, divergence="reverse")
+    dense = _loss_and_grads(shd_loss_reference, case, weights, **kwargs)
+    forward = _loss_and_grads(shd_loss, case, weights, tau=1.3, merge=merge, sharpen=sharpen, block_size=4)
+    assert dense[0] > 0 and abs(dense[0] - forward[0]) > 1e-6  # another divergence, not the forward one
+    for block_size in (4, 64):
+        streamed = _loss_and_grads(shd_loss, case, weights, block_size=block_size, **kwargs)
+        for got, want in zip(streamed, dense):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_reverse_divergence_gradcheck_and_zero_at_the_target():
+    case = make_case(batch=2, length=6, teacher_heads=4, teacher_kv_heads=2, student_heads=2, student_kv_heads=1,
+                     padding="right")
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 2,
+                              attention_mask=case.attention_mask)
+    q = case.student_q.clone().requires_grad_(True)
+    k = case.student_k.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda q, k: shd_loss(q, k, case.teacher_q, case.teacher_k, weights, tau=1.3, divergence="reverse",
+                              attention_mask=case.attention_mask, block_size=4), (q, k))
+    same = make_case(teacher_heads=4, teacher_kv_heads=2, student_heads=4, padding="right")
+    same.student_q, same.student_k = same.teacher_q.clone(), same.teacher_k.clone()
+    w = squeeze_weights(same.teacher_q, same.teacher_k, same.teacher_v, None, 4, attention_mask=same.attention_mask)
+    loss, grad_q, _ = _loss_and_grads(shd_loss, same, w, tau=2.0, divergence="reverse")
+    assert abs(loss.item()) < 1e-12 and grad_q.abs().max() < 1e-12
+
+
+def test_reverse_divergence_is_finite_beyond_a_narrower_teacher_window():
+    """Keys outside the teacher's window have target 0 where the student may attend: the reverse KL
+    floors log 0 (a large, finite penalty) and matches the oracle; float32 stays finite too."""
+    for dtype in (torch.float64, torch.float32):
+        case = make_case(batch=2, length=20, padding="right", dtype=dtype, seed=2)
+        weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, 3,
+                                  plan="select", attention_mask=case.attention_mask)
+        kwargs = dict(divergence="reverse", teacher_spec=MapSpec(window=4), student_spec=MapSpec())
+        streamed = _loss_and_grads(shd_loss, case, weights, block_size=6, **kwargs)
+        dense = _loss_and_grads(shd_loss_reference, case, weights, **kwargs)
+        assert all(bool(torch.isfinite(t).all()) for t in streamed) and streamed[0] > 10
+        tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+        for got, want in zip(streamed, dense):
+            torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("merge", ["prob", "logit"])
+def test_reverse_divergence_builds_no_full_attention_map(merge):
+    batch, teacher_heads, student_heads, length, block = 1, 8, 3, 512, 32
+    case = make_case(batch=batch, length=length, teacher_heads=teacher_heads, teacher_kv_heads=2,
+                     student_heads=student_heads, padding="left", dtype=torch.float32)
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight, student_heads,
+                              attention_mask=case.attention_mask)
+    q = case.student_q.clone().requires_grad_(True)
+    with _LargestTensor() as probe:
+        shd_loss(q, case.student_k, case.teacher_q, case.teacher_k, weights, attention_mask=case.attention_mask,
+                 block_size=block, merge=merge, divergence="reverse").backward()
+    assert probe.largest <= batch * teacher_heads * block * length < batch * teacher_heads * length * length
+
+
+def test_divergence_is_validated():
+    case = make_case()
+    weights = squeeze_weights(case.teacher_q, case.teacher_k, case.teacher_v, None, 3)
+    for fn in (shd_loss, shd_loss_reference):
+        with pytest.raises(ValueError, match="forward, reverse"):
+            fn(case.student_q, case.student_k, case.teacher_q, case.teacher_k, weights, divergence="backward")

@@ -57,3 +57,26 @@ def test_explicit_layer_map_is_validated():
         layer_map(2, 4, [0])
     with pytest.raises(ValueError, match="out of range"):
         layer_map(2, 4, [0, 4])
+
+
+def test_selected_heads_first_and_seeded_random():
+    """"first" is each group's first head; "random" one head of each group, the same for the same
+    (seed, layer), other heads for other seeds or layers; weights are one-hot on the selection."""
+    import torch
+
+    from pipeline.shd.plan import selected_heads
+    from pipeline.shd.weights import constant_weights
+
+    plan = squeeze_plan(16, 4, "select")
+    assert selected_heads(plan) == (0, 4, 8, 12)
+    draws = {(seed, layer): selected_heads(plan, "random", seed, layer) for seed in range(4) for layer in range(3)}
+    for picks in draws.values():
+        assert all(h in group for h, group in zip(picks, plan.groups))
+    assert draws[(1, 2)] == selected_heads(plan, "random", 1, 2)  # a pure function: ranks and resumes agree
+    assert len(set(draws.values())) > 6 and any(p != (0, 4, 8, 12) for p in draws.values())
+    w = constant_weights(plan, 2, torch.float64, "cpu", draws[(1, 2)])
+    assert w.sum(-1).eq(1).all() and [int(i) for i in w[0].argmax(-1)] == list(draws[(1, 2)])
+    with pytest.raises(ValueError, match="do not name one head of each group"):
+        constant_weights(plan, 1, torch.float64, "cpu", (1, 2, 3, 4))
+    with pytest.raises(ValueError, match="first, random"):
+        selected_heads(plan, "best")

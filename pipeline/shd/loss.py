@@ -1,7 +1,8 @@
 """The SHD attention loss of one layer, streamed over blocks of query rows.
 
 L = tau^2 * mean over (sequence, valid query row) and student heads of
-    KL( target_n || softmax(Z_n / tau) )
+    KL( target_n || softmax(Z_n / tau) )      (divergence "forward", the paper's)
+    KL( softmax(Z_n / tau) || target_n )      (divergence "reverse", mode-seeking)
 
 with student scores Z_n and the squeezed teacher target of student head n (causal and padding
 masked, and windowed where a model has a sliding window), built from the teacher scores z_m
@@ -10,8 +11,10 @@ by `merge`:
     "logit" (product of experts): target_n = softmax(sum_m W[n, m] z_m / tau), which keeps what the
             member heads agree on and stays as sharp as they are,
 then sharpened when `sharpen` (a target temperature tau_t) is below 1: target^(1/tau_t),
-renormalised per row. The loss's gradient is tau * (softmax(Z_n / tau) - target_n) per row for
-every variant, since the target does not depend on the student. A full map is
+renormalised per row. The forward loss's gradient is tau * (softmax(Z_n / tau) - target_n) per
+row for every target, since the target does not depend on the student; the reverse one's is
+tau * s * (log s - log target - KL) with s = softmax(Z_n / tau), log target floored at the
+dtype's smallest normal number (`log_target_floor`). A full map is
 B*H*T^2 numbers per layer, so the loss never holds one: each block of query rows recomputes the
 teacher and student scores it needs (keys cut at the block's last row, since later keys are
 masked, and, under a sliding window, before the block's first row minus the window), so extra
@@ -27,6 +30,8 @@ is skipped when no gradient is needed (evaluation, `torch.no_grad`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -35,6 +40,11 @@ from .masking import (BlockMask, MapSpec, check_mask, compute_dtype, first_key, 
 
 MERGES = ("prob", "logit")
 """How squeezed teacher maps are merged: in probability space (paper) or in score space."""
+
+DIVERGENCES = ("forward", "reverse")
+""""forward": KL(target || student), the paper's (mass-covering: the student spreads over every key
+the target puts mass on). "reverse": KL(student || target), mode-seeking: a student head may match
+one member of a merged (flatter) target instead of its blur."""
 
 
 def merged_target(teacher_scores: Tensor, mask: BlockMask, weights: Tensor, merge: str, sharpen: float) -> Tensor:
@@ -54,10 +64,12 @@ def merged_target(teacher_scores: Tensor, mask: BlockMask, weights: Tensor, merg
     return mask.fill_(mixed.div_(sharpen), float("-inf")).softmax(dim=-1)
 
 
-def check_variant(tau: float, merge: str, sharpen: float) -> None:
-    """Refuses an unknown merge or a non-positive temperature, naming the accepted values."""
+def check_variant(tau: float, merge: str, sharpen: float, divergence: str = "forward") -> None:
+    """Refuses an unknown merge or divergence or a non-positive temperature, naming the accepted values."""
     if merge not in MERGES:
         raise ValueError(f"unknown merge {merge!r}; choose one of {', '.join(MERGES)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
     if tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     if sharpen <= 0:
@@ -74,6 +86,13 @@ def check_windows(teacher: MapSpec, student: MapSpec, length: int) -> None:
             f"({teacher_window or 'none'}) at sequence length {length}: the teacher's maps put probability on keys "
             "the student cannot see; use a student without a sliding window (or with one at least as wide)"
         )
+
+
+def log_target_floor(dtype: torch.dtype) -> float:
+    """The reverse KL's floor under log target: log of the dtype's smallest normal number. A key
+    the target gives (numerically) no mass but the student may attend to (beyond a narrower teacher
+    window, or an underflowed probability) then costs a large finite penalty, not an infinite loss."""
+    return math.log(torch.finfo(dtype).tiny)
 
 
 def _check_inputs(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, weights: Tensor) -> None:
@@ -104,6 +123,7 @@ def _blockwise(
     sharpen: float,
     teacher_spec: MapSpec,
     student_spec: MapSpec,
+    divergence: str,
     with_grad: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Loss (and, if asked, its gradients w.r.t. student q and repeated k) in one blockwise pass."""
@@ -150,27 +170,47 @@ def _blockwise(
                         BlockMask(attention_mask, right_padded, start, end, device, teacher_window, first))
         # in-place masking and early deletes keep at most two [B, M, block, keys] buffers alive
         teacher_scores = (tq[:, :, start:end] @ tk[:, :, first:end].transpose(-1, -2)).mul_(teacher_scale / tau)
-        # KL per row = sum t log t - sum t log s, each as a batched row-by-row dot product
+        # each row's KL as batched row-by-row dot products:
+        #   forward  sum t log t - sum t log s, gradient tau * (s - t)
+        #   reverse  sum s (log s - log t),     gradient tau * s * (log s - log t - KL)
+        # (gradients of tau^2 KL with respect to q k^T * scale, before 1/count and the row mask)
+        forward = divergence == "forward"
         if mix is None:
             log_target = teacher_mask.fill_(teacher_scores.div_(sharpen), lowest).log_softmax(dim=-1)
             del teacher_scores
-            target = log_target.exp()
-            row_kl = _row_dot(target, log_target)
-            del log_target
+            if forward:
+                target = log_target.exp()
+                row_kl = _row_dot(target, log_target)
+                del log_target
+            else:
+                log_target = log_target.clamp_min_(log_target_floor(dtype))
         else:
             target = merged_target(teacher_scores, teacher_mask, mix, merge, sharpen)
             del teacher_scores
-            row_kl = torch.xlogy(target, target).sum(dim=-1)
+            if forward:
+                row_kl = torch.xlogy(target, target).sum(dim=-1)
+            else:
+                log_target = target.clamp_min_(torch.finfo(dtype).tiny).log_()
+                del target
         student_scores = (sq[:, :, start:end] @ sk[:, :, first:end].transpose(-1, -2)).mul_(student_scale / tau)
         log_student = student_mask.fill_(student_scores, lowest).log_softmax(dim=-1)
         del student_scores
-        row_kl = row_kl.sub_(_row_dot(target, log_student))
         block_rows = rows[:, None, start:end]
+        row_scale = block_rows[..., None] * (tau * student_scale) / count if with_grad else None
+        if forward:
+            row_kl = row_kl.sub_(_row_dot(target, log_student))
+            if with_grad:
+                grad_scores = log_student.exp_().sub_(target).mul_(row_scale)
+        else:  # one more [B, N, block, keys] buffer than forward: the student's probabilities
+            student = log_student.exp()
+            diff = log_student.sub_(log_target)
+            del log_target
+            row_kl = _row_dot(student, diff)
+            if with_grad:
+                grad_scores = diff.sub_(row_kl[..., None]).mul_(student).mul_(row_scale)
+            del student, diff
         total = total + (row_kl * block_rows).sum()
         if with_grad:
-            # d(tau^2 KL)/d(q k^T * scale) = tau * (p_student - target); times 1/count and the row mask
-            row_scale = block_rows[..., None] * (tau * student_scale) / count
-            grad_scores = log_student.exp_().sub_(target).mul_(row_scale)
             grad_q[:, :, start:end] = grad_scores @ sk[:, :, first:end]
             grad_k[:, :, first:end] += grad_scores.transpose(-1, -2) @ sq[:, :, start:end]
     return total * (tau * tau) / count, grad_q, grad_k
@@ -190,10 +230,10 @@ def _fold_kv_grad(grad_k: Tensor, num_kv: int) -> Tensor:
 class _StreamingSHDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge,
-                sharpen, teacher_spec, student_spec):
+                sharpen, teacher_spec, student_spec, divergence):
         loss, grad_q, grad_k = _blockwise(
             student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
-            teacher_spec, student_spec, with_grad=True,
+            teacher_spec, student_spec, divergence, with_grad=True,
         )
         # Kept on ctx, not saved with save_for_backward: saved-tensor hooks (activation
         # checkpointing) would drop them and re-run this whole pass in backward to get them back;
@@ -206,7 +246,7 @@ class _StreamingSHDLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_q, grad_k = ctx.grads
         scale = grad_output.to(grad_q.dtype)
-        return grad_q * scale, grad_k * scale, None, None, None, None, None, None, None, None, None, None
+        return grad_q * scale, grad_k * scale, None, None, None, None, None, None, None, None, None, None, None
 
 
 def shd_loss(
@@ -223,6 +263,7 @@ def shd_loss(
     sharpen: float = 1.0,
     teacher_spec: MapSpec = MapSpec(),
     student_spec: MapSpec = MapSpec(),
+    divergence: str = "forward",
 ) -> Tensor:
     """SHD loss of one layer (a scalar), streamed over query blocks; gradients reach student q, k only.
 
@@ -232,12 +273,13 @@ are renormalised to sum to 1 in the compute dtype, which bf16 rounding would oth
     attention_mask [B, T] (1 = real token) or None. Each side scores with its own scale and
     sliding window (`teacher_spec`, `student_spec`; default 1/sqrt(d), no window); a student window
     narrower than the teacher's is refused.
-    `merge` ("prob" or "logit") and `sharpen` (target temperature, 1 = none) choose the target.
+    `merge` ("prob" or "logit") and `sharpen` (target temperature, 1 = none) choose the target,
+    `divergence` ("forward" or "reverse", `DIVERGENCES`) the direction of the KL.
     Computed in float32 (float64 when an input is float64); the loss is float32 for bf16 inputs.
     """
     _check_inputs(student_q, student_k, teacher_q, teacher_k, weights)
     check_mask(attention_mask, student_q.shape[0], student_q.shape[2])
-    check_variant(tau, merge, sharpen)
+    check_variant(tau, merge, sharpen, divergence)
     check_windows(teacher_spec, student_spec, student_q.shape[2])
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -245,10 +287,10 @@ are renormalised to sum to 1 in the compute dtype, which bf16 rounding would oth
     if torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad):
         return _StreamingSHDLoss.apply(
             student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
-            teacher_spec, student_spec,
+            teacher_spec, student_spec, divergence,
         )
     loss, _, _ = _blockwise(
         student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
-        teacher_spec, student_spec, with_grad=False,
+        teacher_spec, student_spec, divergence, with_grad=False,
     )
     return loss.to(loss_dtype(student_q))

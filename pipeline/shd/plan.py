@@ -14,6 +14,10 @@ import numpy as np
 PLANS = ("pairwise", "group", "mean", "select")
 """Merge plans: the paper's pairwise rounds, one-step group squeeze, and the two ablations."""
 
+SELECT_HEADS = ("first", "random")
+"""Which head of its group a student head distils under "select": the group's first, or one drawn
+per group and layer from a seed (the control that shows whether the choice matters at all)."""
+
 
 @dataclass(frozen=True)
 class SqueezePlan:
@@ -62,6 +66,18 @@ def squeeze_plan(num_teacher_heads: int, num_student_heads: int, plan: str = "pa
         split = np.array_split(np.arange(num_teacher_heads), num_student_heads)
         rounds = (tuple(tuple(int(i) for i in g) for g in split),)
     return SqueezePlan(plan, num_teacher_heads, num_student_heads, rounds)
+
+
+def selected_heads(plan: SqueezePlan, how: str = "first", seed: int = 0, layer: int = 0) -> tuple[int, ...]:
+    """The teacher head each student head distils under "select" (one per group of `plan`): the
+    group's first, or ("random") one drawn uniformly from its group by a generator seeded with
+    (seed, layer): the same heads on every rank and after every resume, other heads per layer."""
+    if how not in SELECT_HEADS:
+        raise ValueError(f"unknown head selection {how!r}; choose one of {', '.join(SELECT_HEADS)}")
+    if how == "first":
+        return tuple(group[0] for group in plan.groups)
+    rng = np.random.default_rng([seed, layer])
+    return tuple(group[int(rng.integers(len(group)))] for group in plan.groups)
 
 
 def _pairwise_rounds(num_heads: int, target: int) -> tuple[tuple[tuple[int, ...], ...], ...]:

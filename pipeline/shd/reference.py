@@ -126,11 +126,12 @@ def shd_loss_reference(
     sharpen: float = 1.0,
     teacher_spec: MapSpec = MapSpec(),
     student_spec: MapSpec = MapSpec(),
+    divergence: str = "forward",
 ) -> Tensor:
     """`shd_loss` from full maps, differentiated by autograd (`block_size` is accepted and unused)."""
     del block_size
     check_mask(attention_mask, student_q.shape[0], student_q.shape[2])
-    check_variant(tau, merge, sharpen)
+    check_variant(tau, merge, sharpen, divergence)
     check_windows(teacher_spec, student_spec, student_q.shape[2])
     batch, num_student, length, _ = student_q.shape
     dtype = compute_dtype(student_q, student_k, teacher_q, teacher_k)
@@ -152,7 +153,11 @@ def shd_loss_reference(
     keys = repeat_kv(student_k, num_student).to(dtype)
     scores = (student_q.to(dtype) @ keys.transpose(-1, -2)) * (student_spec.scale_for(student_q.shape[-1]) / tau)
     log_student = scores.masked_fill(hidden, float("-inf")).log_softmax(-1).masked_fill(hidden, 0.0)
-    row_kl = (torch.xlogy(target, target) - target * log_student).sum(-1)  # [B, N, T]
+    if divergence == "forward":
+        row_kl = (torch.xlogy(target, target) - target * log_student).sum(-1)  # [B, N, T]
+    else:
+        student = log_student.exp().masked_fill(hidden, 0.0)
+        row_kl = (student * (log_student - target.clamp_min(torch.finfo(dtype).tiny).log())).sum(-1)
     rows = valid_rows(attention_mask, batch, length, dtype, student_q.device)
     loss = (row_kl * rows[:, None]).sum() / (num_student * rows.sum().clamp_min(1.0))
     return (loss * tau * tau).to(loss_dtype(student_q))

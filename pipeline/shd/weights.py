@@ -18,7 +18,7 @@ d_model to at most (group size x head dim).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -259,12 +259,18 @@ def _merge(heads: list[_MergedHead], objective: str, selection: str, dtype: torc
     return _MergedHead(gram, torch.einsum("bk,bki->bi", mix, coef), circuit)
 
 
-def constant_weights(plan: SqueezePlan, batch: int, dtype: torch.dtype, device) -> Tensor:
-    """W for plans that need no maps: identity, "mean" (equal weights), "select" (first head)."""
+def constant_weights(plan: SqueezePlan, batch: int, dtype: torch.dtype, device,
+                     selected: Sequence[int] | None = None) -> Tensor:
+    """W for plans that need no maps: identity, "mean" (equal weights), "select" (the head of each
+    group in `selected`, default the first: `pipeline.shd.plan.selected_heads`)."""
     weights = torch.zeros(batch, plan.num_student_heads, plan.num_teacher_heads, dtype=dtype, device=device)
+    picks = tuple(group[0] for group in plan.groups) if selected is None else tuple(selected)
+    if plan.name == "select" and (len(picks) != len(plan.groups)
+                                  or any(h not in g for h, g in zip(picks, plan.groups))):
+        raise ValueError(f"selected heads {picks} do not name one head of each group {plan.groups}")
     for n, group in enumerate(plan.groups):
         if plan.name == "select":
-            weights[:, n, group[0]] = 1.0
+            weights[:, n, picks[n]] = 1.0
         else:
             weights[:, n, list(group)] = 1.0 / len(group)
     return weights
@@ -347,6 +353,7 @@ def squeeze_weights(
     selection: str = "soft",
     head_outputs: Tensor | None = None,
     spec: MapSpec = MapSpec(),
+    selected: Sequence[int] | None = None,
 ) -> Tensor:
     """The mixing matrix W [B, N, M] of one layer (rows non-negative, summing to 1).
 
@@ -362,6 +369,9 @@ def squeeze_weights(
     then read from it instead of computed again, which removes all attention calls here for a
     grouped-query teacher whose final groups each read one value head; at the teacher's precision
     (bf16 outputs carry ~3 significant digits into W).
+
+    selected: under plan "select", the teacher head of each student head's group (default: the
+    group's first; `pipeline.shd.plan.selected_heads`).
     """
     check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective, selection)
     batch, num_heads, length, head_dim = teacher_q.shape
@@ -373,7 +383,7 @@ def squeeze_weights(
     structure = squeeze_plan(num_heads, num_student_heads, plan)
     dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
     if not needs_maps(structure):
-        return constant_weights(structure, batch, dtype, teacher_q.device)
+        return constant_weights(structure, batch, dtype, teacher_q.device, selected)
     with torch.no_grad():
         values = teacher_v.to(dtype)
         maps = StreamingMaps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, spec.scale_for(head_dim),

@@ -49,6 +49,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             dynamic_plan="pairwise"),
     Variant("kd_sharp", "CE + KD + SHD, sharpened (0.5)", ("distill.plan=pairwise", "distill.sharpen=0.5"),
             dynamic_plan="pairwise"),
+    # issue 14: which head, and how the map loss is taken
+    Variant("kd_select_rand", "CE + KD + attn KD, select (random head)",
+            ("distill.plan=select", "distill.select_heads=random")),
+    Variant("kd_select_rev", "CE + KD + attn KD, select, reverse KL",
+            ("distill.plan=select", "distill.shd_divergence=reverse")),
+    Variant("kd_shd_rev", "CE + KD + SHD (pairwise), reverse KL",
+            ("distill.plan=pairwise", "distill.shd_divergence=reverse"), dynamic_plan="pairwise"),
+    Variant("kd_select_ramp", "CE + KD + attn KD, select, w_shd ramp 50 steps",
+            ("distill.plan=select", "distill.shd_warmup_steps=50")),
 )}
 DEFAULT_VARIANTS: tuple[str, ...] = ("ce", "kd", "kd_shd", "kd_group", "kd_mean", "kd_select")
 DEMO_VARIANTS: tuple[str, ...] = ("ce", "kd", "kd_shd")
