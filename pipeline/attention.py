@@ -30,6 +30,7 @@ for it, and the loss's blockwise pass runs once per step instead of twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,7 @@ class ShdChannel:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> SHD loss
     weight_stats: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [2]
     selected: dict[int, tuple[int, ...]] = field(default_factory=dict)  # teacher layer -> head per student head
+    calibration: dict[int, torch.Tensor] | None = None  # during ShdCapture.calibrate: teacher layer -> costs [M]
 
     @classmethod
     def from_config(cls, distill, pairs: dict[int, int], num_student_heads: int) -> "ShdChannel":
@@ -154,6 +156,16 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
         batch, num_heads, length, _ = q.shape
         # o_proj's input is the layer's attention output per head: reused, not recomputed
         head_outputs = args[0].detach().view(batch, length, num_heads, v.shape[-1]).transpose(1, 2)
+        if chan.calibration is not None:  # ShdCapture.calibrate: costs of the heads, no target
+            from pipeline.shd.selection import selection_costs
+
+            costs = selection_costs(q, k, v, weight, chan.num_student_heads, criterion=chan.select_heads,
+                                    attention_mask=chan.attention_mask, head_outputs=head_outputs, spec=spec)
+            chan.calibration[layer] = chan.calibration[layer] + costs if layer in chan.calibration else costs
+            return None
+        if chan.plan == "select" and layer not in chan.selected:
+            raise RuntimeError(f"teacher layer {layer}: distill.select_heads={chan.select_heads} needs the "
+                               "calibration pass (ShdCapture.calibrate) before the first step")
         with torch.no_grad():
             w = squeeze_weights(q, k, v, weight, chan.num_student_heads, plan=chan.plan,
                                 objective=chan.objective, attention_mask=chan.attention_mask,
@@ -179,7 +191,7 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 def attach_teacher(model: torch.nn.Module, chan: ShdChannel) -> list:
     """Point the distilled teacher layers at the channel; call after deepspeed.initialize."""
-    from pipeline.shd.plan import selected_heads, squeeze_plan
+    from pipeline.shd.plan import SELECT_HEADS, selected_heads, squeeze_plan
 
     mods = attention_modules(model)
     handles = []
@@ -187,7 +199,7 @@ def attach_teacher(model: torch.nn.Module, chan: ShdChannel) -> list:
     for t in sorted(chan.teacher_layers):
         if t not in mods:
             raise ValueError(f"teacher has no attention module with layer_idx {t}")
-        if chan.plan == "select":  # fixed for the run: a pure function of the config
+        if chan.plan == "select" and chan.select_heads in SELECT_HEADS:  # a pure function of the config
             chan.selected[t] = selected_heads(squeeze_plan(heads, chan.num_student_heads, "select"),
                                               chan.select_heads, chan.select_seed, t)
         mods[t].shd_channel = chan
@@ -259,6 +271,43 @@ class ShdCapture:
         """{student layer: (mean max mixing weight, mean entropy)} of the last micro-batch."""
         stats = self.chan.weight_stats
         return {s: (stats[t][0].item(), stats[t][1].item()) for s, t in sorted(self.chan.pairs.items()) if t in stats}
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the heads of plan "select" are chosen by a calibration pass (`calibrate`)."""
+        from pipeline.shd.selection import CRITERIA
+
+        return self.chan.plan == "select" and self.chan.select_heads in CRITERIA
+
+    def calibrate(self, teacher_forward: Callable[[torch.Tensor, torch.Tensor | None], object],
+                  batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, tuple[int, ...]]:
+        """Choose the "select" heads: ``teacher_forward(input_ids, mask)`` over ``batches``, the
+        criterion's costs summed over them and over ranks (``all_reduce``: every rank must run as
+        many batches), the least-cost head of each group. Returns {teacher layer: heads}."""
+        from pipeline.shd.plan import squeeze_plan
+        from pipeline.shd.selection import pick_heads
+
+        chan = self.chan
+        chan.calibration = {}
+        try:
+            for inp, mask in batches:
+                chan.begin(mask)
+                with torch.no_grad():
+                    teacher_forward(inp, mask)
+                chan.clear()
+            costs = {t: all_reduce(c) for t, c in sorted(chan.calibration.items())}
+        finally:
+            chan.calibration = None
+        if set(costs) != chan.teacher_layers:
+            raise RuntimeError(f"calibration saw teacher layers {sorted(costs)}, expected {sorted(chan.teacher_layers)}")
+        self.use_selected({t: pick_heads(squeeze_plan(len(c), chan.num_student_heads, "select"), c)
+                           for t, c in costs.items()})
+        return dict(chan.selected)
+
+    def use_selected(self, selected: dict) -> None:
+        """Take the "select" heads given (a resumed run's, from its checkpoint): {teacher layer: heads}."""
+        self.chan.selected = {int(t): tuple(int(h) for h in heads) for t, heads in selected.items()}
 
     def describe(self) -> str:
         chan = self.chan

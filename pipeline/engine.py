@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import architectures, checkpoint, distributed, summary
+from pipeline import architectures, checkpoint, distributed, lm_head, summary
 from pipeline.attention import ShdCapture
 from pipeline.builders import build_student_engine, build_student_module, build_teacher
 from pipeline.checkpointer import Checkpointer
@@ -100,6 +100,8 @@ class Trainer:
             self.teacher = build_teacher(cfg, self.placement, teacher_ds, impl, self.dtype, self.device)
         if self.capture is not None:  # after deepspeed.initialize: see pipeline/attention.py
             self.capture.attach(self.student.module, unwrapped(self.teacher))
+            if self.capture.needs_calibration:
+                self._choose_heads()
         e = cfg.eval
         self.evaluator = None
         if e.every_steps > 0 or e.at_end:
@@ -112,6 +114,27 @@ class Trainer:
         self.stop_agreed = False
         self.resolved_yaml = dump_yaml(cfg, self.derived)
         self.log: MetricsLogger | None = None
+
+    def _choose_heads(self) -> None:
+        """distill.select_heads=reconstruct|contribution: the heads a resumed run chose, else a
+        calibration pass (teacher forward only) over this rank's first training micro-batches."""
+        saved = self.resume.state.get("shd_selected_heads") if self.resume is not None else None
+        if saved:
+            self.capture.use_selected(saved)
+            self.checkpointer.notices.append(f"SHD select heads from {self.resume.path} (not recalibrated)")
+            return
+        cfg = self.cfg
+        reader = PackedSampleReader(cfg.data.dir, split="train", seq_len=cfg.data.seq_len, seed=cfg.seed,
+                                    dp_rank=self.rank, dp_world_size=self.world, verify_checksums=False,
+                                    model_vocab_size=self.student_cfg.vocab_size)
+        batches = (split_tokens(reader.next_batch(cfg.data.micro_batch_size), self.pad_id, self.device)
+                   for _ in range(cfg.distill.select_calibration_batches))
+        t0 = time.perf_counter()
+        self.capture.calibrate(lambda inp, mask: lm_head.teacher_rows(self.teacher, inp, mask, keep_logits=False),
+                               ((inp, mask) for inp, _, _, mask in batches), distributed.all_reduce)
+        self.checkpointer.notices.append(
+            f"SHD select heads chosen by {cfg.distill.select_heads} over {cfg.distill.select_calibration_batches} "
+            f"calibration micro-batch(es) per rank in {time.perf_counter() - t0:.1f} s")
 
     def train_step(self) -> dict[str, float]:
         cfg, world = self.cfg, self.world
@@ -191,6 +214,8 @@ class Trainer:
                  "consumed_samples": self.reader.state_dict()["consumed_samples"], "reader": self.reader.state_dict(),
                  "skipped_steps": self.skipped_steps, "world_size": self.world, "identity": self.identity,
                  "teacher_files": self.teacher_files}
+        if self.capture is not None and self.capture.chan.selected:  # the heads plan=select distils
+            state["shd_selected_heads"] = {str(t): list(h) for t, h in self.capture.chan.selected.items()}
         records = checkpoint.Records(state, self.resolved_yaml, self.student_cfg.to_json_string())
         return self.checkpointer.save(self.student, self.step, records, self.log.info)
 

@@ -46,11 +46,16 @@ class DistillConfig(Section):
         "forward", "Direction of the attention-map KL: forward = KL(target || student), the paper's "
                    "(mass-covering); reverse = KL(student || target), mode-seeking: a student head may "
                    "match one member of a merged target instead of its blur.")
-    select_heads: Literal["first", "random"] = setting(
+    select_heads: Literal["first", "random", "reconstruct", "contribution"] = setting(
         "first", "plan=select: which teacher head of its group each student head distils; first = the group's "
                  "first head; random = one per group and layer drawn with distill.select_seed (a control: does the "
-                 "choice matter?). Fixed for the whole run and logged at start.")
+                 "choice matter?); reconstruct = the head whose map alone best reproduces the group's output "
+                 "(SHD's objective) over a calibration pass; contribution = the head with the largest output "
+                 "||A_m X_m|| over that pass. Fixed for the whole run (kept in checkpoints) and logged at start.")
     select_seed: int = setting(0, "Seed of select_heads=random.")
+    select_calibration_batches: int = setting(8, "select_heads=reconstruct|contribution: training micro-batches per "
+                                                 "rank of the calibration pass (the first ones of the data order, "
+                                                 "teacher forward only, before step 1).")
     shd_warmup_steps: int = setting(0, "Linear ramp of w_shd over the first S optimizer steps (step s uses "
                                        "w_shd * min(1, s / S)); 0 = the full weight from step 1.")
     student_layers: Optional[list[int]] = setting(None, "Student layers that get the SHD term; empty = all.")
@@ -70,6 +75,8 @@ class DistillConfig(Section):
             (self.sharpen > 0, f"distill.sharpen must be > 0 (1 = off, < 1 sharpens), got {self.sharpen}"),
             (self.kd_chunk_size >= 1, f"distill.kd_chunk_size must be >= 1, got {self.kd_chunk_size}"),
             (self.shd_block_size >= 1, f"distill.shd_block_size must be >= 1, got {self.shd_block_size}"),
+            (self.select_calibration_batches >= 1, f"distill.select_calibration_batches must be >= 1, got "
+                                                   f"{self.select_calibration_batches}"),
             (self.shd_warmup_steps >= 0, f"distill.shd_warmup_steps must be >= 0 (0 = no ramp), got "
                                          f"{self.shd_warmup_steps}"),
         ]

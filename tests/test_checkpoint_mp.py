@@ -144,3 +144,28 @@ def test_universal_checkpoint_two_ranks_to_one(ref_run, tmp_path, tiny_data, tin
     lr = {r["step"]: r["optim/lr"] for r in recs if "optim/lr" in r}
     lr_ref = {r["step"]: r["optim/lr"] for r in ref_records if "optim/lr" in r}
     assert all(lr[s] == pytest.approx(lr_ref[s]) for s in lr)  # schedule position carried over
+
+
+def test_calibrated_heads_are_chosen_once_and_kept_on_resume(tmp_path, tiny_data, tiny_teacher):
+    """select_heads=reconstruct on 2 ranks: the calibration pass runs before step 1, the heads go
+    into every checkpoint, and a resumed run takes them from there (with another calibration
+    setting it would not recompute them)."""
+    from tests.helpers import tiny_config
+
+    over = {"distill.plan": "select", "distill.select_heads": "reconstruct", "distill.select_calibration_batches": 2,
+            "student.num_heads": 2, "student.num_kv_heads": 2, "checkpoint.every_steps": 2, "optim.max_steps": 4}
+    cfg = tiny_config(tmp_path / "run", tiny_data, tiny_teacher, **over)
+    run_ranks(2, cfg, tmp_path / "a")
+    first = (tmp_path / "a" / "logs" / "rank0.log").read_text()
+    assert "SHD select heads chosen by reconstruct over 2 calibration micro-batch(es) per rank" in first
+    state = json.loads((tmp_path / "run" / "checkpoints" / tag_for(4) / "trainer_state.json").read_text())
+    heads = state["shd_selected_heads"]
+    assert sorted(heads) == ["1", "3"] and all(len(h) == 2 and h[0] < 4 <= h[1] for h in heads.values())
+    line = next(x for x in first.splitlines() if "teacher head per student head" in x)
+
+    cfg = tiny_config(tmp_path / "run", tiny_data, tiny_teacher,
+                      **{**over, "distill.select_calibration_batches": 1, "optim.max_steps": 6})
+    run_ranks(2, cfg, tmp_path / "b")
+    resumed = (tmp_path / "b" / "logs" / "rank0.log").read_text()
+    assert "resumed from" in resumed and "(not recalibrated)" in resumed and "chosen by" not in resumed
+    assert line.split("teacher head per student head")[1] in resumed

@@ -201,6 +201,49 @@ def test_shd_weight_ramps_linearly_over_the_warmup_steps(tiny_data, tiny_teacher
     assert totals[1] < totals[3] < totals[4]
 
 
+@pytest.mark.parametrize("criterion", ["reconstruct", "contribution"])
+def test_calibration_picks_the_least_cost_heads_and_the_loss_distils_them(tiny_data, tiny_teacher, tmp_path,
+                                                                         criterion):
+    """select_heads=reconstruct|contribution: no target before the calibration pass; the pass picks
+    per group the head of least summed cost (costs recomputed here from rebuilt q, k, v); the SHD
+    loss then equals the dense oracle's on those heads."""
+    from pipeline.shd import squeeze_plan
+    from pipeline.shd.selection import pick_heads, selection_costs
+
+    cfg, pre, chan, teacher, student = _setup(
+        tiny_data, tiny_teacher, tmp_path, **{"student.num_heads": 2, "student.num_kv_heads": 2,
+                                              "distill.plan": "select", "distill.select_heads": criterion,
+                                              "distill.layer_map": [0, 2]})
+    capture = attn.ShdCapture(chan)
+    assert capture.needs_calibration and not chan.selected
+    batches = [split_tokens(_batch(pre, pad_last=pad), pre.pad_id) for pad in (0, 5)]
+    inp, labels, valid, mask = batches[1]
+    chan.begin(mask)
+    with pytest.raises(RuntimeError, match="needs the calibration pass"), torch.no_grad():
+        teacher(input_ids=inp, attention_mask=mask)
+    chan.clear()
+
+    chosen = capture.calibrate(lambda i, m: teacher(input_ids=i, attention_mask=m),
+                               [(b[0], b[3]) for b in batches], lambda t: t)
+    want = {}
+    for layer in (0, 2):
+        costs = sum(selection_costs(*_rebuilt_qkv(teacher, [layer], b[0], b[3])[layer], 2, criterion=criterion,
+                                    attention_mask=b[3]) for b in batches)
+        want[layer] = pick_heads(squeeze_plan(8, 2, "select"), costs)
+    assert chosen == want == chan.selected and chan.calibration is None
+    assert "teacher head per student head (" + criterion in capture.describe()
+
+    chan.begin(mask)
+    with torch.no_grad():
+        teacher(input_ids=inp, attention_mask=mask)
+    student(input_ids=inp, attention_mask=mask)
+    got = {l: v.detach() for l, v in chan.losses.items()}
+    chan.clear()
+    ref = _reference_shd(cfg, pre, chan, teacher, student, inp, mask)
+    for l in ref:
+        torch.testing.assert_close(got[l], ref[l], rtol=1e-5, atol=1e-7)
+
+
 def _objective_loss_and_grads(cfg, pre, chan, teacher, student, tokens):
     obj = DistillObjective(cfg, pre.vocab, attn.ShdCapture(chan))
     inp, labels, valid, mask = split_tokens(tokens, pre.pad_id)

@@ -184,7 +184,7 @@ def test_hard_selection_picks_the_best_single_head(objective):
 @pytest.mark.parametrize("teacher_kv", [8, 2])
 def test_both_gram_computations_agree(teacher_kv):
     """The merges' inner products, reduced in value space or in circuit space, are the same."""
-    from pipeline.shd.weights import StreamingMaps, _GroupGram, circuit_fn
+    from pipeline.shd.weights import StreamingMaps, GroupGram, circuit_fn
 
     case = make_case(teacher_heads=8, teacher_kv_heads=teacher_kv, padding="right", length=300)
     group = (0, 1, 2, 5)
@@ -192,8 +192,8 @@ def test_both_gram_computations_agree(teacher_kv):
     maps = StreamingMaps(case.teacher_q, case.teacher_k, case.attention_mask, 8**-0.5)
     attended = maps.apply(list(group), circuits)
     rows = case.attention_mask.double()
-    by_values = _GroupGram(group, attended, circuits, rows, method="values").gram
-    by_circuits = _GroupGram(group, attended, circuits, rows, method="circuits").gram
+    by_values = GroupGram(group, attended, circuits, rows, method="values").gram
+    by_circuits = GroupGram(group, attended, circuits, rows, method="circuits").gram
     assert by_values.shape == (2, 4, 4, 4, 4)
     torch.testing.assert_close(by_values, by_circuits, rtol=1e-10, atol=1e-10)
 

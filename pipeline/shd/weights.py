@@ -10,7 +10,7 @@ applies each member's map to the value heads the group reads (head a's queries a
 b's values); a head's map on its own value head is the teacher's attention output, which the
 engine passes in (`head_outputs`), so with grouped-query attention there is no call at all. All
 inner products the merges need are then reduced over T once, into one small Gram tensor per group
-(`_GroupGram`), and every merge round works on that tensor alone. Output columns are reduced to an
+(`GroupGram`), and every merge round works on that tensor alone. Output columns are reduced to an
 orthonormal basis of the group's W_O columns (QR), which keeps every inner product while shrinking
 d_model to at most (group size x head dim).
 """
@@ -139,16 +139,16 @@ class _MergedHead:
 
     Maps are linear, so its map is sum_i coef[:, i] A_i over the group's heads, and its circuit
     is the sum of its members' circuits. Everything the objective needs is then an inner product
-    of such terms, read off the group's Gram tensor (`_GroupGram`), so merging costs nothing that
+    of such terms, read off the group's Gram tensor (`GroupGram`), so merging costs nothing that
     grows with T.
     """
 
-    gram: "_GroupGram"
+    gram: "GroupGram"
     coef: Tensor  # [B, S], float64
     circuit: Tensor  # [S], float64: which members' circuits it sums
 
 
-class _GroupGram:
+class GroupGram:
     """Every inner product the merges of one final group need, once, in float64.
 
     G[b, i, x, j, y] = <A_i X_x, A_j X_y> over the valid rows of sequence b, for heads i, x, j, y
@@ -213,7 +213,7 @@ def walk_plan(
     heads: list[_MergedHead | None] = [None] * plan.num_teacher_heads
     for group in plan.groups:
         group_circuits = circuits(group)
-        gram = _GroupGram(group, maps.apply(list(group), group_circuits), group_circuits, rows)
+        gram = GroupGram(group, maps.apply(list(group), group_circuits), group_circuits, rows)
         one_hot = torch.eye(len(group), dtype=torch.float64, device=rows.device)
         for i, head in enumerate(group):
             heads[head] = _MergedHead(gram, one_hot[i].expand(batch, -1), one_hot[i])

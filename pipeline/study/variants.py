@@ -52,6 +52,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # issue 14: which head, and how the map loss is taken
     Variant("kd_select_rand", "CE + KD + attn KD, select (random head)",
             ("distill.plan=select", "distill.select_heads=random")),
+    Variant("kd_select_recon", "CE + KD + attn KD, select (calibrated: best reconstruction)",
+            ("distill.plan=select", "distill.select_heads=reconstruct")),
+    Variant("kd_select_contrib", "CE + KD + attn KD, select (calibrated: largest output)",
+            ("distill.plan=select", "distill.select_heads=contribution")),
     Variant("kd_select_rev", "CE + KD + attn KD, select, reverse KL",
             ("distill.plan=select", "distill.shd_divergence=reverse")),
     Variant("kd_shd_rev", "CE + KD + SHD (pairwise), reverse KL",
