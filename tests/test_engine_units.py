@@ -148,6 +148,22 @@ def _reference_shd(cfg, pre, chan, teacher, student, inp, mask):
     return per
 
 
+def _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask):
+    """The SHD losses the engine's attention functions record for one batch, checked against
+    `_reference_shd` on maps rebuilt from the models; returns them."""
+    chan.begin(mask)
+    with torch.no_grad():
+        teacher(input_ids=inp, attention_mask=mask)
+    assert set(chan.captures) == set(pre.pairs.values()) and not chan.pending  # only distilled teacher layers
+    student(input_ids=inp, attention_mask=mask)
+    got = {l: v.detach() for l, v in chan.losses.items()}
+    chan.clear()
+    ref = _reference_shd(cfg, pre, chan, teacher, student, inp, mask)
+    for l in ref:
+        torch.testing.assert_close(got[l], ref[l], rtol=1e-5, atol=1e-7)
+    return got
+
+
 @pytest.mark.parametrize("heads, kv, plan, objective, pad, variant", [
     (3, 3, "pairwise", "output", 0, {}),
     (3, 1, "group", "per_head", 5, {}),
@@ -167,16 +183,7 @@ def test_shd_in_engine_equals_reference_on_rebuilt_maps(tiny_data, tiny_teacher,
     assert pre.pairs == {0: 0, 1: 2}
     inp, labels, valid, mask = split_tokens(_batch(pre, pad_last=pad), pre.pad_id)
     assert (mask is not None) == bool(pad)
-    chan.begin(mask)
-    with torch.no_grad():
-        teacher(input_ids=inp, attention_mask=mask)
-    assert set(chan.captures) == {0, 2} and not chan.pending  # only distilled teacher layers
-    student(input_ids=inp, attention_mask=mask)
-    got = {l: v.detach() for l, v in chan.losses.items()}
-    chan.clear()
-    ref = _reference_shd(cfg, pre, chan, teacher, student, inp, mask)
-    for l in ref:
-        torch.testing.assert_close(got[l], ref[l], rtol=1e-5, atol=1e-7)
+    got = _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask)
     assert all(v > 0 for v in got.values())
 
 
@@ -233,15 +240,7 @@ def test_calibration_picks_the_least_cost_heads_and_the_loss_distils_them(tiny_d
     assert chosen == want == chan.selected and chan.calibration is None
     assert "teacher head per student head (" + criterion in capture.describe()
 
-    chan.begin(mask)
-    with torch.no_grad():
-        teacher(input_ids=inp, attention_mask=mask)
-    student(input_ids=inp, attention_mask=mask)
-    got = {l: v.detach() for l, v in chan.losses.items()}
-    chan.clear()
-    ref = _reference_shd(cfg, pre, chan, teacher, student, inp, mask)
-    for l in ref:
-        torch.testing.assert_close(got[l], ref[l], rtol=1e-5, atol=1e-7)
+    _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask)
 
 
 def _objective_loss_and_grads(cfg, pre, chan, teacher, student, tokens):
