@@ -80,6 +80,9 @@ class DistillConfig(Section):
             (self.shd_warmup_steps >= 0, f"distill.shd_warmup_steps must be >= 0 (0 = no ramp), got "
                                          f"{self.shd_warmup_steps}"),
         ]
+        checks.append((self.select_heads == "first" or self.plan == "select",
+                       f"distill.select_heads={self.select_heads} only applies to distill.plan=select (plan is "
+                       f"{self.plan}): set distill.plan=select, or leave select_heads at first"))
         layers = self.student_layers
         if layers is not None:
             checks += [(len(layers) > 0, "distill.student_layers is an empty list: leave it empty (null) for all "

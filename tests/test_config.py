@@ -73,6 +73,8 @@ def test_overrides_and_types():
     ({"distill.shd_warmup_steps": "-1"}, "distill.shd_warmup_steps must be >= 0"),
     ({"distill.select_calibration_batches": "0"}, "distill.select_calibration_batches must be >= 1"),
     ({"distill.select_heads": "best"}, "'distill.select_heads': expected one of 'first'"),
+    ({"distill.plan": "pairwise", "distill.select_heads": "reconstruct"},
+     "distill.select_heads=reconstruct only applies to distill.plan=select"),
     ({"distill.w_ce": "0", "distill.w_kd": "0", "distill.w_shd": "0"}, "nothing to train"),
     ({"debug.nonfinite_weights_at_step": "x"}, "'debug.nonfinite_weights_at_step': expected int"),
     ({"debug.nonfinite_weights_at_step": "0"}, "debug.nonfinite_weights_at_step must be >= 1"),
