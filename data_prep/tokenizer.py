@@ -11,8 +11,11 @@ SentencePiece's; training checks that on probe strings and on sample lines befor
 `split_special_tokens=True` when encoding raw text with it, as SentencePiece does not treat a
 literal "</s>" in text as EOS (data_prep.shard does this).
 
-Training reads at most --max-sentences non-empty lines, sampled with the seed, so the same inputs and
-seed give byte-identical files.
+Training reads at most --max-sentences non-empty lines, sampled here with the seed (reservoir
+sampling, kept in input order), so the same inputs and seed give byte-identical files.
+SentencePiece's own sampling (`input_sentence_size`) is not used: it draws differently in every
+process whatever `set_random_generator_seed` says (measured with sentencepiece 0.2), which made
+every fresh tokenizer, and so every teacher and result downstream of it, different.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import io
 import itertools
 import json
 import os
+import random
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import model_validator
@@ -71,6 +75,21 @@ def _training_lines(options: TokenizerTrainOptions, report: InputReport) -> Iter
         yield from (line for line in doc.text.split("\n") if line.strip())
 
 
+def sample_lines(lines: Iterable[str], count: int, seed: int) -> list[str]:
+    """A uniform sample of `count` lines (all when there are fewer), in input order, the same for
+    the same lines and seed (reservoir sampling)."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for index, line in enumerate(lines):
+        if index < count:
+            reservoir.append((index, line))
+        else:
+            slot = rng.randrange(index + 1)
+            if slot < count:
+                reservoir[slot] = (index, line)
+    return [line for _, line in sorted(reservoir)]
+
+
 def _nonempty_training_lines(options: TokenizerTrainOptions, report: InputReport) -> Iterator[str]:
     """`_training_lines`, or a DataError naming the inputs when they hold no text (before any training)."""
     lines = _training_lines(options, report)
@@ -85,16 +104,16 @@ def _train_sentencepiece(options: TokenizerTrainOptions, report: InputReport) ->
     import sentencepiece as spm
 
     model = io.BytesIO()
-    sentences = _nonempty_training_lines(options, report)
+    sentences = sample_lines(_nonempty_training_lines(options, report), options.max_sentences, options.seed)
     spm.set_random_generator_seed(options.seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences, model_writer=model,
+            sentence_iterator=iter(sentences), model_writer=model,
             model_type="bpe", vocab_size=options.vocab_size, byte_fallback=True, split_digits=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, pad_piece=SPECIAL_PIECES["pad_token"],
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
             allow_whitespace_only_pieces=True, character_coverage=0.99995, max_sentencepiece_length=16,
-            input_sentence_size=options.max_sentences, shuffle_input_sentence=True,
+            input_sentence_size=0, shuffle_input_sentence=False,
             num_threads=min(os.cpu_count() or 1, 16), minloglevel=2)
     except RuntimeError as exc:  # sentencepiece reports bad corpora and vocab sizes this way
         raise DataError(f"sentencepiece training failed: {exc}") from exc

@@ -82,6 +82,30 @@ def test_tokenizer_is_deterministic_and_llama_like(tmp_path: Path, tokenizer_dir
     assert sp.encode("€", out_type=str) != ["<unk>"]  # byte fallback, no unknowns
 
 
+def test_sampled_tokenizer_training_is_identical_across_processes(tmp_path: Path) -> None:
+    """--max-sentences below the line count: the sample (and so the tokenizer) is the same in two
+    separate processes, and another --seed samples other lines. (SentencePiece's own sampling drew
+    differently in every process; the sample is now drawn by data_prep.tokenizer.sample_lines.)"""
+    from data_prep.tokenizer import sample_lines
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    lines = [line for doc in DOCS for line in doc.split("\n") if line.strip()]
+    assert len(lines) > 200
+
+    def train(name: str, seed: int) -> bytes:
+        subprocess.run([sys.executable, "-m", "data_prep.tokenizer", "train", "--input", str(corpus), "--vocab-size",
+                        "400", "--max-sentences", "200", "--seed", str(seed), "--out", str(tmp_path / name)],
+                       check=True, capture_output=True, cwd=REPO)
+        return (tmp_path / name / "tokenizer.model").read_bytes()
+
+    assert train("a", 0) == train("b", 0)
+    sample = sample_lines(iter(lines), 200, 0)
+    assert sample == sample_lines(lines, 200, 0) != sample_lines(lines, 200, 1)
+    remaining = iter(lines)
+    assert len(sample) == 200 and all(line in remaining for line in sample)  # a subsequence: input order
+    assert sample_lines(lines[:50], 200, 0) == lines[:50]
+
+
 def test_tokenizer_refuses_existing_output(tmp_path: Path, tokenizer_dir: Path) -> None:
     with pytest.raises(DataError, match="--overwrite"):
         train_tokenizer(TokenizerTrainOptions(inputs=(str(tmp_path),), out=tokenizer_dir, vocab_size=400))
