@@ -39,6 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 from pipeline.shd import MapSpec
+from pipeline.shd.masking import compute_dtype
 
 TEACHER_ATTN = "shd_teacher"
 STUDENT_ATTN = "shd_student"
@@ -50,6 +51,7 @@ class ShdChannel:
 
     pairs: dict[int, int]  # student layer -> teacher layer (distilled layers only)
     num_student_heads: int
+    num_teacher_heads: int = 0  # set by attach_teacher
     plan: str = "pairwise"
     objective: str = "output"
     selection: str = "soft"
@@ -58,6 +60,7 @@ class ShdChannel:
     divergence: str = "forward"
     select_heads: str = "first"  # plan "select": which head of each group (pipeline.shd.plan.SELECT_HEADS)
     select_seed: int = 0
+    mixing: str = "per_sequence"  # plans pairwise/group: W per sequence, or "calibrated" once (static alphas)
     tau: float = 1.0
     block_size: int = 128
     # per micro-batch state
@@ -69,7 +72,9 @@ class ShdChannel:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)  # student layer -> SHD loss
     weight_stats: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> [2]
     selected: dict[int, tuple[int, ...]] = field(default_factory=dict)  # teacher layer -> head per student head
-    calibration: dict[int, torch.Tensor] | None = None  # during ShdCapture.calibrate: teacher layer -> costs [M]
+    static_weights: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> calibrated W [N, M]
+    # during ShdCapture.calibrate: teacher layer -> summed statistics (head costs, or Gram tensors)
+    calibration: dict[int, torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, distill, pairs: dict[int, int], num_student_heads: int) -> "ShdChannel":
@@ -77,7 +82,8 @@ class ShdChannel:
         return cls(pairs=pairs, num_student_heads=num_student_heads, plan=distill.plan,
                    objective=distill.objective, selection=distill.selection, merge=distill.merge,
                    sharpen=distill.sharpen, divergence=distill.shd_divergence, select_heads=distill.select_heads,
-                   select_seed=distill.select_seed, tau=distill.tau_shd, block_size=distill.shd_block_size)
+                   select_seed=distill.select_seed, mixing=distill.mixing_weights, tau=distill.tau_shd,
+                   block_size=distill.shd_block_size)
 
     @property
     def teacher_layers(self) -> set[int]:
@@ -156,21 +162,22 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
         batch, num_heads, length, _ = q.shape
         # o_proj's input is the layer's attention output per head: reused, not recomputed
         head_outputs = args[0].detach().view(batch, length, num_heads, v.shape[-1]).transpose(1, 2)
-        if chan.calibration is not None:  # ShdCapture.calibrate: costs of the heads, no target
-            from pipeline.shd.selection import selection_costs
-
-            costs = selection_costs(q, k, v, weight, chan.num_student_heads, criterion=chan.select_heads,
-                                    attention_mask=chan.attention_mask, head_outputs=head_outputs, spec=spec)
-            chan.calibration[layer] = chan.calibration[layer] + costs if layer in chan.calibration else costs
+        if chan.calibration is not None:  # ShdCapture.calibrate: statistics only, no target
+            stats = _calibration_statistics(chan, q, k, v, weight, head_outputs, spec)
+            chan.calibration[layer] = chan.calibration[layer] + stats if layer in chan.calibration else stats
             return None
-        if chan.plan == "select" and layer not in chan.selected:
-            raise RuntimeError(f"teacher layer {layer}: distill.select_heads={chan.select_heads} needs the "
-                               "calibration pass (ShdCapture.calibrate) before the first step")
+        if (chan.plan == "select" and layer not in chan.selected) or (
+                chan.mixing == "calibrated" and layer not in chan.static_weights):
+            raise RuntimeError(f"teacher layer {layer}: {_calibrated_setting(chan)} needs the calibration pass "
+                               "(ShdCapture.calibrate) before the first step")
         with torch.no_grad():
-            w = squeeze_weights(q, k, v, weight, chan.num_student_heads, plan=chan.plan,
-                                objective=chan.objective, attention_mask=chan.attention_mask,
-                                selection=chan.selection, head_outputs=head_outputs, spec=spec,
-                                selected=chan.selected.get(layer))
+            if layer in chan.static_weights:
+                w = chan.static_weights[layer].to(q.device, compute_dtype(q, k, v)).expand(batch, -1, -1)
+            else:
+                w = squeeze_weights(q, k, v, weight, chan.num_student_heads, plan=chan.plan,
+                                    objective=chan.objective, attention_mask=chan.attention_mask,
+                                    selection=chan.selection, head_outputs=head_outputs, spec=spec,
+                                    selected=chan.selected.get(layer))
             # statistics for logging: mean over (batch, student head) of the max weight and entropy
             ent = -(w.clamp_min(1e-12).log() * w).sum(-1)
             chan.weight_stats[layer] = torch.stack([w.max(-1).values.mean(), ent.mean()]).detach()
@@ -178,6 +185,24 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
         return None
 
     return hook
+
+
+def _calibrated_setting(chan: ShdChannel) -> str:
+    """The config setting that asks for a calibration pass."""
+    return "distill.mixing_weights=calibrated" if chan.mixing == "calibrated" else f"distill.select_heads={chan.select_heads}"
+
+
+def _calibration_statistics(chan: ShdChannel, q, k, v, o_proj_weight, head_outputs, spec: MapSpec) -> torch.Tensor:
+    """One calibration batch's statistics for the setting being calibrated (they add up over batches)."""
+    if chan.mixing == "calibrated":
+        from pipeline.shd.calibrated import gram_statistics
+
+        return gram_statistics(q, k, v, o_proj_weight, chan.num_student_heads, plan=chan.plan,
+                               attention_mask=chan.attention_mask, head_outputs=head_outputs, spec=spec)
+    from pipeline.shd.selection import selection_costs
+
+    return selection_costs(q, k, v, o_proj_weight, chan.num_student_heads, criterion=chan.select_heads,
+                           attention_mask=chan.attention_mask, head_outputs=head_outputs, spec=spec)
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -195,7 +220,7 @@ def attach_teacher(model: torch.nn.Module, chan: ShdChannel) -> list:
 
     mods = attention_modules(model)
     handles = []
-    heads = model.config.num_attention_heads
+    heads = chan.num_teacher_heads = model.config.num_attention_heads
     for t in sorted(chan.teacher_layers):
         if t not in mods:
             raise ValueError(f"teacher has no attention module with layer_idx {t}")
@@ -274,17 +299,26 @@ class ShdCapture:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the heads of plan "select" are chosen by a calibration pass (`calibrate`)."""
+        """Whether a calibration pass (`calibrate`) chooses the heads of plan "select" or the static
+        mixing weights (distill.mixing_weights=calibrated)."""
         from pipeline.shd.selection import CRITERIA
 
-        return self.chan.plan == "select" and self.chan.select_heads in CRITERIA
+        chan = self.chan
+        return (chan.plan == "select" and chan.select_heads in CRITERIA) or chan.mixing == "calibrated"
+
+    @property
+    def calibrated_setting(self) -> str:
+        """The config setting that asks for the calibration pass, as the run log names it."""
+        return _calibrated_setting(self.chan)
 
     def calibrate(self, teacher_forward: Callable[[torch.Tensor, torch.Tensor | None], object],
                   batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-                  all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, tuple[int, ...]]:
-        """Choose the "select" heads: ``teacher_forward(input_ids, mask)`` over ``batches``, the
-        criterion's costs summed over them and over ranks (``all_reduce``: every rank must run as
-        many batches), the least-cost head of each group. Returns {teacher layer: heads}."""
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """Choose the "select" heads or the static mixing weights: ``teacher_forward(input_ids,
+        mask)`` over ``batches``, the statistics summed over them and over ranks (``all_reduce``:
+        every rank must run as many batches); then the least-cost head of each group, or the merge
+        rounds solved once on the summed Gram tensors. Returns `calibrated_state()`."""
+        from pipeline.shd.calibrated import calibrated_weights
         from pipeline.shd.plan import squeeze_plan
         from pipeline.shd.selection import pick_heads
 
@@ -301,13 +335,39 @@ class ShdCapture:
             chan.calibration = None
         if set(costs) != chan.teacher_layers:
             raise RuntimeError(f"calibration saw teacher layers {sorted(costs)}, expected {sorted(chan.teacher_layers)}")
-        self.use_selected({t: pick_heads(squeeze_plan(len(c), chan.num_student_heads, "select"), c)
-                           for t, c in costs.items()})
-        return dict(chan.selected)
+        if chan.mixing == "calibrated":
+            chan.static_weights = {t: calibrated_weights(stats, chan.num_teacher_heads, chan.num_student_heads,
+                                                         plan=chan.plan, objective=chan.objective,
+                                                         selection=chan.selection).float()
+                                   for t, stats in costs.items()}
+        else:
+            chan.selected = {t: pick_heads(squeeze_plan(len(c), chan.num_student_heads, "select"), c)
+                             for t, c in costs.items()}
+        return self.calibrated_state()
 
-    def use_selected(self, selected: dict) -> None:
-        """Take the "select" heads given (a resumed run's, from its checkpoint): {teacher layer: heads}."""
-        self.chan.selected = {int(t): tuple(int(h) for h in heads) for t, heads in selected.items()}
+    def calibrated_state(self) -> dict:
+        """What a calibration pass chose, as a checkpoint keeps it (JSON): ``{"shd_selected_heads":
+        {layer: heads}}`` or ``{"shd_static_weights": {layer: W rows}}``; empty without one."""
+        chan = self.chan
+        if chan.static_weights:
+            return {"shd_static_weights": {str(t): w.tolist() for t, w in sorted(chan.static_weights.items())}}
+        if chan.selected:
+            return {"shd_selected_heads": {str(t): list(h) for t, h in sorted(chan.selected.items())}}
+        return {}
+
+    def use_calibrated(self, state: dict) -> bool:
+        """Take what a resumed run's calibration chose (`calibrated_state()` keys of its trainer state);
+        False when the state holds nothing for this run's setting (then calibrate)."""
+        chan = self.chan
+        if chan.mixing == "calibrated":
+            saved = state.get("shd_static_weights")
+            if saved:
+                chan.static_weights = {int(t): torch.tensor(rows, dtype=torch.float32) for t, rows in saved.items()}
+        else:
+            saved = state.get("shd_selected_heads")
+            if saved:
+                chan.selected = {int(t): tuple(int(h) for h in heads) for t, heads in saved.items()}
+        return bool(saved)
 
     def describe(self) -> str:
         chan = self.chan
@@ -315,4 +375,10 @@ class ShdCapture:
         if chan.selected:  # which teacher head each student head learns from
             text += f" | teacher head per student head ({chan.select_heads}): " + ", ".join(
                 f"layer {s}<-{t}: {list(chan.selected[t])}" for s, t in sorted(chan.pairs.items()) if t in chan.selected)
+        if chan.static_weights:  # the fixed mixing weights: {teacher head: weight} per student head
+            text += " | calibrated mixing weights per student head: " + "; ".join(
+                f"layer {s}<-{t}: " + " ".join(
+                    "{" + ", ".join(f"{m}: {w:.2f}" for m, w in enumerate(row.tolist()) if w > 0) + "}"
+                    for row in chan.static_weights[t])
+                for s, t in sorted(chan.pairs.items()) if t in chan.static_weights)
         return text

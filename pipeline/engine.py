@@ -101,7 +101,7 @@ class Trainer:
         if self.capture is not None:  # after deepspeed.initialize: see pipeline/attention.py
             self.capture.attach(self.student.module, unwrapped(self.teacher))
             if self.capture.needs_calibration:
-                self._choose_heads()
+                self._calibrate()
         e = cfg.eval
         self.evaluator = None
         if e.every_steps > 0 or e.at_end:
@@ -115,13 +115,13 @@ class Trainer:
         self.resolved_yaml = dump_yaml(cfg, self.derived)
         self.log: MetricsLogger | None = None
 
-    def _choose_heads(self) -> None:
-        """distill.select_heads=reconstruct|contribution: the heads a resumed run chose, else a
-        calibration pass (teacher forward only) over this rank's first training micro-batches."""
-        saved = self.resume.state.get("shd_selected_heads") if self.resume is not None else None
-        if saved:
-            self.capture.use_selected(saved)
-            self.checkpointer.notices.append(f"SHD select heads from {self.resume.path} (not recalibrated)")
+    def _calibrate(self) -> None:
+        """distill.select_heads=reconstruct|contribution or mixing_weights=calibrated: what a resumed
+        run chose, else a calibration pass (teacher forward only) over this rank's first training
+        micro-batches."""
+        what = self.capture.calibrated_setting
+        if self.resume is not None and self.capture.use_calibrated(self.resume.state):
+            self.checkpointer.notices.append(f"SHD {what}: taken from {self.resume.path} (not recalibrated)")
             return
         cfg = self.cfg
         reader = PackedSampleReader(cfg.data.dir, split="train", seq_len=cfg.data.seq_len, seed=cfg.seed,
@@ -133,8 +133,8 @@ class Trainer:
         self.capture.calibrate(lambda inp, mask: lm_head.teacher_rows(self.teacher, inp, mask, keep_logits=False),
                                ((inp, mask) for inp, _, _, mask in batches), distributed.all_reduce)
         self.checkpointer.notices.append(
-            f"SHD select heads chosen by {cfg.distill.select_heads} over {cfg.distill.select_calibration_batches} "
-            f"calibration micro-batch(es) per rank in {time.perf_counter() - t0:.1f} s")
+            f"SHD {what}: calibrated over {cfg.distill.select_calibration_batches} micro-batch(es) per rank in "
+            f"{time.perf_counter() - t0:.1f} s")
 
     def train_step(self) -> dict[str, float]:
         cfg, world = self.cfg, self.world
@@ -214,8 +214,8 @@ class Trainer:
                  "consumed_samples": self.reader.state_dict()["consumed_samples"], "reader": self.reader.state_dict(),
                  "skipped_steps": self.skipped_steps, "world_size": self.world, "identity": self.identity,
                  "teacher_files": self.teacher_files}
-        if self.capture is not None and self.capture.chan.selected:  # the heads plan=select distils
-            state["shd_selected_heads"] = {str(t): list(h) for t, h in self.capture.chan.selected.items()}
+        if self.capture is not None:  # the heads plan=select distils, or the calibrated mixing weights
+            state.update(self.capture.calibrated_state())
         records = checkpoint.Records(state, self.resolved_yaml, self.student_cfg.to_json_string())
         return self.checkpointer.save(self.student, self.step, records, self.log.info)
 

@@ -53,9 +53,15 @@ class DistillConfig(Section):
                  "(SHD's objective) over a calibration pass; contribution = the head with the largest output "
                  "||A_m X_m|| over that pass. Fixed for the whole run (kept in checkpoints) and logged at start.")
     select_seed: int = setting(0, "Seed of select_heads=random.")
-    select_calibration_batches: int = setting(8, "select_heads=reconstruct|contribution: training micro-batches per "
-                                                 "rank of the calibration pass (the first ones of the data order, "
-                                                 "teacher forward only, before step 1).")
+    mixing_weights: Literal["per_sequence", "calibrated"] = setting(
+        "per_sequence", "plan=pairwise|group: per_sequence = the mixing weights (the paper's alpha) solved for "
+                        "every sequence; calibrated = solved once by the same objective summed over a "
+                        "calibration pass, then fixed for the whole run (static alphas; kept in checkpoints, "
+                        "logged at start).")
+    select_calibration_batches: int = setting(8, "select_heads=reconstruct|contribution and "
+                                                 "mixing_weights=calibrated: training micro-batches per rank of "
+                                                 "the calibration pass (the first ones of the data order, teacher "
+                                                 "forward only, before step 1).")
     shd_warmup_steps: int = setting(0, "Linear ramp of w_shd over the first S optimizer steps (step s uses "
                                        "w_shd * min(1, s / S)); 0 = the full weight from step 1.")
     student_layers: Optional[list[int]] = setting(None, "Student layers that get the SHD term; empty = all.")
@@ -83,6 +89,10 @@ class DistillConfig(Section):
         checks.append((self.select_heads == "first" or self.plan == "select",
                        f"distill.select_heads={self.select_heads} only applies to distill.plan=select (plan is "
                        f"{self.plan}): set distill.plan=select, or leave select_heads at first"))
+        checks.append((self.mixing_weights == "per_sequence" or self.plan in ("pairwise", "group"),
+                       f"distill.mixing_weights=calibrated only applies to distill.plan=pairwise or group (plan is "
+                       f"{self.plan}, whose weights are fixed already): set distill.plan=pairwise, or leave "
+                       "mixing_weights at per_sequence"))
         layers = self.student_layers
         if layers is not None:
             checks += [(len(layers) > 0, "distill.student_layers is an empty list: leave it empty (null) for all "

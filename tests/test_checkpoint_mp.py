@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.checkpoint import COMPLETE, POINTER, complete_checkpoints, tag_for
 from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
@@ -146,26 +147,39 @@ def test_universal_checkpoint_two_ranks_to_one(ref_run, tmp_path, tiny_data, tin
     assert all(lr[s] == pytest.approx(lr_ref[s]) for s in lr)  # schedule position carried over
 
 
-def test_calibrated_heads_are_chosen_once_and_kept_on_resume(tmp_path, tiny_data, tiny_teacher):
-    """select_heads=reconstruct on 2 ranks: the calibration pass runs before step 1, the heads go
-    into every checkpoint, and a resumed run takes them from there (with another calibration
-    setting it would not recompute them)."""
+@pytest.mark.parametrize("setting, key, marker", [
+    ({"distill.plan": "select", "distill.select_heads": "reconstruct"}, "shd_selected_heads",
+     "teacher head per student head"),
+    ({"distill.plan": "pairwise", "distill.mixing_weights": "calibrated"}, "shd_static_weights",
+     "calibrated mixing weights per student head"),
+], ids=["select_reconstruct", "pairwise_calibrated"])
+def test_calibration_runs_once_and_is_kept_on_resume(tmp_path, tiny_data, tiny_teacher, setting, key, marker):
+    """A calibrated setting on 2 ranks: the calibration pass runs before step 1, what it chose
+    (heads, or static mixing weights) goes into every checkpoint, and a resumed run takes it from
+    there (with another calibration setting it would not recompute it)."""
     from tests.helpers import tiny_config
 
-    over = {"distill.plan": "select", "distill.select_heads": "reconstruct", "distill.select_calibration_batches": 2,
-            "student.num_heads": 2, "student.num_kv_heads": 2, "checkpoint.every_steps": 2, "optim.max_steps": 4}
+    over = {**setting, "distill.select_calibration_batches": 2, "student.num_heads": 2, "student.num_kv_heads": 2,
+            "checkpoint.every_steps": 2, "optim.max_steps": 4}
     cfg = tiny_config(tmp_path / "run", tiny_data, tiny_teacher, **over)
     run_ranks(2, cfg, tmp_path / "a")
     first = (tmp_path / "a" / "logs" / "rank0.log").read_text()
-    assert "SHD select heads chosen by reconstruct over 2 calibration micro-batch(es) per rank" in first
+    assert "calibrated over 2 micro-batch(es) per rank" in first
     state = json.loads((tmp_path / "run" / "checkpoints" / tag_for(4) / "trainer_state.json").read_text())
-    heads = state["shd_selected_heads"]
-    assert sorted(heads) == ["1", "3"] and all(len(h) == 2 and h[0] < 4 <= h[1] for h in heads.values())
-    line = next(x for x in first.splitlines() if "teacher head per student head" in x)
+    chosen = state[key]
+    assert sorted(chosen) == ["1", "3"]
+    if key == "shd_selected_heads":  # one head of each group of 4
+        assert all(len(h) == 2 and h[0] < 4 <= h[1] for h in chosen.values())
+    else:  # W [2, 8]: rows on the simplex, each row on its own group of 4 heads
+        for rows in chosen.values():
+            w = torch.tensor(rows)
+            assert w.shape == (2, 8) and (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(2))
+            assert (w[0, 4:] == 0).all() and (w[1, :4] == 0).all()
+    line = next(x for x in first.splitlines() if marker in x)
 
     cfg = tiny_config(tmp_path / "run", tiny_data, tiny_teacher,
                       **{**over, "distill.select_calibration_batches": 1, "optim.max_steps": 6})
     run_ranks(2, cfg, tmp_path / "b")
     resumed = (tmp_path / "b" / "logs" / "rank0.log").read_text()
-    assert "resumed from" in resumed and "(not recalibrated)" in resumed and "chosen by" not in resumed
-    assert line.split("teacher head per student head")[1] in resumed
+    assert "resumed from" in resumed and "(not recalibrated)" in resumed and "calibrated over" not in resumed
+    assert line.split(marker)[1] in resumed

@@ -140,9 +140,12 @@ def _reference_shd(cfg, pre, chan, teacher, student, inp, mask):
     for sl, tl in pairs.items():
         tq, tk, tv, wo = t[tl]
         d = cfg.distill
-        w = squeeze_weights(tq, tk, tv, wo, pre.student_cfg.num_attention_heads, plan=d.plan,
-                            objective=d.objective, attention_mask=mask, selection=d.selection,
-                            selected=chan.selected.get(tl))
+        if tl in chan.static_weights:  # distill.mixing_weights=calibrated: the fixed W of the run
+            w = chan.static_weights[tl].to(tq.dtype).expand(tq.shape[0], -1, -1)
+        else:
+            w = squeeze_weights(tq, tk, tv, wo, pre.student_cfg.num_attention_heads, plan=d.plan,
+                                objective=d.objective, attention_mask=mask, selection=d.selection,
+                                selected=chan.selected.get(tl))
         per[sl] = shd_loss_reference(s[sl][0], s[sl][1], tq, tk, w, tau=d.tau_shd, attention_mask=mask,
                                      merge=d.merge, sharpen=d.sharpen, divergence=d.shd_divergence)
     return per
@@ -237,10 +240,50 @@ def test_calibration_picks_the_least_cost_heads_and_the_loss_distils_them(tiny_d
         costs = sum(selection_costs(*_rebuilt_qkv(teacher, [layer], b[0], b[3])[layer], 2, criterion=criterion,
                                     attention_mask=b[3]) for b in batches)
         want[layer] = pick_heads(squeeze_plan(8, 2, "select"), costs)
-    assert chosen == want == chan.selected and chan.calibration is None
+    assert want == chan.selected and chan.calibration is None
+    assert chosen == {"shd_selected_heads": {str(layer): list(heads) for layer, heads in want.items()}}
     assert "teacher head per student head (" + criterion in capture.describe()
 
     _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask)
+
+
+def test_calibrated_mixing_weights_are_solved_once_and_the_loss_uses_them(tiny_data, tiny_teacher, tmp_path):
+    """distill.mixing_weights=calibrated: no target before the calibration pass; the pass gives the
+    W of the merge rounds on the Gram tensors summed over its batches (recomputed here from rebuilt
+    q, k, v), the same for every sequence; the SHD loss equals the dense oracle's with that W."""
+    from pipeline.shd.calibrated import calibrated_weights, gram_statistics
+
+    cfg, pre, chan, teacher, student = _setup(
+        tiny_data, tiny_teacher, tmp_path, **{"student.num_heads": 3, "student.num_kv_heads": 3,
+                                              "distill.plan": "pairwise", "distill.mixing_weights": "calibrated",
+                                              "distill.layer_map": [0, 2]})
+    capture = attn.ShdCapture(chan)
+    assert capture.needs_calibration and not chan.static_weights
+    batches = [split_tokens(_batch(pre, pad_last=pad), pre.pad_id) for pad in (0, 5)]
+    inp, labels, valid, mask = batches[1]
+    chan.begin(mask)
+    with pytest.raises(RuntimeError, match="mixing_weights=calibrated needs the calibration pass"), torch.no_grad():
+        teacher(input_ids=inp, attention_mask=mask)
+    chan.clear()
+
+    chosen = capture.calibrate(lambda i, m: teacher(input_ids=i, attention_mask=m),
+                               [(b[0], b[3]) for b in batches], lambda t: t)
+    assert set(chosen) == {"shd_static_weights"} and chan.calibration is None
+    for layer in (0, 2):
+        stats = sum(gram_statistics(*_rebuilt_qkv(teacher, [layer], b[0], b[3])[layer], 3, plan="pairwise",
+                                    attention_mask=b[3]) for b in batches)
+        want = calibrated_weights(stats, 8, 3, plan="pairwise")
+        torch.testing.assert_close(chan.static_weights[layer].double(), want, rtol=1e-5, atol=1e-6)
+        assert chosen["shd_static_weights"][str(layer)] == chan.static_weights[layer].tolist()
+    assert "calibrated mixing weights per student head" in capture.describe()
+
+    _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask)
+    w = chan.weight_stats  # the logged statistics are those of the fixed W
+    assert set(w) == {0, 2}
+    # a resumed run takes the stored weights instead of calibrating
+    fresh = attn.ShdCapture(attn.ShdChannel.from_config(cfg.distill, chan.pairs, 3))
+    assert fresh.use_calibrated(chosen) and fresh.calibrated_state() == chosen
+    assert not fresh.use_calibrated({"shd_selected_heads": {"0": [0, 3, 6]}})
 
 
 def _objective_loss_and_grads(cfg, pre, chan, teacher, student, tokens):

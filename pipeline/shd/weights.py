@@ -200,31 +200,45 @@ class GroupGram:
             gram += products @ products.transpose(1, 2)
         return gram.view(batch, size, size, size, size)
 
+    @classmethod
+    def of(cls, group: tuple[int, ...], gram: Tensor) -> "GroupGram":
+        """A group's Gram tensor [B, S, S, S, S] given as it is (e.g. summed over a calibration set)."""
+        out = cls.__new__(cls)
+        out.group, out.gram = tuple(group), gram
+        return out
+
     def between(self, left: Tensor, right: Tensor) -> Tensor:
         """H[b, i, j] = <A_i X_left, A_j X_right> for circuits given as 0/1 vectors [S] over the group."""
         return torch.einsum("bixjy,x,y->bij", self.gram, left, right)
 
 
-def walk_plan(
-    plan: SqueezePlan, maps: StreamingMaps, circuits: CircuitFn, rows: Tensor, objective: str, selection: str
-) -> Tensor:
-    """Runs the merge rounds of a "pairwise" or "group" plan and returns W [B, N, M]."""
-    batch = rows.shape[0]
-    heads: list[_MergedHead | None] = [None] * plan.num_teacher_heads
+def group_grams(plan: SqueezePlan, maps: StreamingMaps, circuits: CircuitFn, rows: Tensor) -> list[GroupGram]:
+    """The Gram tensor of every final group of `plan`, in `plan.groups` order."""
+    grams = []
     for group in plan.groups:
         group_circuits = circuits(group)
-        gram = GroupGram(group, maps.apply(list(group), group_circuits), group_circuits, rows)
-        one_hot = torch.eye(len(group), dtype=torch.float64, device=rows.device)
-        for i, head in enumerate(group):
+        grams.append(GroupGram(group, maps.apply(list(group), group_circuits), group_circuits, rows))
+    return grams
+
+
+def merge_rounds(plan: SqueezePlan, grams: Sequence[GroupGram], objective: str, selection: str,
+                 dtype: torch.dtype) -> Tensor:
+    """Runs the merge rounds of a "pairwise" or "group" plan on its groups' Gram tensors (batch B
+    of them: per sequence, or one summed over a calibration set) and returns W [B, N, M]."""
+    batch, device = grams[0].gram.shape[0], grams[0].gram.device
+    heads: list[_MergedHead | None] = [None] * plan.num_teacher_heads
+    for gram in grams:
+        one_hot = torch.eye(len(gram.group), dtype=torch.float64, device=device)
+        for i, head in enumerate(gram.group):
             heads[head] = _MergedHead(gram, one_hot[i].expand(batch, -1), one_hot[i])
     for round_groups in plan.rounds:
         heads = [
-            heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], objective, selection, rows.dtype)
+            heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], objective, selection, dtype)
             for g in round_groups
         ]
-    weights = torch.zeros(batch, plan.num_student_heads, plan.num_teacher_heads, dtype=rows.dtype, device=rows.device)
+    weights = torch.zeros(batch, plan.num_student_heads, plan.num_teacher_heads, dtype=dtype, device=device)
     for n, head in enumerate(heads):
-        weights[:, n, list(head.gram.group)] = head.coef.to(rows.dtype)
+        weights[:, n, list(head.gram.group)] = head.coef.to(dtype)
     return weights
 
 
@@ -390,4 +404,4 @@ def squeeze_weights(
                              None if head_outputs is None else head_outputs.to(dtype), window=spec.window)
         rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
         circuits = circuit_fn(values, o_proj_weight, num_heads)
-        return walk_plan(structure, maps, circuits, rows, objective, selection)
+        return merge_rounds(structure, group_grams(structure, maps, circuits, rows), objective, selection, dtype)

@@ -62,6 +62,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ("distill.plan=pairwise", "distill.shd_divergence=reverse"), dynamic_plan="pairwise"),
     Variant("kd_select_ramp", "CE + KD + attn KD, select, w_shd ramp 50 steps",
             ("distill.plan=select", "distill.shd_warmup_steps=50")),
+    Variant("kd_shd_static", "CE + KD + SHD (pairwise), calibrated static alphas",
+            ("distill.plan=pairwise", "distill.mixing_weights=calibrated"), dynamic_plan="pairwise"),
 )}
 DEFAULT_VARIANTS: tuple[str, ...] = ("ce", "kd", "kd_shd", "kd_group", "kd_mean", "kd_select")
 DEMO_VARIANTS: tuple[str, ...] = ("ce", "kd", "kd_shd")
