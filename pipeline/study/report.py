@@ -260,6 +260,11 @@ def markdown(settings: dict, labels: dict[str, str], agg: dict[str, dict], pairs
         lines.append("")
         lines.append("Negative = a has the lower (better) perplexity. 'Exceeds spread': |mean| > standard "
                      "deviation of the per-seed differences.")
+        if any(p["exceeds_spread"] is None for p in pairs):
+            lines.append("")
+            lines.append("One seed and one teacher: these differences say what these runs did, not which loss is "
+                         "better. Gaps of several perplexity points changed sign between teachers trained the same "
+                         "way (docs/results.md section 7); `--seeds 3` measures the seed spread.")
     return "\n".join(lines) + "\n"
 
 
