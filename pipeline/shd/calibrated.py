@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masking import MapSpec, check_mask, compute_dtype, valid_rows
+from .masking import MapSpec, check_mask
 from .plan import squeeze_plan
-from .weights import (GroupGram, StreamingMaps, check_teacher_inputs, circuit_fn, constant_weights, group_grams,
-                      merge_rounds, needs_maps)
+from .weights import GroupGram, check_teacher_inputs, constant_weights, merge_rounds, needs_maps, teacher_grams
 
 PLANS = ("pairwise", "group")
 """Plans whose weights depend on the maps, and so can be calibrated."""
@@ -41,18 +40,13 @@ def gram_statistics(
     if plan not in PLANS:
         raise ValueError(f"calibrated mixing weights need plan {' or '.join(PLANS)}, got {plan!r}")
     check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, "output", "soft")
-    batch, num_heads, length, head_dim = teacher_q.shape
+    batch, num_heads, length, _ = teacher_q.shape
     check_mask(attention_mask, batch, length)
     structure = squeeze_plan(num_heads, num_student_heads, plan)
     if not needs_maps(structure):
         return torch.zeros(0, dtype=torch.float64, device=teacher_q.device)
-    dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
-    with torch.no_grad():
-        maps = StreamingMaps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, spec.scale_for(head_dim),
-                             None if head_outputs is None else head_outputs.to(dtype), window=spec.window)
-        rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-        grams = group_grams(structure, maps, circuit_fn(teacher_v.to(dtype), o_proj_weight, num_heads), rows)
-        return torch.cat([g.gram.sum(0).flatten() for g in grams])
+    grams = teacher_grams(teacher_q, teacher_k, teacher_v, o_proj_weight, structure, attention_mask, head_outputs, spec)
+    return torch.cat([g.gram.sum(0).flatten() for g in grams])
 
 
 def calibrated_weights(statistics: Tensor, num_teacher_heads: int, num_student_heads: int, *, plan: str,

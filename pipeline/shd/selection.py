@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masking import MapSpec, check_mask, compute_dtype, valid_rows
+from .masking import MapSpec, check_mask
 from .plan import SqueezePlan, squeeze_plan
-from .weights import GroupGram, StreamingMaps, check_teacher_inputs, circuit_fn
+from .weights import check_teacher_inputs, teacher_grams
 
 CRITERIA = ("reconstruct", "contribution")
 """Calibrated selection criteria (lower cost = better head of its group)."""
@@ -47,19 +47,14 @@ def selection_costs(
     if criterion not in CRITERIA:
         raise ValueError(f"unknown selection criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, "output", "soft")
-    batch, num_heads, length, head_dim = teacher_q.shape
+    batch, num_heads, length, _ = teacher_q.shape
     check_mask(attention_mask, batch, length)
     plan = squeeze_plan(num_heads, num_student_heads, "select")
     costs = torch.zeros(num_heads, dtype=torch.float64, device=teacher_q.device)
-    dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
     with torch.no_grad():
-        maps = StreamingMaps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, spec.scale_for(head_dim),
-                             None if head_outputs is None else head_outputs.to(dtype), window=spec.window)
-        rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-        circuits = circuit_fn(teacher_v.to(dtype), o_proj_weight, num_heads)
-        for group in plan.groups:
-            group_circuits = circuits(group)
-            g = GroupGram(group, maps.apply(list(group), group_circuits), group_circuits, rows).gram.sum(0)
+        for gram in teacher_grams(teacher_q, teacher_k, teacher_v, o_proj_weight, plan, attention_mask,
+                                  head_outputs, spec):
+            group, g = gram.group, gram.gram.sum(0)
             own = torch.einsum("iijj->", g)  # ||sum_i A_i X_i||^2
             for m_index, head in enumerate(group):
                 if criterion == "contribution":

@@ -221,6 +221,20 @@ def group_grams(plan: SqueezePlan, maps: StreamingMaps, circuits: CircuitFn, row
     return grams
 
 
+def teacher_grams(teacher_q: Tensor, teacher_k: Tensor, teacher_v: Tensor, o_proj_weight: Tensor | None,
+                  plan: SqueezePlan, attention_mask: Tensor | None, head_outputs: Tensor | None,
+                  spec: MapSpec) -> list[GroupGram]:
+    """The Gram tensor of every final group of `plan` from a layer's teacher inputs (shapes as
+    `squeeze_weights`), computed without autograd at the inputs' compute dtype."""
+    batch, num_heads, length, head_dim = teacher_q.shape
+    dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
+    with torch.no_grad():
+        maps = StreamingMaps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, spec.scale_for(head_dim),
+                             None if head_outputs is None else head_outputs.to(dtype), window=spec.window)
+        rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
+        return group_grams(plan, maps, circuit_fn(teacher_v.to(dtype), o_proj_weight, num_heads), rows)
+
+
 def merge_rounds(plan: SqueezePlan, grams: Sequence[GroupGram], objective: str, selection: str,
                  dtype: torch.dtype) -> Tensor:
     """Runs the merge rounds of a "pairwise" or "group" plan on its groups' Gram tensors (batch B
@@ -398,10 +412,6 @@ def squeeze_weights(
     dtype = compute_dtype(teacher_q, teacher_k, teacher_v)
     if not needs_maps(structure):
         return constant_weights(structure, batch, dtype, teacher_q.device, selected)
+    grams = teacher_grams(teacher_q, teacher_k, teacher_v, o_proj_weight, structure, attention_mask, head_outputs, spec)
     with torch.no_grad():
-        values = teacher_v.to(dtype)
-        maps = StreamingMaps(teacher_q.to(dtype), teacher_k.to(dtype), attention_mask, spec.scale_for(head_dim),
-                             None if head_outputs is None else head_outputs.to(dtype), window=spec.window)
-        rows = valid_rows(attention_mask, batch, length, dtype, teacher_q.device)
-        circuits = circuit_fn(values, o_proj_weight, num_heads)
-        return merge_rounds(structure, group_grams(structure, maps, circuits, rows), objective, selection, dtype)
+        return merge_rounds(structure, grams, objective, selection, dtype)
