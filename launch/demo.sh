@@ -10,7 +10,8 @@
 #   2. pre-trains a 4-layer, 8-head (2 kv heads) LLaMA teacher with the engine's pretrain stage
 #      and exports it (runs/demo/teacher),
 #   3. distils a 2-layer, 3-head student three ways with the same budget, seed and data order,
-#      2 processes under DeepSpeed ZeRO-3: CE only; CE + logit KD; CE + KD + SHD (pairwise)
+#      2 processes under DeepSpeed ZeRO-3: CE only; CE + logit KD; CE + KD + attention KD with
+#      the default target (distill.plan=select: each student head distils one teacher head of its group)
 #      (runs/demo/runs/<variant>/seed1234),
 #   4. reports the held-out perplexity of each: runs/demo/summary.md (table), runs/demo/curves.png
 #      (training loss and held-out perplexity against tokens), TensorBoard logs in runs/demo/tb.
@@ -23,7 +24,8 @@
 #   --steps N / --tokens N         student budget;   --teacher-steps N   teacher budget
 #   --batch-tokens N               tokens per process per micro-batch (default 1024 = 8 x 128)
 #   --seeds 3                      seeds 1..3 (paired) instead of the single seed 1234
-#   --variants ce,kd,kd_shd,kd_group,kd_mean,kd_select,shd_only   more variants
+#   --variants ce,kd,kd_select,kd_shd,kd_group,kd_mean,shd_only   other variants (kd_shd: the
+#                                  paper's pairwise SHD)
 #   --nproc N                      processes per run (default 2, or NPROC)
 #   --corpus PATH...               your own text (files, directories, globs, .jsonl/.parquet,
 #                                  datasets) instead of python-stdlib; --vocab N for its tokenizer

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "launch" / "demo.sh"
-LABELS = ("CE only", "CE + KD", "CE + KD + SHD (pairwise)")
+LABELS = ("CE only", "CE + KD", "CE + KD + attn KD, select")
 
 
 def _run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -67,8 +67,8 @@ def test_demo_help_documents_the_options():
 def test_demo_dry_run_plans_three_students_with_the_same_budget(tmp_path):
     r = _run_demo("--dry-run", "--out", str(tmp_path / "demo"), timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    students = re.findall(r"stage \d+/7: (ce|kd|kd_shd) seed 1234: [^:]+: (\d+) steps x (\d+) tokens", r.stdout)
-    assert [s[0] for s in students] == ["ce", "kd", "kd_shd"], r.stdout
+    students = re.findall(r"stage \d+/7: (ce|kd|kd_select) seed 1234: [^:]+: (\d+) steps x (\d+) tokens", r.stdout)
+    assert [s[0] for s in students] == ["ce", "kd", "kd_select"], r.stdout
     assert len({s[1:] for s in students}) == 1, students  # same steps and tokens per step
     assert "tokenizer" in r.stdout and "teacher" in r.stdout
     assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").rglob("DONE*"))

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.study", description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     ap.add_argument("--preset", choices=["bench", "demo"], default="bench",
-                    help="demo: what launch/demo.sh runs (variants ce,kd,kd_shd, 1 seed, budget demo, --out runs/demo, "
+                    help=f"demo: what launch/demo.sh runs (variants {','.join(DEMO_VARIANTS)}, 1 seed, budget demo, --out runs/demo, "
                          "summary.md + curves.png)")
     ap.add_argument("--out", help="output directory (default runs/distill_compare; demo: runs/demo)")
     ap.add_argument("--variants", help=f"comma list from {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)}); "

@@ -39,6 +39,7 @@ __all__ = ["PAIRS", "NO_ATTENTION", "SettingReport", "aggregate", "markdown", "p
 PAIRS = (
     ("kd", "ce", "logit KD vs CE only"),
     ("kd_shd", "ce", "KD+SHD vs CE only"),
+    ("kd_select", "ce", "KD + attn KD (select) vs CE only"),
     ("kd_shd", "kd", "KD+SHD vs KD"),
     ("kd_shd", "kd_mean", "SHD (pairwise) vs constant mean merge"),
     ("kd_shd", "kd_select", "SHD (pairwise) vs select first head"),
