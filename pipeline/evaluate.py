@@ -82,10 +82,10 @@ def _perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, max_bat
     evaluator = Evaluator(data_dir, split=split, seq_len=seq_len, micro_batch_size=mb, max_batches=max_batches,
                           pad_id=tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None,
                           vocab=tok.vocab_size, chunk=chunk, model_vocab_size=model.config.vocab_size, device=device)
-    out = evaluator(model)
-    first = evaluator.batches()[0] if dump else None  # collective: on every rank
+    batches = evaluator.batches()  # collective: on every rank
+    out = evaluator(model, batches)
     if dump and distributed.rank() == 0:
-        inp, _, _, mask = first
+        inp, _, _, mask = batches[0]
         with torch.no_grad():
             logits = model.eval()(input_ids=inp, attention_mask=mask).logits
         torch.save({"input_ids": inp.cpu(), "logits": logits.cpu()}, dump)

@@ -55,12 +55,13 @@ class Evaluator:
         return [split_tokens(b, self.pad_id, self.device) for b in batches[:n]]
 
     @torch.no_grad()
-    def __call__(self, model) -> dict[str, float]:
+    def __call__(self, model, batches: list[tuple] | None = None) -> dict[str, float]:
+        """The split's CE and perplexity; ``batches`` = ``self.batches()`` already read, if at hand."""
         was_training = model.training
         model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
-            for inp, labels, valid, mask in self.batches():
+            for inp, labels, valid, mask in (self.batches() if batches is None else batches):
                 sums[0] += lm_head.ce_sum(model, inp, mask, labels, valid, chunk=self.chunk,
                                           vocab=self.vocab).double()
                 sums[1] += valid.sum()
