@@ -10,10 +10,9 @@ from pipeline.shd.calibrated import calibrated_weights, gram_statistics
 from tests.shd_cases import make_case
 
 
-def _stats(case, student, plan, rows=slice(None)):
-    mask = None if case.attention_mask is None else case.attention_mask[rows]
-    return gram_statistics(case.teacher_q[rows], case.teacher_k[rows], case.teacher_v[rows], case.o_proj_weight,
-                           student, plan=plan, attention_mask=mask)
+def _stats(case, student, plan):
+    return gram_statistics(case.teacher_q, case.teacher_k, case.teacher_v, case.o_proj_weight,
+                           student, plan=plan, attention_mask=case.attention_mask)
 
 
 @pytest.mark.parametrize("plan", ["pairwise", "group"])
@@ -24,15 +23,14 @@ def test_one_sequence_gives_its_per_sequence_weights_and_statistics_add_up(plan,
     case = make_case(batch=3, length=17, teacher_heads=teacher, teacher_kv_heads=teacher_kv, student_heads=student,
                      padding=padding, seed=3)
     for b in range(3):
-        one = slice(b, b + 1)
-        got = calibrated_weights(_stats(case, student, plan, one), teacher, student, plan=plan)
-        mask = None if case.attention_mask is None else case.attention_mask[one]
-        want = squeeze_weights(case.teacher_q[one], case.teacher_k[one], case.teacher_v[one], case.o_proj_weight,
-                               student, plan=plan, attention_mask=mask)[0]
+        one = case.rows(slice(b, b + 1))
+        got = calibrated_weights(_stats(one, student, plan), teacher, student, plan=plan)
+        want = squeeze_weights(one.teacher_q, one.teacher_k, one.teacher_v, one.o_proj_weight,
+                               student, plan=plan, attention_mask=one.attention_mask)[0]
         torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=1e-8)
     whole = _stats(case, student, plan)
-    torch.testing.assert_close(_stats(case, student, plan, slice(0, 2)) + _stats(case, student, plan, slice(2, 3)),
-                               whole, rtol=1e-12, atol=1e-9)
+    parts = [_stats(case.rows(s), student, plan) for s in (slice(0, 2), slice(2, 3))]
+    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-12, atol=1e-9)
     w = calibrated_weights(whole, teacher, student, plan=plan)
     assert w.shape == (student, teacher) and (w >= 0).all()
     torch.testing.assert_close(w.sum(1), torch.ones(student, dtype=torch.float64))

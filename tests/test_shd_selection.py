@@ -43,10 +43,9 @@ def test_costs_equal_the_dense_computation(criterion, heads, padding):
     want = _dense_costs(case, student, criterion)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     # costs add over batches: the first two sequences plus the third are the whole batch
-    split = [selection_costs(case.teacher_q[s], case.teacher_k[s], case.teacher_v[s], case.o_proj_weight, student,
-                             criterion=criterion,
-                             attention_mask=None if case.attention_mask is None else case.attention_mask[s])
-             for s in (slice(0, 2), slice(2, 3))]
+    split = [selection_costs(part.teacher_q, part.teacher_k, part.teacher_v, part.o_proj_weight, student,
+                             criterion=criterion, attention_mask=part.attention_mask)
+             for part in (case.rows(slice(0, 2)), case.rows(slice(2, 3)))]
     torch.testing.assert_close(split[0] + split[1], got, rtol=1e-12, atol=1e-9)
 
 

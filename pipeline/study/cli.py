@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.study", description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     ap.add_argument("--preset", choices=["bench", "demo"], default="bench",
-                    help=f"demo: what launch/demo.sh runs (variants {','.join(DEMO_VARIANTS)}, 1 seed, budget demo, --out runs/demo, "
-                         "summary.md + curves.png)")
+                    help=f"demo: what launch/demo.sh runs (variants {','.join(DEMO_VARIANTS)}, 1 seed, budget demo, "
+                         "--out runs/demo, summary.md + curves.png)")
     ap.add_argument("--out", help="output directory (default runs/distill_compare; demo: runs/demo)")
     ap.add_argument("--variants", help=f"comma list from {','.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)}); "
                                        "a name may carry its attention-loss weight: kd_shd@0.3")
