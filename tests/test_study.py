@@ -232,6 +232,32 @@ def test_markdown_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_gap_to_kd_is_paired_per_evaluation_and_shown(tmp_path):
+    # kd_select is 2, 1.5, 1.0 better than KD at the three evaluations in seed 1, 4, 2.5, 1.0 in seed 2
+    curves = {("kd", 1): [60.0, 50.0, 40.0], ("kd", 2): [70.0, 55.0, 45.0],
+              ("kd_select", 1): [58.0, 48.5, 39.0], ("kd_select", 2): [66.0, 52.5, 44.0],
+              ("ce", 1): [90.0, 80.0, 70.0], ("ce", 2): [91.0, 81.0, 71.0]}
+    runs: dict = {}
+    for (v, s), curve in curves.items():
+        runs.setdefault(v, {})[s] = report.summarize_run(_write_run(tmp_path / v / str(s), curve, 5.0, steps=30))
+    gaps = report.gap_to_kd(runs)
+    assert set(gaps) == {"kd_select"}  # CE and KD have no attention term
+    assert [pt["tokens"] for pt in gaps["kd_select"]] == [10 * 512, 20 * 512, 30 * 512]
+    assert [pt["diffs"] for pt in gaps["kd_select"]] == [[-2.0, -4.0], [-1.5, -2.5], [-1.0, -1.0]]
+    assert [pt["mean"] for pt in gaps["kd_select"]] == pytest.approx([-3.0, -2.0, -1.0])
+    assert gaps["kd_select"][2]["std"] == pytest.approx(0.0)
+    labels = {v: VARIANTS[v].label for v in runs}
+    setting = {"teacher": "t", "teacher_heads": 8, "student_layers": 2, "student_heads": 4, "seq_len": 128,
+               "tokens_per_step": 512, "steps": 30, "tokens": 15360, "nproc": 1, "seeds": [1, 2]}
+    md = report.markdown(setting, labels, report.aggregate(runs), report.paired_differences(runs), gaps=gaps)
+    row = next(line for line in md.splitlines() if line.startswith(f"| {labels['kd_select']} | -3.00"))
+    assert row.split(" | ")[1:] == ["-3.00 ± 1.41", "-2.00 ± 0.71", "-1.00 ± 0.00 |"], row
+    assert "| a | 5 k | 10 k | 15 k |" in md
+    assert report.gap_to_kd({v: r for v, r in runs.items() if v != "kd"}) == {}
+    png = report.plot(tmp_path / "p.png", labels, runs)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # --------------------------------------------------------------------------------------------
 # runner (a fake launcher: no training)
 # --------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from pathlib import Path
 from .plan import DataPlan, Setting, StudyOptions, tokens_per_step
 from .variants import NO_ATTENTION, VARIANTS, split_variant, variant_label, variant_name
 
-__all__ = ["PAIRS", "NO_ATTENTION", "SettingReport", "aggregate", "markdown", "paired_differences", "plot",
-           "read_metrics", "split_variant", "summarize_run", "sweep_table", "uniform_reference", "variant_name",
+__all__ = ["PAIRS", "NO_ATTENTION", "SettingReport", "aggregate", "gap_to_kd", "markdown", "paired_differences",
+           "plot", "read_metrics", "split_variant", "summarize_run", "sweep_table", "uniform_reference", "variant_name",
            "write_setting_report", "write_sweep_report"]
 
 # Pairs of interest: (a, b, what it answers). A difference is ppl(a) - ppl(b), per seed. With an
@@ -186,6 +186,28 @@ def paired_differences(runs: dict[str, dict[int, dict]]) -> list[dict]:
     return out
 
 
+def gap_to_kd(runs: dict[str, dict[int, dict]], base: str = "kd") -> dict[str, list[dict]]:
+    """Per variant with an attention term: at each held-out evaluation it and ``base`` both have,
+    the paired gap ppl(variant) - ppl(base) over the seeds both ran (mean, std, per seed), against
+    training tokens: whether the attention term's gain lasts as the student converges."""
+    if base not in runs:
+        return {}
+    out = {}
+    for v, by_seed in runs.items():
+        seeds = sorted(set(by_seed) & set(runs[base]))
+        if split_variant(v)[0] in NO_ATTENTION or not seeds:
+            continue
+        n = min(len(c) for s in seeds for c in (by_seed[s]["curve_eval"], runs[base][s]["curve_eval"]))
+        points = []
+        for i in range(n):
+            diffs = [by_seed[s]["curve_eval"][i][1] - runs[base][s]["curve_eval"][i][1] for s in seeds]
+            mean, std = _stats(diffs)
+            points.append({"tokens": by_seed[seeds[0]]["curve_eval"][i][0], "mean": mean, "std": std, "diffs": diffs})
+        if points:
+            out[v] = points
+    return out
+
+
 def sweep_table(settings: list[tuple[str, dict, list[dict]]], labels: dict[str, str]) -> str:
     """One table over all settings (tag, aggregate, pairs): per variant and setting the held-out
     perplexity and its paired differences against KD and against `select` at the same weight; a
@@ -225,8 +247,11 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
 
 
 def markdown(settings: dict, labels: dict[str, str], agg: dict[str, dict], pairs: list[dict],
-             teacher: dict | None = None, reference: dict | None = None, title: str = "Distillation comparison") -> str:
-    """The results table (and paired differences) as Markdown."""
+             teacher: dict | None = None, reference: dict | None = None, title: str = "Distillation comparison",
+             gaps: dict[str, list[dict]] | None = None) -> str:
+    """The results table, paired differences and (``gaps``, from ``gap_to_kd``) the gap to KD
+    at each evaluation, as Markdown."""
+    gaps = gaps or {}
     lines = [f"# {title}", ""]
     s = settings
     lines.append(f"Teacher `{s.get('teacher')}` ({s.get('teacher_heads')} heads) -> student {s.get('student_layers')} "
@@ -266,20 +291,34 @@ def markdown(settings: dict, labels: dict[str, str], agg: dict[str, dict], pairs
             lines.append("One seed and one teacher: these differences say what these runs did, not which loss is "
                          "better. Gaps of several perplexity points changed sign between teachers trained the same "
                          "way (docs/results.md section 7); `--seeds 3` measures the seed spread.")
+    if gaps and max(len(g) for g in gaps.values()) > 1:
+        tokens = [pt["tokens"] for pt in max(gaps.values(), key=len)]
+        lines += ["", "## Gap to KD against training tokens (ppl(a) - ppl(KD) at each evaluation, paired)", "",
+                  "| a | " + " | ".join(f"{x / 1000:,.0f} k" for x in tokens) + " |", "|---|" + "---|" * len(tokens)]
+        for v, points in gaps.items():
+            cells = [_f(pt["mean"], "{:+.2f}") + (f" ± {_f(pt['std'])}" if math.isfinite(pt["std"]) else "")
+                     for pt in points]
+            lines.append(f"| {labels.get(v, v)} | " + " | ".join(cells + [""] * (len(tokens) - len(cells))) + " |")
+        lines += ["", "Mean ± standard deviation over seeds of the per-seed differences; negative = a is better."]
     return "\n".join(lines) + "\n"
 
 
 def plot(path: Path, labels: dict[str, str], runs: dict[str, dict[int, dict]], teacher: dict | None = None,
          title: str = "") -> Path:
-    """Two panels: train CE loss and held-out perplexity against tokens (mean over seeds, band = min..max)."""
+    """Train CE loss and held-out perplexity against tokens (mean over seeds, band = min..max),
+    and, when KD ran and was evaluated more than once, a third panel: the paired gap to KD
+    (mean over seeds, band = ± std)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    gaps = {v: g for v, g in gap_to_kd(runs).items() if len(g) > 1}
+    fig, axes = plt.subplots(1, 3 if gaps else 2, figsize=(18 if gaps else 12, 4.5))
+    ax_loss, ax_ppl = axes[0], axes[1]
+    colors = {}
     for v, by_seed in runs.items():
-        seeds = sorted(by_seed)
+        seeds, color = sorted(by_seed), None
         # train CE, smoothed by a running mean over ~5 % of the steps
         curves = [by_seed[s]["curve_train"] for s in seeds]
         n = min(len(c) for c in curves)
@@ -290,21 +329,34 @@ def plot(path: Path, labels: dict[str, str], runs: dict[str, dict[int, dict]], t
             w = max(1, n // 20)
             smooth = [statistics.fmean(mean[max(0, i - w + 1): i + 1]) for i in range(n)]
             (line,) = ax_loss.plot(x, smooth, label=labels.get(v, v))
+            color = line.get_color()
         evs = [by_seed[s]["curve_eval"] for s in seeds]
         m = min(len(e) for e in evs)
         if m:
             x = [evs[0][i][0] for i in range(m)]
             cols = [[e[i][1] for e in evs] for i in range(m)]
-            ax_ppl.plot(x, [statistics.fmean(c) for c in cols], marker="o", ms=3, label=labels.get(v, v),
-                        color=line.get_color() if n else None)
+            (eval_line,) = ax_ppl.plot(x, [statistics.fmean(c) for c in cols], marker="o", ms=3,
+                                       label=labels.get(v, v), color=color)
+            colors[v] = eval_line.get_color()
             if len(seeds) > 1:
-                ax_ppl.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2,
-                                    color=line.get_color() if n else None)
+                ax_ppl.fill_between(x, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2, color=colors[v])
     if teacher and teacher.get("final_eval_ppl") and math.isfinite(teacher["final_eval_ppl"]):
         ax_ppl.axhline(teacher["final_eval_ppl"], ls="--", color="gray", label="teacher")
     ax_loss.set(xlabel="training tokens", ylabel="train CE loss (smoothed)", title="training loss (CE term)")
     ax_ppl.set(xlabel="training tokens", ylabel="held-out perplexity", title="held-out perplexity", yscale="log")
-    for ax in (ax_loss, ax_ppl):
+    if gaps:
+        ax_gap = axes[2]
+        for v, points in gaps.items():
+            x, mean = [pt["tokens"] for pt in points], [pt["mean"] for pt in points]
+            ax_gap.plot(x, mean, marker="o", ms=3, label=labels.get(v, v), color=colors.get(v))
+            std = [pt["std"] for pt in points]
+            if all(math.isfinite(s) for s in std):
+                ax_gap.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                    alpha=0.2, color=colors.get(v))
+        ax_gap.axhline(0.0, ls="--", color="gray", label="KD")
+        ax_gap.set(xlabel="training tokens", ylabel="ppl(variant) - ppl(KD)",
+                   title="gap to KD (paired, band = ± std over seeds)")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
@@ -348,15 +400,17 @@ def write_setting_report(setting: Setting, opts: StudyOptions, data: DataPlan, c
     pairs = paired_differences(runs)
     plans = sorted({p for v in opts.variants if (p := VARIANTS[split_variant(v)[0]].dynamic_plan)})
     ref = {p: uniform_reference(setting.heads, student["num_heads"], p) for p in plans}
-    title = "Demo: CE vs CE + KD vs CE + KD + SHD" if opts.preset == "demo" else "Distillation comparison"
-    md = markdown(info, labels, agg, pairs, teacher, ref, title=title + (f" ({setting.tag})" if setting.tag else ""))
+    title = "Demo: CE vs CE + KD vs CE + KD + attention KD" if opts.preset == "demo" else "Distillation comparison"
+    gaps = gap_to_kd(runs)
+    md = markdown(info, labels, agg, pairs, teacher, ref, title=title + (f" ({setting.tag})" if setting.tag else ""),
+                  gaps=gaps)
     md += f"\nProduced by `{command}`.\n"
     (setting.out_dir / opts.report_name).write_text(md)
     plot(setting.out_dir / opts.plot_name, labels, runs, teacher,
          title=f"{student['num_layers']}-layer {student['num_heads']}-head student, {setting.heads}-head teacher, "
                f"T={setting.seq_len}")
     (setting.out_dir / "results.json").write_text(json.dumps(
-        {"setting": info, "labels": labels, "aggregate": agg, "pairs": pairs, "teacher": teacher,
+        {"setting": info, "labels": labels, "aggregate": agg, "pairs": pairs, "gap_to_kd": gaps, "teacher": teacher,
          "uniform_reference": ref, "runs": runs}, indent=1, default=str))
     return SettingReport(setting.tag, md, agg, pairs)
 
