@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-command demo: distil a small LLaMA teacher into a smaller student three ways and compare.
 #
-#   bash launch/demo.sh                 # ~15 minutes on 2 CPU cores, no GPU, no download
+#   bash launch/demo.sh                 # ~10-13 minutes on 2 CPU cores, no GPU, no download
 #   bash launch/demo.sh --help
 #
 # From a fresh clone: sets up .venv (launch/env_setup.sh, as tests/run.sh does), then

@@ -95,7 +95,7 @@ def test_demo_ci_budget_end_to_end_and_rerun(tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_full_demo(tmp_path):
-    """The README's demo at its default budget (about 15 minutes on 2 CPU cores)."""
+    """The README's demo at its default budget (about 10-13 minutes on 2 CPU cores)."""
     out = tmp_path / "demo"
     t0 = time.time()
     r = _run_demo("--out", str(out), timeout=3600)
