@@ -33,6 +33,8 @@ __all__ = ["PAIRS", "NO_ATTENTION", "SettingReport", "aggregate", "gap_to_kd", "
            "plot", "read_metrics", "split_variant", "summarize_run", "sweep_table", "uniform_reference", "variant_name",
            "write_setting_report", "write_sweep_report"]
 
+ISSUE14_VARIANTS = ("kd_select_ramp", "kd_select_rand", "kd_select_recon", "kd_select_contrib", "kd_select_rev",
+                    "kd_shd_static", "kd_shd_rev")
 # Pairs of interest: (a, b, what it answers). A difference is ppl(a) - ppl(b), per seed. With an
 # attention-loss weight sweep (variant names "kd_shd@0.3", see ``split_variant``) a pair compares a and
 # b at the same weight; ce and kd have no attention term and are compared as they are.
@@ -53,6 +55,11 @@ PAIRS = (
     *((v, "kd", f"{v} vs KD") for v in ("kd_mean", "kd_select", "kd_group", "kd_hard", "kd_logit", "kd_sharp")),
     *((v, "kd_select", f"{v} vs select first head")
       for v in ("kd_mean", "kd_group", "kd_hard", "kd_logit", "kd_sharp")),
+    # issue 14: which head, which divergence, a ramp, static alphas
+    *((v, b, f"{v} vs {what}") for v in ISSUE14_VARIANTS
+      for b, what in (("kd", "KD"), ("kd_select", "select first head"))),
+    ("kd_shd_static", "kd_shd", "static vs per-sequence alphas (pairwise)"),
+    ("kd_shd_rev", "kd_shd", "reverse vs forward KL (pairwise)"),
 )
 
 
