@@ -29,11 +29,12 @@ def _run_demo(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 def _table_rows(summary: str) -> dict[str, float]:
-    """{variant label: held-out perplexity} from the summary table."""
+    """{variant label: held-out perplexity} from the summary's first table (later tables, e.g. the
+    gap to KD, repeat the labels)."""
     rows = {}
     for line in summary.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 2 and cells[0] in LABELS:
+        if len(cells) >= 2 and cells[0] in LABELS and cells[0] not in rows:
             rows[cells[0]] = float(cells[1].split("±")[0])
     return rows
 
