@@ -211,6 +211,22 @@ def test_shd_weight_ramps_linearly_over_the_warmup_steps(tiny_data, tiny_teacher
     assert totals[1] < totals[3] < totals[4]
 
 
+def _calibration_pass(chan, pre, teacher, refusal: str):
+    """A capture that needs calibration: the teacher forward is refused before the pass (``refusal``),
+    then the pass over two batches (one padded). Returns (capture, batches, what the pass chose)."""
+    capture = attn.ShdCapture(chan)
+    assert capture.needs_calibration
+    batches = [split_tokens(_batch(pre, pad_last=pad), pre.pad_id) for pad in (0, 5)]
+    mask = batches[1][3]
+    chan.begin(mask)
+    with pytest.raises(RuntimeError, match=refusal), torch.no_grad():
+        teacher(input_ids=batches[1][0], attention_mask=mask)
+    chan.clear()
+    chosen = capture.calibrate(lambda i, m: teacher(input_ids=i, attention_mask=m),
+                               [(b[0], b[3]) for b in batches], lambda t: t)
+    return capture, batches, chosen
+
+
 @pytest.mark.parametrize("criterion", ["reconstruct", "contribution"])
 def test_calibration_picks_the_least_cost_heads_and_the_loss_distils_them(tiny_data, tiny_teacher, tmp_path,
                                                                          criterion):
@@ -224,17 +240,9 @@ def test_calibration_picks_the_least_cost_heads_and_the_loss_distils_them(tiny_d
         tiny_data, tiny_teacher, tmp_path, **{"student.num_heads": 2, "student.num_kv_heads": 2,
                                               "distill.plan": "select", "distill.select_heads": criterion,
                                               "distill.layer_map": [0, 2]})
-    capture = attn.ShdCapture(chan)
-    assert capture.needs_calibration and not chan.selected
-    batches = [split_tokens(_batch(pre, pad_last=pad), pre.pad_id) for pad in (0, 5)]
-    inp, labels, valid, mask = batches[1]
-    chan.begin(mask)
-    with pytest.raises(RuntimeError, match="needs the calibration pass"), torch.no_grad():
-        teacher(input_ids=inp, attention_mask=mask)
-    chan.clear()
-
-    chosen = capture.calibrate(lambda i, m: teacher(input_ids=i, attention_mask=m),
-                               [(b[0], b[3]) for b in batches], lambda t: t)
+    assert not chan.selected
+    capture, batches, chosen = _calibration_pass(chan, pre, teacher, "needs the calibration pass")
+    inp, mask = batches[1][0], batches[1][3]
     want = {}
     for layer in (0, 2):
         costs = sum(selection_costs(*_rebuilt_qkv(teacher, [layer], b[0], b[3])[layer], 2, criterion=criterion,
@@ -257,17 +265,10 @@ def test_calibrated_mixing_weights_are_solved_once_and_the_loss_uses_them(tiny_d
         tiny_data, tiny_teacher, tmp_path, **{"student.num_heads": 3, "student.num_kv_heads": 3,
                                               "distill.plan": "pairwise", "distill.mixing_weights": "calibrated",
                                               "distill.layer_map": [0, 2]})
-    capture = attn.ShdCapture(chan)
-    assert capture.needs_calibration and not chan.static_weights
-    batches = [split_tokens(_batch(pre, pad_last=pad), pre.pad_id) for pad in (0, 5)]
-    inp, labels, valid, mask = batches[1]
-    chan.begin(mask)
-    with pytest.raises(RuntimeError, match="mixing_weights=calibrated needs the calibration pass"), torch.no_grad():
-        teacher(input_ids=inp, attention_mask=mask)
-    chan.clear()
-
-    chosen = capture.calibrate(lambda i, m: teacher(input_ids=i, attention_mask=m),
-                               [(b[0], b[3]) for b in batches], lambda t: t)
+    assert not chan.static_weights
+    capture, batches, chosen = _calibration_pass(chan, pre, teacher,
+                                                 "mixing_weights=calibrated needs the calibration pass")
+    inp, mask = batches[1][0], batches[1][3]
     assert set(chosen) == {"shd_static_weights"} and chan.calibration is None
     for layer in (0, 2):
         stats = sum(gram_statistics(*_rebuilt_qkv(teacher, [layer], b[0], b[3])[layer], 3, plan="pairwise",
