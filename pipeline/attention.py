@@ -189,7 +189,9 @@ def _o_proj_pre_hook(chan: ShdChannel, layer: int):
 
 def _calibrated_setting(chan: ShdChannel) -> str:
     """The config setting that asks for a calibration pass."""
-    return "distill.mixing_weights=calibrated" if chan.mixing == "calibrated" else f"distill.select_heads={chan.select_heads}"
+    if chan.mixing == "calibrated":
+        return "distill.mixing_weights=calibrated"
+    return f"distill.select_heads={chan.select_heads}"
 
 
 def _calibration_statistics(chan: ShdChannel, q, k, v, o_proj_weight, head_outputs, spec: MapSpec) -> torch.Tensor:
@@ -334,7 +336,8 @@ class ShdCapture:
         finally:
             chan.calibration = None
         if set(costs) != chan.teacher_layers:
-            raise RuntimeError(f"calibration saw teacher layers {sorted(costs)}, expected {sorted(chan.teacher_layers)}")
+            raise RuntimeError(f"calibration saw teacher layers {sorted(costs)}, "
+                               f"expected {sorted(chan.teacher_layers)}")
         if chan.mixing == "calibrated":
             chan.static_weights = {t: calibrated_weights(stats, chan.num_teacher_heads, chan.num_student_heads,
                                                          plan=chan.plan, objective=chan.objective,
@@ -374,7 +377,8 @@ class ShdCapture:
         text = f"SHD plan={chan.plan} objective={chan.objective} layers (student->teacher) {chan.pairs}"
         if chan.selected:  # which teacher head each student head learns from
             text += f" | teacher head per student head ({chan.select_heads}): " + ", ".join(
-                f"layer {s}<-{t}: {list(chan.selected[t])}" for s, t in sorted(chan.pairs.items()) if t in chan.selected)
+                f"layer {s}<-{t}: {list(chan.selected[t])}"
+                for s, t in sorted(chan.pairs.items()) if t in chan.selected)
         if chan.static_weights:  # the fixed mixing weights: {teacher head: weight} per student head
             text += " | calibrated mixing weights per student head: " + "; ".join(
                 f"layer {s}<-{t}: " + " ".join(

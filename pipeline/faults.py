@@ -1,8 +1,8 @@
 """Preemption signals and exit codes (the one place they are defined).
 
 The SLURM script requeues a job whose training processes exit with ``PREEMPTED_EXIT_CODE``:
-SIGTERM or SIGUSR1 (``sbatch --signal=USR1@120``) -- or a first Ctrl-C (SIGINT) -- reached a rank, all ranks agreed at the next
-step boundary, a complete checkpoint was written and every rank exited with this code.
+SIGTERM or SIGUSR1 (``sbatch --signal=USR1@120``) -- or a first Ctrl-C (SIGINT) -- reached a rank, all
+ranks agreed at the next step boundary, a complete checkpoint was written and every rank exited with this code.
 
 Signal handlers only set a flag (a handler that saved directly could run in the middle of a
 collective and deadlock); the trainer all-reduces the flag once per step.

@@ -97,5 +97,6 @@ def best_vertex(gram: Tensor, cross: Tensor, tolerance: Tensor) -> Tensor:
     costs = torch.cat([gram.diagonal(dim1=1, dim2=2) - 2.0 * cross, cross.new_zeros(batch, 1)], dim=1)
     degenerate = (gram.abs().flatten(1).amax(dim=1) <= tolerance if free
                   else torch.ones(batch, dtype=torch.bool, device=cross.device))
-    choice = torch.where(degenerate.to(costs.device), torch.zeros_like(costs[:, 0], dtype=torch.long), costs.argmin(dim=1))
+    first = torch.zeros_like(costs[:, 0], dtype=torch.long)
+    choice = torch.where(degenerate.to(costs.device), first, costs.argmin(dim=1))
     return torch.nn.functional.one_hot(choice, free + 1).to(cross.dtype)

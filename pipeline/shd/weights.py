@@ -169,7 +169,8 @@ class GroupGram:
         size, head_dim, rank = circuits.head_maps.shape
         width = attended.shape[-1]
         if method == "auto":
-            method = "values" if width * width * size * size <= size**2 * head_dim * rank + size**4 * rank else "circuits"
+            values_cheaper = width * width * size * size <= size**2 * head_dim * rank + size**4 * rank
+            method = "values" if values_cheaper else "circuits"
         # rows are 0/1, so weighting one factor weights the product
         attended = attended * rows[:, None, :, None]
         self.group = group

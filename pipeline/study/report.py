@@ -272,7 +272,8 @@ def markdown(settings: dict, labels: dict[str, str], agg: dict[str, dict], pairs
     for v, a in agg.items():
         per_seed = ", ".join(_f(p) for p in a["ppl_per_seed"])
         std = f" ± {_f(a['ppl_std'])}" if a["ppl_std"] is not None and math.isfinite(a["ppl_std"]) else ""
-        lines.append(f"| {labels.get(v, v)} | {_f(a['ppl_mean'])}{std} | {per_seed} | {_f(a['final_train_ce'], '{:.3f}')} "
+        lines.append(f"| {labels.get(v, v)} | {_f(a['ppl_mean'])}{std} | {per_seed} "
+                     f"| {_f(a['final_train_ce'], '{:.3f}')} "
                      f"| {_f(a['tokens_per_s'], '{:.0f}')} | {_f(a['peak_mem_mib'], '{:.0f}')} "
                      f"| {_f(a.get('w_mean_max'), '{:.3f}')} | {_f(a.get('w_entropy'), '{:.3f}')} |")
     lines.append("")
@@ -280,7 +281,8 @@ def markdown(settings: dict, labels: dict[str, str], agg: dict[str, dict], pairs
                  "batches. Final train CE: mean of the CE term over the last 10 % of steps. W: SHD mixing "
                  "weights (rows of W, one per student head), mean over layers and the last 10 % of steps.")
     if reference:
-        refs = ", ".join(f"{p}: mean max {r['w_mean_max']:.3f}, entropy {r['w_entropy']:.3f}" for p, r in reference.items())
+        refs = ", ".join(f"{p}: mean max {r['w_mean_max']:.3f}, entropy {r['w_entropy']:.3f}"
+                         for p, r in reference.items())
         lines.append(f"With every alpha = 1/2 (equal weights) W would have {refs}; `select` has mean max 1, entropy 0.")
     if pairs:
         lines += ["", "## Paired differences of held-out perplexity (a - b, per seed)", "",
@@ -288,8 +290,9 @@ def markdown(settings: dict, labels: dict[str, str], agg: dict[str, dict], pairs
                   "|---|---|---|---|---|---|---|"]
         for p in pairs:
             ex = {True: "yes", False: "no", None: "n/a (1 seed)"}[p["exceeds_spread"]]
+            diffs = ", ".join(_f(d, "{:+.2f}") for d in p["diffs"])
             lines.append(f"| {p['a']} vs {p['b']} | {p['what']} | {_f(p['mean'], '{:+.2f}')} | {_f(p['std'])} "
-                         f"| {_f(p['mean_rel_pct'], '{:+.1f}')} | {', '.join(_f(d, '{:+.2f}') for d in p['diffs'])} | {ex} |")
+                         f"| {_f(p['mean_rel_pct'], '{:+.1f}')} | {diffs} | {ex} |")
         lines.append("")
         lines.append("Negative = a has the lower (better) perplexity. 'Exceeds spread': |mean| > standard "
                      "deviation of the per-seed differences.")
