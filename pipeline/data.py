@@ -38,6 +38,10 @@ class DataConfig(Section):
     seq_len: int = setting(128, "Tokens per training sample (the reader yields seq_len + 1 for the shift).")
     micro_batch_size: int = setting(8, "Samples per rank per forward/backward.")
     verify_checksums: bool = setting(True, "Verify shard checksums when opening the data.")
+    check_model_tokenizers: bool = setting(
+        True, "Refuse a teacher (teacher.path) or a starting student (student.init_from) whose export "
+              "marker or tokenizer files name another tokenizer than the one the data was prepared with "
+              "(its token ids would mean other text). false = you vouch that the ids agree.")
 
     @model_validator(mode="after")
     def _values(self) -> "DataConfig":

@@ -26,27 +26,11 @@ from pathlib import Path
 
 import torch
 
-from data_prep.manifest import TOKENIZER_FILES, DataError, read_manifest, tokenizer_files_sha256
+from data_prep.manifest import DataError, read_manifest, tokenizer_files_sha256
 from pipeline.config import ConfigError
 from pipeline.export import ExportRefused, NonFiniteWeights
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
-
-#: (where a tokenizer identity comes from, its tokenizer files sha256)
-Claim = tuple[str, str]
-
-
-def model_tokenizer_claims(model_dir: Path) -> list[Claim]:
-    """What an exported/HF directory says its tokenizer is: its export marker, its tokenizer files."""
-    from pipeline.export import MARKER, read_marker
-
-    claims = []
-    marker = read_marker(model_dir)
-    if marker is not None and marker.get("tokenizer_sha256"):
-        claims.append((f"the export marker {model_dir / MARKER}", marker["tokenizer_sha256"]))
-    if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        claims.append((f"the tokenizer files in {model_dir}", tokenizer_files_sha256(model_dir)))
-    return claims
-
+from pipeline.identity import Claim, model_tokenizer_claims
 
 def checkpoint_tokenizer_claims(path: Path, state: dict) -> list[Claim]:
     """The tokenizer a training checkpoint was trained with (trainer_state identity)."""

@@ -1,4 +1,5 @@
-"""Identity of a teacher directory for resume checks: a content hash, re-read only when a file changes."""
+"""Identity of a model directory: a teacher's content hash for resume checks (re-read only when a file
+changes), and the tokenizer a model directory says it was trained with."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import hashlib
 from pathlib import Path
 
 from data_prep.indexed import sha256_file
+from data_prep.manifest import TOKENIZER_FILES, tokenizer_files_sha256
+
+#: (where a tokenizer identity comes from, its tokenizer files sha256)
+Claim = tuple[str, str]
 
 #: The files of a Hugging Face model directory that determine the teacher's outputs.
 TEACHER_FILE_PATTERNS = ("config.json", "*.index.json", "*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -31,3 +36,16 @@ def teacher_identity(path: str | Path, known: dict | None = None) -> tuple[dict,
                            "sha256": old["sha256"] if same and "sha256" in old else sha256_file(f)}
     h = hashlib.sha256("".join(f"{n}:{r['sha256']}\n" for n, r in records.items()).encode())
     return {"path": str(p.resolve()), "content_sha256": h.hexdigest()}, records
+
+
+def model_tokenizer_claims(model_dir: Path) -> list[Claim]:
+    """What an exported/HF directory says its tokenizer is: its export marker, its tokenizer files."""
+    from pipeline.export import MARKER, read_marker
+
+    claims = []
+    marker = read_marker(model_dir)
+    if marker is not None and marker.get("tokenizer_sha256"):
+        claims.append((f"the export marker {model_dir / MARKER}", marker["tokenizer_sha256"]))
+    if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        claims.append((f"the tokenizer files in {model_dir}", tokenizer_files_sha256(model_dir)))
+    return claims

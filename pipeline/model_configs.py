@@ -166,6 +166,26 @@ def check_compatibility(cfg: RunConfig, student_cfg, teacher_cfg, tokenizer_voca
         # head dims may differ: SHD compares attention maps, not vectors
 
 
+def check_model_tokenizers(cfg: RunConfig, manifest) -> None:
+    """The tokenizer a teacher or starting student directory records (export marker, tokenizer
+    files) must be the data's: same-size vocabularies of different tokenizers pass every shape check
+    and train on ids that mean other text. Directories that record no tokenizer are not checked."""
+    if not cfg.data.check_model_tokenizers:
+        return
+    from pipeline.identity import model_tokenizer_claims
+
+    want = manifest.tokenizer.files_sha256
+    models = [("teacher.path", cfg.teacher.path if cfg.uses_teacher else None),
+              ("student.init_from", cfg.student.init_from)]
+    for field, path in models:
+        for source, sha in model_tokenizer_claims(Path(path)) if path else ():
+            if sha != want:
+                raise ConfigError(f"{field} {path} was trained with tokenizer sha256 {sha[:12]} ({source}), "
+                                  f"but the data in {cfg.data.dir} was prepared with tokenizer sha256 {want[:12]}: "
+                                  f"prepare the data with that model's tokenizer (python -m data_prep.shard "
+                                  f"--tokenizer {path} ...), or set data.check_model_tokenizers=false if the ids agree")
+
+
 def check_tokenizer(cfg: RunConfig, manifest) -> None:
     """The data manifest's tokenizer must be the configured tokenizer directory's."""
     if not cfg.data.tokenizer_dir:

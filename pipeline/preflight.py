@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from pipeline import architectures
 from pipeline.ds_config import build_ds_configs
-from pipeline.model_configs import (check_compatibility, check_tokenizer, distill_pairs, student_hf_config,
-                                    teacher_hf_config)
+from pipeline.model_configs import (check_compatibility, check_model_tokenizers, check_tokenizer, distill_pairs,
+                                    student_hf_config, teacher_hf_config)
 from pipeline.settings import ConfigError
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class Preflight:
         self.vocab: int = tok.vocab_size
         self.pad_id: int | None = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None
         check_tokenizer(cfg, self.manifest)
+        check_model_tokenizers(cfg, self.manifest)
         self.teacher_cfg = teacher_hf_config(cfg) if cfg.uses_teacher else None
         self.student_cfg = student_hf_config(cfg, self.vocab)
         if cfg.uses_shd:  # from the configs alone, before any weights load

@@ -419,6 +419,34 @@ def test_tokenizer_mismatch_fails(tiny_data, tiny_teacher, tmp_path):
         Preflight(cfg)
 
 
+@pytest.mark.parametrize("field", ["teacher.path", "student.init_from"])
+def test_model_trained_with_another_tokenizer_fails(tiny_data, tiny_teacher, tmp_path, field):
+    """Same vocabulary size, another tokenizer: only the recorded tokenizer can tell them apart."""
+    import shutil
+
+    from data_prep.manifest import TOKENIZER_FILES
+    from pipeline.data import read_manifest
+    from tests.data_fixtures import make_tokenizer, tiny_documents
+
+    vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
+    other = make_tokenizer(tmp_path, tiny_documents(120, seed=3), vocab_size=vocab)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_teacher, model)
+
+    def preflight(tokenizer, **over):
+        for name in TOKENIZER_FILES:
+            (model / name).unlink(missing_ok=True)
+            if (tokenizer / name).is_file():
+                shutil.copy2(tokenizer / name, model / name)
+        return Preflight(config_from_dict(tiny_config(tmp_path / "run", tiny_data, tiny_teacher,
+                                                      **{field: str(model)}, **over)))
+
+    with pytest.raises(ConfigError, match=f"{field} .* was trained with tokenizer sha256 .* data.check_model_tok"):
+        preflight(other)
+    preflight(other, **{"data.check_model_tokenizers": False})  # the user vouches for the ids
+    preflight(tiny_data[0])  # the data's own tokenizer
+
+
 @pytest.mark.parametrize("warmup", [0, 3])
 def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr(tiny_data, tiny_teacher, tmp_path, warmup):
     import math
