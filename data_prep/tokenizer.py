@@ -41,6 +41,10 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 # 3 special pieces, <pad> and the 256 byte-fallback pieces are always in the vocabulary.
 MIN_VOCAB_SIZE = 4 + 256 + 1
+#: Raised whenever the same command and inputs would train a different tokenizer, so that what was
+#: made by older code is rebuilt, not reused (the study's data markers record it). 2: the seeded
+#: line sampling above (before: SentencePiece's, different in every process).
+TRAINING_RECIPE = 2
 PROBES = ("Hello world", " leading space", "  two leading spaces", "trailing  ", "digits 1234567890 and 3.14159",
           "tabs\tand\nnewlines\n\n\nend\n", "unicode: héllo wörld — 日本語 😀 \u00a0nbsp", " ", "\n", "    ",
           "def f(x):\n    return x + 1\n", "<s> literal </s> <pad> <unk>", "a\r\nb", "ﬁ ŉ ǅ ½")

@@ -14,7 +14,9 @@ import pytest
 
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.study import cli, report
-from pipeline.study.plan import DataPlan, apply_overrides, student_config
+from pipeline.study.inputs import data_identity, record_inputs
+from pipeline.study.plan import DataPlan, apply_overrides, build_plan, student_config
+from pipeline.study.runner import Runner
 from pipeline.study.variants import BUDGETS, VARIANTS, check_variant, expand_variants, split_variant, variant_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,6 +173,82 @@ def test_sweep_plan_dry_run(tmp_path):
     assert r.stdout.count("kd_shd seed 2:") == 8  # 2 heads x 2 seq lens x 2 lengths
     assert "36 run config(s) checked" in r.stdout  # 4 teachers + 8 settings x 2 variants x 2 seeds
     assert not any((tmp_path / "o").rglob("DONE*"))
+
+
+# --------------------------------------------------------------------------------------------
+# reuse: same config and same data and teacher content
+# --------------------------------------------------------------------------------------------
+
+
+def _finished_run(run_dir: Path, cfg: dict) -> Path:
+    """A run directory as a finished study run leaves it (config, DONE; no inputs recorded)."""
+    import yaml
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (run_dir / "DONE").write_text("2026-12-04 00:00:00\n")
+    return run_dir
+
+
+def test_finished_run_is_reused_only_with_the_data_and_teacher_it_read(tmp_path, tiny_data):
+    """A rebuilt corpus or a teacher re-trained in place (same paths, same config) re-runs the student."""
+    import shutil
+
+    from tests.helpers import make_teacher
+
+    _, data = tiny_data
+    data_copy = tmp_path / "data"
+    shutil.copytree(data, data_copy)
+    vocab = json.loads((data_copy / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    teacher = make_teacher(tmp_path / "teacher", vocab, layers=1, hidden=32, heads=4, kv_heads=2)
+    cfg = {"stage": "distill", "data": {"dir": str(data_copy)}, "teacher": {"path": str(teacher)}}
+    run = _finished_run(tmp_path / "run", cfg)
+    runner = Runner(["true"], 1, 1)
+    assert not runner.finished(run, cfg), "a run with no recorded inputs (older study) must not be reused"
+    record_inputs(run, runner.inputs.of(cfg))
+    assert runner.finished(run, cfg)
+
+    make_teacher(teacher, vocab, layers=1, hidden=32, heads=4, kv_heads=2, seed=1)  # same shapes, new weights
+    assert not runner.finished(run, cfg)
+    record_inputs(run, runner.inputs.of(cfg))
+    assert runner.finished(run, cfg)
+
+    manifest = json.loads((data_copy / "manifest.json").read_text())
+    manifest["shards"][0]["bin"]["sha256"] = "0" * 64  # the shards were made again with other content
+    (data_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert not runner.finished(run, cfg)
+    shutil.rmtree(data_copy)
+    assert not runner.finished(run, cfg) and runner.inputs.of(cfg) is None
+
+
+def test_data_made_by_an_older_tokenizer_recipe_is_made_again(tmp_path):
+    """Markers written before the seeded line sampling (no recipe in the key) do not reuse that data."""
+    args = ["--out", str(tmp_path / "o"), "--data-root", str(tmp_path / "data"), "--budget", "ci"]
+    stages = build_plan(cli.parse_args(args)).data.stages
+    assert [s.name for s in stages] == ["tokenizer", "shards"]
+    stages[0].run_dir.mkdir(parents=True)
+    for stage in stages:
+        old_key = {k: v for k, v in stage.key.items() if k not in ("recipe", "tokenizer_recipe")}
+        stage.marker.write_text(json.dumps(old_key))
+    assert not any(s.done() for s in build_plan(cli.parse_args(args)).data.stages)
+    for stage in stages:
+        stage.marker.write_text(json.dumps(stage.key))
+    assert all(s.done() for s in build_plan(cli.parse_args(args)).data.stages)
+
+
+def test_a_finished_teacher_is_reused_only_when_it_read_this_data(tmp_path, tiny_data):
+    tok, data = tiny_data
+    args = ["--out", str(tmp_path / "o"), "--data", str(data), "--tokenizer", str(tok), "--teacher-root",
+            str(tmp_path / "teacher"), "--budget", "ci", "--variants", "kd", "--seeds", "1"]
+    plan = build_plan(cli.parse_args(args))
+    assert not plan.teachers[0].reused
+    run = _finished_run(plan.teachers[0].run_dir, plan.teachers[0].config)
+    (run / "DONE.export").write_text("{}")
+    assert not build_plan(cli.parse_args(args)).teachers[0].reused  # no inputs recorded
+    record_inputs(run, {"data": "another corpus", "teacher": None})
+    assert not build_plan(cli.parse_args(args)).teachers[0].reused
+    record_inputs(run, {"data": data_identity(data), "teacher": None})
+    assert build_plan(cli.parse_args(args)).teachers[0].reused
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,8 +25,11 @@ a message naming the variant, the setting and the key); ``--dry-run`` checks the
 Without ``--data``/``--teacher`` the demo's are used (``runs/demo/data``, ``runs/demo/teacher``),
 made here if missing: the ``python-stdlib`` corpus, a SentencePiece tokenizer, shards, and a
 teacher pre-trained with the engine's ``pretrain`` stage and exported. Every stage writes a
-``DONE`` marker after it succeeds and is skipped when run again with the same configuration;
-an interrupted stage resumes from its newest checkpoint (or starts over if it has none).
+``DONE`` marker after it succeeds and is skipped when run again with the same configuration
+(for the data: the same corpus, vocabulary and tokenizer recipe; for a teacher or student: the same
+data and teacher content too, recorded in its ``inputs.json``, so a rebuilt corpus or re-trained
+teacher re-runs everything downstream of it); an interrupted stage resumes from its newest
+checkpoint (or starts over if it has none).
 
 Outputs in ``--out`` (per setting in ``--out/<setting>`` when sweeping): ``results.json`` (all
 numbers, curves included), ``results.md`` (table + paired differences), ``ppl.png`` (training
@@ -35,5 +38,5 @@ writes ``--out/results.md`` with every setting and one table across settings (pa
 against KD and ``select``).
 
 Modules: ``variants`` (the variant table, budgets), ``plan`` (run configs, validation),
-``runner`` (stages, DONE markers, launching), ``report`` (tables, plots), ``cli`` (command line).
+``inputs`` (the data and teacher content a run read), ``runner`` (stages, DONE markers, launching), ``report`` (tables, plots), ``cli`` (command line).
 """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,10 +28,12 @@ from typing import Any
 
 import yaml
 
+from data_prep.tokenizer import TRAINING_RECIPE
 from pipeline import settings
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.settings import set_dotted
 
+from .inputs import data_identity, recorded_inputs
 from .variants import VARIANTS, Budget, split_variant
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +113,17 @@ class CommandStage:
     cmd: tuple[str, ...]
     what: str
     key: dict
+
+    @property
+    def marker(self) -> Path:
+        return self.run_dir / f"DONE.{self.name}"
+
+    def done(self) -> bool:
+        """True when the stage already ran with this key (its marker holds it)."""
+        try:
+            return json.loads(self.marker.read_text()) == self.key
+        except (OSError, ValueError):
+            return False
 
 
 @dataclass(frozen=True)
@@ -207,14 +221,15 @@ def data_plan(opts: StudyOptions) -> DataPlan:
                                 str(b.vocab), "--max-sentences", str(b.tok_sentences), "--out", str(tok),
                                 "--overwrite"),
             f"SentencePiece tokenizer, vocabulary {b.vocab}, on {' '.join(corpus)}",
-            {"corpus": corpus, "vocab": b.vocab, "sentences": b.tok_sentences}))
+            {"corpus": corpus, "vocab": b.vocab, "sentences": b.tok_sentences, "recipe": TRAINING_RECIPE}))
     shards = root / "shards"
     stages.append(CommandStage(
         "shards", root, (py, "-m", "data_prep.shard", "--input", *corpus, "--tokenizer", str(tok), "--out",
                          str(shards), "--workers", str(max(1, os.cpu_count() or 1)), "--val-fraction",
                          str(opts.val_fraction), "--overwrite"),
         "tokenize, pack and shard the corpus (train + val)",
-        {"corpus": corpus, "tokenizer": str(tok), "vocab": b.vocab, "sentences": b.tok_sentences}))
+        {"corpus": corpus, "tokenizer": str(tok), "vocab": b.vocab, "sentences": b.tok_sentences,
+         "tokenizer_recipe": TRAINING_RECIPE}))
     return DataPlan(tok, shards, tuple(stages))
 
 
@@ -278,10 +293,15 @@ def teacher_plan(opts: StudyOptions, data: DataPlan, heads: int, seq_len: int, t
     for i, root in enumerate(roots):
         run_dir = root / tag if tag else (root / "default" if i == 0 and len(roots) > 1 else root)
         candidates.append((run_dir, teacher_config(opts, data, heads, seq_len, run_dir, tb_dir)))
+    # data still to be made: no teacher is known to match it yet (the runner checks its own root's
+    # teacher again once the data exists)
+    current = {"data": data_identity(data.shards), "teacher": None} \
+        if all(stage.done() for stage in data.stages) else None
     for run_dir, cfg in candidates:
         saved = run_dir / "config.yaml"
         if (run_dir / "DONE").exists() and (run_dir / "DONE.export").exists() and saved.exists() \
-                and _same_run(load_yaml(saved), cfg):
+                and _same_run(load_yaml(saved), cfg) and current is not None \
+                and recorded_inputs(run_dir) == current:
             return TeacherPlan(run_dir / "export", run_dir, cfg, reused=True)
     run_dir, cfg = candidates[0]
     return TeacherPlan(run_dir / "export", run_dir, cfg)

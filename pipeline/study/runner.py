@@ -3,8 +3,9 @@
 Every engine run goes through ``launch/local.sh CONFIG`` (``python -m pipeline.train`` under
 ZeRO-3 with NPROC processes) or the ``--launcher`` command, so what is measured is what users
 run. A stage that succeeded writes a ``DONE`` marker and is skipped when run again with the same
-configuration; an interrupted training run resumes from its newest complete checkpoint (the
-engine's ``--resume auto``) or starts over when it has none or its configuration changed.
+configuration and, for engine runs, the same data and teacher content (``inputs``); an interrupted
+training run resumes from its newest complete checkpoint (the engine's ``--resume auto``) or starts
+over when it has none or its configuration or inputs changed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .inputs import RunInputs, record_inputs, recorded_inputs
 from .plan import CommandStage, StudentRun, TeacherPlan, load_yaml, tokens_per_step
 from .variants import variant_label
 
@@ -46,27 +48,33 @@ class Runner:
         self.done_stages = 0
         self.t0 = time.time()
         self._lock = threading.Lock()  # --jobs: several runs report their stages at once
+        self.inputs = RunInputs()
 
     def _header(self, name: str, what: str) -> None:
         with self._lock:
             self.done_stages += 1
             log(f"stage {self.done_stages}/{self.total}: {name}: {what} (elapsed {time.time() - self.t0:.0f} s)")
 
-    @staticmethod
-    def finished(run_dir: Path, cfg: dict) -> bool:
-        """True when run_dir holds a finished run with this configuration."""
+    def finished(self, run_dir: Path, cfg: dict) -> bool:
+        """True when run_dir holds a finished run with this configuration and the current content
+        of its data and teacher."""
         saved = run_dir / "config.yaml"
-        return (run_dir / "DONE").exists() and saved.exists() and load_yaml(saved) == cfg
+        if not ((run_dir / "DONE").exists() and saved.exists() and load_yaml(saved) == cfg):
+            return False
+        inputs = self.inputs.of(cfg)
+        return inputs is not None and recorded_inputs(run_dir) == inputs
 
     @staticmethod
-    def prepare_dir(run_dir: Path, cfg: dict) -> None:
-        """Make run_dir ready for cfg: a changed config starts over; an interrupted run with a
-        complete checkpoint is resumed by the engine (--resume auto); without one, it restarts."""
+    def prepare_dir(run_dir: Path, cfg: dict, inputs: dict | None) -> None:
+        """Make run_dir ready for cfg and inputs: a changed config or changed (or unrecorded) inputs
+        start over; an interrupted run with a complete checkpoint is resumed by the engine (--resume
+        auto); without one, it restarts."""
         from pipeline import checkpoint as ckpt  # torch: only when a run really starts
 
         saved = run_dir / "config.yaml"
         ckdir = Path(cfg.get("checkpoint", {}).get("dir") or run_dir / "checkpoints")
         restart = saved.exists() and load_yaml(saved) != cfg
+        restart |= recorded_inputs(run_dir) != inputs
         restart |= not (ckdir.exists() and ckpt.find_latest(ckdir) is not None)
         if restart and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -75,6 +83,8 @@ class Runner:
                 shutil.rmtree(tb)
         run_dir.mkdir(parents=True, exist_ok=True)
         saved.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if inputs is not None:  # None: no data or teacher there; the engine's preflight says which
+            record_inputs(run_dir, inputs)
 
     def train(self, name: str, run_dir: Path, cfg: dict, what: str,
               extra_env: Mapping[str, str] | None = None) -> None:
@@ -86,7 +96,7 @@ class Runner:
         if self.dry_run:
             log(f"  would run: NPROC={self.nproc} {shlex.join(self.launcher)} {run_dir}/config.yaml")
             return
-        self.prepare_dir(run_dir, cfg)
+        self.prepare_dir(run_dir, cfg, self.inputs.of(cfg))
         cmd = [*self.launcher, str(run_dir / "config.yaml")]
         # the launch scripts run `python`: make it this interpreter even when no venv is activated
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -119,9 +129,8 @@ class Runner:
     def command(self, stage: CommandStage) -> None:
         """A non-training stage with its DONE.<name> marker (skipped when the marker has its key)."""
         self._header(stage.name, stage.what)
-        marker = stage.run_dir / f"DONE.{stage.name}"
-        if marker.exists() and json.loads(marker.read_text()) == stage.key:
-            log(f"  {stage.name}: already done ({marker}), reusing it")
+        if stage.done():
+            log(f"  {stage.name}: already done ({stage.marker}), reusing it")
             return
         if self.dry_run:
             log(f"  would run: {shlex.join(stage.cmd)}")
@@ -137,7 +146,7 @@ class Runner:
             print("\n".join(log_path.read_text().splitlines()[-30:]), file=sys.stderr)
             raise SystemExit(f"error: {stage.name} failed with exit code {rc}; log: {log_path}")
         log(f"  {stage.name} done in {time.time() - t0:.0f} s")
-        marker.write_text(json.dumps(stage.key))
+        stage.marker.write_text(json.dumps(stage.key))
 
     def teacher(self, teacher: TeacherPlan) -> None:
         """Pre-train and export a teacher (two stages), or count a reused one as done."""
