@@ -38,5 +38,6 @@ writes ``--out/results.md`` with every setting and one table across settings (pa
 against KD and ``select``).
 
 Modules: ``variants`` (the variant table, budgets), ``plan`` (run configs, validation),
-``inputs`` (the data and teacher content a run read), ``runner`` (stages, DONE markers, launching), ``report`` (tables, plots), ``cli`` (command line).
+``inputs`` (the data and teacher content a run read), ``runner`` (stages, DONE markers,
+launching), ``report`` (tables, plots), ``cli`` (command line).
 """
