@@ -55,13 +55,13 @@ class Runner:
             self.done_stages += 1
             log(f"stage {self.done_stages}/{self.total}: {name}: {what} (elapsed {time.time() - self.t0:.0f} s)")
 
-    def finished(self, run_dir: Path, cfg: dict) -> bool:
+    def finished(self, run_dir: Path, cfg: dict, inputs: dict | None = None) -> bool:
         """True when run_dir holds a finished run with this configuration and the current content
-        of its data and teacher."""
+        of its data and teacher (``inputs``, computed here when not given)."""
         saved = run_dir / "config.yaml"
         if not ((run_dir / "DONE").exists() and saved.exists() and load_yaml(saved) == cfg):
             return False
-        inputs = self.inputs.of(cfg)
+        inputs = self.inputs.of(cfg) if inputs is None else inputs
         return inputs is not None and recorded_inputs(run_dir) == inputs
 
     @staticmethod
@@ -90,13 +90,14 @@ class Runner:
               extra_env: Mapping[str, str] | None = None) -> None:
         """One engine run of config cfg in run_dir (skipped when finished with the same config)."""
         self._header(name, what)
-        if self.finished(run_dir, cfg):
+        inputs = self.inputs.of(cfg)
+        if self.finished(run_dir, cfg, inputs):
             log(f"  {name}: already done ({run_dir}/DONE), reusing it")
             return
         if self.dry_run:
             log(f"  would run: NPROC={self.nproc} {shlex.join(self.launcher)} {run_dir}/config.yaml")
             return
-        self.prepare_dir(run_dir, cfg, self.inputs.of(cfg))
+        self.prepare_dir(run_dir, cfg, inputs)
         cmd = [*self.launcher, str(run_dir / "config.yaml")]
         # the launch scripts run `python`: make it this interpreter even when no venv is activated
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
