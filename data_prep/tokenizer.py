@@ -35,6 +35,7 @@ from pydantic import model_validator
 
 from data_prep.cli import Options, add_options, option, options_from_args, run_cli
 from data_prep.manifest import TOKENIZER_FILES, DataError, load_hf_tokenizer
+from data_prep.safe_remove import MOVED_INFIX, clear, mark, marked, replace_dir
 from data_prep.sources import InputReport, iter_documents, resolve_inputs
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -45,6 +46,8 @@ MIN_VOCAB_SIZE = 4 + 256 + 1
 #: made by older code is rebuilt, not reused (the study's data markers record it). 2: the seeded
 #: line sampling above (before: SentencePiece's, different in every process).
 TRAINING_RECIPE = 2
+#: The `safe_remove` marker kind of a tokenizer directory this command wrote.
+TOKENIZER_KIND = "tokenizer"
 PROBES = ("Hello world", " leading space", "  two leading spaces", "trailing  ", "digits 1234567890 and 3.14159",
           "tabs\tand\nnewlines\n\n\nend\n", "unicode: héllo wörld — 日本語 😀 \u00a0nbsp", " ", "\n", "    ",
           "def f(x):\n    return x + 1\n", "<s> literal </s> <pad> <unk>", "a\r\nb", "ﬁ ŉ ǅ ½")
@@ -60,7 +63,8 @@ class TokenizerTrainOptions(Options):
     seed: int = option(0, "seed of the sentence sampling")
     text_field: str = option("text", "record field holding the text (jsonl/parquet/datasets)")
     max_sentences: int = option(2_000_000, "lines sampled for training")
-    overwrite: bool = option(False, "replace a tokenizer already in --out")
+    overwrite: bool = option(False, "replace what --out holds; the new tokenizer is complete before it takes its "
+                                    "place, and the old directory is moved aside unless this command made it")
 
     @model_validator(mode="after")
     def _values(self) -> "TokenizerTrainOptions":
@@ -151,23 +155,51 @@ def check_same_ids(out: Path, samples: list[str]) -> None:
         raise DataError(f"{out}: special ids {ids} or vocabulary {len(hf)} differ from SentencePiece's")
 
 
+def staging_dir(out: Path) -> Path:
+    """Where the new tokenizer is written and checked before it takes `out`'s place (beside it, so on
+    the same filesystem); after a kill it holds that unfinished one, or the old one after the swap."""
+    return out.parent / f".{out.name}.tokenizer-staging"
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty `out` without --overwrite, saying what it holds and what --overwrite does."""
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a directory; choose another --out")
+    if not held or overwrite:
+        return
+    existing = [name for name in TOKENIZER_FILES if name in held]
+    what = f"already holds a tokenizer ({', '.join(existing)})" if existing else \
+        f"is not empty ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''})"
+    raise DataError(f"{out}: {what}; choose another --out, or pass --overwrite to replace it (the new tokenizer "
+                    f"is complete before it takes its place; the old directory is deleted if this command made "
+                    f"it and nothing in it changed since, else moved aside to {out.name}{MOVED_INFIX}<time>)")
+
+
 def train_tokenizer(options: TokenizerTrainOptions) -> InputReport:
-    """Train, write and check the tokenizer in `options.out`; returns what was skipped in the input."""
-    existing = [name for name in TOKENIZER_FILES if (options.out / name).exists()]
-    if existing and not options.overwrite:
-        raise DataError(f"{options.out}: already holds a tokenizer ({', '.join(existing)}); pass --overwrite")
+    """Train, write and check the tokenizer, then put it in `options.out`; returns what was skipped.
+
+    Crash-safe like `data_prep.shard --overwrite`: the tokenizer is built and checked in
+    `staging_dir(out)` and swapped in whole (`safe_remove.replace_dir`), so after a kill at any
+    point `out` holds the old or the new tokenizer, never a mix or nothing; the next run clears what a
+    killed one left in staging.
+    """
+    out, staging = options.out, staging_dir(options.out)
+    _check_destination(out, options.overwrite)
+    clear(staging, ours=marked(TOKENIZER_KIND), name_for=out,
+          reason="left by a tokenizer training that was killed (unfinished, or the tokenizer it replaced)")
     report = InputReport()
     model = _train_sentencepiece(options, report)  # first: bad input must not cost the old tokenizer
-    options.out.mkdir(parents=True, exist_ok=True)
-    for name in existing:
-        (options.out / name).unlink()
-    _write_hf_directory(model, options.out)
+    mark(staging, TOKENIZER_KIND)
+    _write_hf_directory(model, staging)
     samples = list(PROBES)
     for line in _training_lines(options, InputReport()):
         if len(samples) >= len(PROBES) + 200:
             break
         samples.append(line)
-    check_same_ids(options.out, samples)
+    check_same_ids(staging, samples)
+    mark(staging, TOKENIZER_KIND, files=True)
+    replace_dir(staging, out, ours=marked(TOKENIZER_KIND), reason="replaced by the new tokenizer (--overwrite)")
     return report
 
 

@@ -445,3 +445,66 @@ def test_tokenizer_overwrite_with_unusable_input_keeps_the_old_one(tmp_path: Pat
     with pytest.raises(DataError, match="no text in the inputs.*--text-field.*missing text field: 2"):
         train_tokenizer(TokenizerTrainOptions(inputs=(str(bad),), out=out, vocab_size=400, overwrite=True))
     assert _checksums(out) == before
+
+
+# --- issue 24, mechanism 6: tokenizer --overwrite is crash-safe (case 5) ---------------------------------------
+
+def _tokenizer_sha(directory: Path) -> str:
+    from data_prep.manifest import tokenizer_files_sha256
+
+    return tokenizer_files_sha256(directory)
+
+
+def test_tokenizer_overwrite_killed_at_any_step_keeps_a_tokenizer(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Die at each rename, exchange or delete of `tokenizer train --overwrite` in turn: --out always
+    holds the old or the new tokenizer (the old code deleted the old files first: none), and the same
+    command run again leaves exactly the new tokenizer with nothing beside it. A tokenizer directory
+    this project did not make (no marker) is moved aside, not deleted."""
+    from data_prep import safe_remove
+
+    out = tmp_path / "tok"
+    corpus = write_jsonl(tmp_path / "new.jsonl", DOCS[::-1] + ["zz qq xx " * 20])
+    command = TokenizerTrainOptions(inputs=(str(corpus),), out=out, vocab_size=420, overwrite=True)
+    train_tokenizer(command.replace(out=tmp_path / "reference", overwrite=False))
+    new = _tokenizer_sha(tmp_path / "reference")
+    train_tokenizer(command.replace(inputs=(str(write_jsonl(tmp_path / "old.jsonl", DOCS)),), overwrite=False))
+    old = _tokenizer_sha(out)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(out, pristine)
+    patched = ((os, "rename"), (os, "unlink"), (shutil, "rmtree"), (safe_remove, "_exchange"))
+    step, killed = 0, True
+    while killed:
+        shutil.rmtree(out)
+        shutil.copytree(pristine, out)
+        calls = [0]
+
+        def dies(real):
+            def call(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] > step:
+                    raise _Killed
+                return real(*args, **kwargs)
+            return call
+
+        with monkeypatch.context() as patch:
+            for module, name in patched:
+                patch.setattr(module, name, dies(getattr(module, name)))
+            try:
+                train_tokenizer(command)
+                killed = False
+            except _Killed:
+                pass
+        assert _tokenizer_sha(out) in (old, new) and tokenizer_identity(out).vocab_size in (400, 420), step
+        train_tokenizer(command)  # the same command again finishes the job
+        assert _tokenizer_sha(out) == new, step
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "old.jsonl", "pristine", "reference",
+                                                              "tok"], step
+        step += 1
+    assert step >= 3  # the exchange, the delete of the old one, and the uninterrupted run
+    (pristine / ".shd-made.json").unlink()  # a tokenizer someone else made: moved aside, not deleted
+    shutil.rmtree(out)
+    shutil.copytree(pristine, out)
+    train_tokenizer(command)
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("tok.moved-")]
+    assert len(moved) == 1 and _checksums(moved[0]) == _checksums(pristine) and _tokenizer_sha(out) == new
