@@ -387,3 +387,87 @@ def test_jobs_run_students_concurrently_and_report_failures(tmp_path, monkeypatc
         cli.main([a if a != str(out) else str(out2) for a in argv])
     done = sorted(p.parent.relative_to(out2 / "runs").as_posix() for p in (out2 / "runs").rglob("DONE"))
     assert done == ["kd/seed1", "kd/seed2", "kd_shd_w0.5/seed2"]
+
+
+# --------------------------------------------------------------------------------------------
+# issue 24, mechanism 5: the study deletes only what it made (case 4)
+# --------------------------------------------------------------------------------------------
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_teacher_root_that_is_a_users_model_is_moved_aside_not_deleted(tmp_path, tiny_data, capsys):
+    """--teacher-root naming an existing model directory: the study used to rmtree it; now it is
+    renamed to NAME.moved-<time> byte for byte, the log says so, and the teacher trains in its place."""
+    tok, data = tiny_data
+    mine = tmp_path / "my_model"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama"}')
+    (mine / "model.safetensors").write_bytes(b"weights")
+    before = _tree(mine)
+    args = ["--out", str(tmp_path / "o"), "--data", str(data), "--tokenizer", str(tok), "--teacher-root",
+            str(mine), "--budget", "ci", "--variants", "kd", "--seeds", "1"]
+    teacher = build_plan(cli.parse_args(args)).teachers[0]
+    assert teacher.run_dir == mine and not teacher.reused
+    Runner(["true"], 1, 2).train("teacher", teacher.run_dir, teacher.config, "pre-train")
+    moved = list(tmp_path.glob("my_model.moved-*"))
+    assert len(moved) == 1 and _tree(moved[0]) == before
+    assert (mine / "DONE").exists() and not (mine / "model.safetensors").exists()
+    log = capsys.readouterr().out
+    assert f"moved {mine} aside to {moved[0]}" in log and "did not make this directory" in log
+
+
+def test_data_root_holding_a_users_tokenizer_and_shards_is_moved_aside(tmp_path, tiny_data, capsys):
+    """--data-root DIR with tokenizer/ and shards/ the study did not make: moved aside before its
+    stages write there (the stages passed --overwrite over them); once the study made them, a rerun
+    with other settings lets the tools replace them."""
+    import dataclasses
+    import shutil
+
+    tok, data = tiny_data
+    root = tmp_path / "data"
+    shutil.copytree(tok, root / "tokenizer")
+    shutil.copytree(data, root / "shards")
+    before = {name: _tree(root / name) for name in ("tokenizer", "shards")}
+    args = ["--out", str(tmp_path / "o"), "--data-root", str(root), "--budget", "ci"]
+    runner = Runner(["true"], 1, 2)
+    for stage in build_plan(cli.parse_args(args)).data.stages:
+        out = Path(stage.cmd[stage.cmd.index("--out") + 1])
+        runner.command(dataclasses.replace(stage, cmd=("true", "--out", str(out))))
+        moved = list(root.glob(f"{stage.name}.moved-*"))
+        assert len(moved) == 1 and _tree(moved[0]) == before[stage.name], stage.name
+        assert stage.done()
+    assert capsys.readouterr().out.count("did not make what is there") == 2
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")  # as if the study's stage had written it
+    stage = build_plan(cli.parse_args(args)).data.stages[0]
+    stage.marker.write_text(json.dumps({**stage.key, "vocab": 1000}))  # made by the study, other settings
+    runner.command(dataclasses.replace(stage, cmd=("true", "--out", str(root / "tokenizer"))))
+    assert len(list(root.glob("tokenizer.moved-*"))) == 1  # the study's own: left to the tool's --overwrite
+
+
+def test_changed_plan_moves_finished_runs_aside_and_says_so(tmp_path, capsys):
+    """Another --steps: a finished run (or one with a checkpoint) is moved aside with the changed keys
+    in the log, instead of being deleted without a word; an unfinished run the study made that has no
+    checkpoint is deleted, and that is logged too."""
+    cfg = {"optim": {"max_steps": 10}, "checkpoint": {}, "logging": {"tb_dir": str(tmp_path / "tb" / "kd")}}
+    finished = tmp_path / "runs" / "kd" / "seed0"
+    Runner.prepare_dir(finished, cfg, None)
+    (finished / "metrics.jsonl").write_text('{"step": 10}\n')
+    (finished / "DONE").write_text("done\n")
+    (tmp_path / "tb" / "kd" / "events.out.tfevents.1").write_text("tb")
+    before = _tree(finished)
+    longer = {**cfg, "optim": {"max_steps": 20}}
+    Runner.prepare_dir(finished, longer, None)
+    moved = list(finished.parent.glob("seed0.moved-*"))
+    assert len(moved) == 1 and _tree(moved[0]) == before
+    assert len(list((tmp_path / "tb").glob("kd.moved-*"))) == 1
+    log = capsys.readouterr().out
+    assert "optim.max_steps: 10 -> 20" in log and f"moved {finished} aside" in log
+    assert not (finished / "metrics.jsonl").exists() and (finished / "config.yaml").exists()
+    (finished / "launch.log").write_text("interrupted before its first checkpoint\n")
+    Runner.prepare_dir(finished, cfg, None)  # unfinished, no checkpoint, made by the study: deleted
+    assert len(list(finished.parent.glob("seed0.moved-*"))) == 1 and not (finished / "launch.log").exists()
+    assert f"deleted {finished}" in capsys.readouterr().out

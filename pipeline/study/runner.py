@@ -14,7 +14,6 @@ import concurrent.futures
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
+
+from data_prep.safe_remove import clear, made_here, mark
 
 from .inputs import RunInputs, record_inputs, recorded_inputs
 from .plan import CommandStage, StudentRun, TeacherPlan, load_yaml, tokens_per_step
@@ -35,6 +36,22 @@ DEFAULT_LAUNCHER = ("bash", str(REPO_ROOT / "launch/local.sh"))
 def log(msg: str) -> None:
     """A timestamped progress line of the study."""
     print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+#: The `safe_remove` marker kind of the run and TensorBoard directories the study makes.
+RUN_KIND = "study-run"
+
+
+def config_changes(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two nested configs."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
 
 
 class Runner:
@@ -68,20 +85,36 @@ class Runner:
     def prepare_dir(run_dir: Path, cfg: dict, inputs: dict | None) -> None:
         """Make run_dir ready for cfg and inputs: a changed config or changed (or unrecorded) inputs
         start over; an interrupted run with a complete checkpoint is resumed by the engine (--resume
-        auto); without one, it restarts."""
+        auto); without one, it restarts.
+
+        Starting over clears run_dir and its TensorBoard dir through `data_prep.safe_remove`, logged:
+        deleted only when the study made them (its marker) and they hold no result; a finished or
+        checkpointed run, or a directory the study did not make (a --teacher-root that is a user's
+        model), is moved aside to NAME.moved-<time>."""
         from pipeline import checkpoint as ckpt  # torch: only when a run really starts
 
         saved = run_dir / "config.yaml"
         ckdir = Path(cfg.get("checkpoint", {}).get("dir") or run_dir / "checkpoints")
-        restart = saved.exists() and load_yaml(saved) != cfg
-        restart |= recorded_inputs(run_dir) != inputs
-        restart |= not (ckdir.exists() and ckpt.find_latest(ckdir) is not None)
-        if restart and run_dir.exists():
-            shutil.rmtree(run_dir)
-            tb = (cfg.get("logging") or {}).get("tb_dir")
-            if tb and Path(tb).exists():
-                shutil.rmtree(tb)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointed = ckdir.exists() and ckpt.find_latest(ckdir) is not None
+        reasons = []
+        if saved.exists() and load_yaml(saved) != cfg:
+            reasons.append(f"its config changed: {', '.join(config_changes(load_yaml(saved), cfg))}")
+        if recorded_inputs(run_dir) != inputs:
+            reasons.append("its data or teacher content changed (or was not recorded)")
+        if not checkpointed:
+            reasons.append("no complete checkpoint to resume")
+        tb = (cfg.get("logging") or {}).get("tb_dir")
+        dirs = [run_dir] + ([Path(tb)] if tb else [])
+        if reasons:
+            keep = checkpointed or (run_dir / "DONE").exists()
+            for path in dirs:
+                made = made_here(path, RUN_KIND)
+                why = (f"the study starts {run_dir} over ({'; '.join(reasons)})" if made else
+                       f"the study writes run {run_dir} here, and did not make this directory")
+                clear(path, ours=lambda p: made and not keep, log=log,
+                      reason=why + ("; it holds that run's results" if made and keep else ""))
+        for path in dirs:
+            mark(path, RUN_KIND)
         saved.write_text(yaml.safe_dump(cfg, sort_keys=False))
         if inputs is not None:  # None: no data or teacher there; the engine's preflight says which
             record_inputs(run_dir, inputs)
@@ -128,7 +161,12 @@ class Runner:
             raise SystemExit(f"error: {name} failed with exit code {rc}; full log: {log_path}")
 
     def command(self, stage: CommandStage) -> None:
-        """A non-training stage with its DONE.<name> marker (skipped when the marker has its key)."""
+        """A non-training stage with its DONE.<name> marker (skipped when the marker has its key).
+
+        The marker is written before the command runs too (``{"running": key}``): it says the study
+        owns the stage's ``--out`` from then on, so a rerun (another key, or after a failure) lets the
+        command replace it (``--overwrite``). Without a marker, whatever is already at ``--out`` (a
+        user's tokenizer or shards under --data-root) is moved aside first, and logged."""
         self._header(stage.name, stage.what)
         if stage.done():
             log(f"  {stage.name}: already done ({stage.marker}), reusing it")
@@ -136,7 +174,13 @@ class Runner:
         if self.dry_run:
             log(f"  would run: {shlex.join(stage.cmd)}")
             return
+        if not stage.marker.exists():  # no run of this stage here yet: what --out holds is not the study's
+            out = Path(stage.cmd[stage.cmd.index("--out") + 1])
+            clear(out, ours=lambda p: False, log=log,
+                  reason=f"the study's {stage.name} stage writes {out} and did not make what is there "
+                         f"(no {stage.marker})")
         stage.run_dir.mkdir(parents=True, exist_ok=True)
+        stage.marker.write_text(json.dumps({"running": stage.key}))  # from here on the stage's --out is the study's
         log(f"  $ {shlex.join(stage.cmd)}")
         t0 = time.time()
         log_path = stage.run_dir / f"{stage.name}.log"
