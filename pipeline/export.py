@@ -13,7 +13,7 @@ place only when complete, with a marker (``shd_export.json``: source checkpoint,
 identity, and the size and sha256 of every file written). A non-empty ``--out`` that is not an
 earlier export of the same run (same checkpoint directory) is refused (exit 2) unless
 ``--overwrite``: the teacher's directory, a downloaded model, another run's export. When ``--out``
-is replaced, its previous contents are moved aside to ``OUT.old-<time>``; that copy is deleted only
+is replaced, its previous contents are moved aside to ``OUT.moved-<time>``; that copy is deleted only
 when it is an export of the same run holding exactly the files its marker lists, unchanged (so
 re-exporting into the same directory leaves no clutter, and a file anyone else put or edited there
 is kept). A checkpoint with NaN/inf weights is refused with exit 3 and nothing written.
@@ -34,6 +34,7 @@ import torch
 
 from data_prep.indexed import file_digests
 from data_prep.manifest import TOKENIZER_FILES, DataError, tokenizer_files_sha256
+from data_prep.safe_remove import MOVED_INFIX, replace_dir
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 
 #: The marker file of an export written by this module (its presence makes a directory "ours").
@@ -109,7 +110,7 @@ def check_destination(out: Path, checkpoint: Path, overwrite: bool) -> None:
     what = (f"holds the export of another run ({marker.get('checkpoint')})" if marker is not None
             else f"is not empty and is not an earlier export (no {MARKER})")
     raise ExportRefused(f"--out {out} {what}: choose another --out, or pass --overwrite to move its "
-                        f"contents aside to {out}.old-<time> (nothing is deleted)")
+                        f"contents aside to {out}{MOVED_INFIX}<time> (nothing is deleted)")
 
 
 def tokenizer_to_copy(given: str | None, configured: str | None, trained_sha256: str | None) -> Path | None:
@@ -181,34 +182,12 @@ def _is_unchanged_export(directory: Path, checkpoint: Path) -> bool:
     return marker is not None and file_digests(directory, leave_out=MARKER) == marker.get("files")
 
 
-def _aside_path(out: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate, n = out.with_name(f"{out.name}.old-{stamp}"), 1
-    while candidate.exists():
-        candidate, n = out.with_name(f"{out.name}.old-{stamp}-{n}"), n + 1
-    return candidate
-
-
 def install(tmp: Path, out: Path, checkpoint: Path) -> Path | None:
-    """Move the finished export `tmp` to `out`. Whatever was at `out` is moved aside first and kept,
-    unless it is an unchanged earlier export of `checkpoint`'s run, which is deleted. Returns the
-    kept copy."""
-    if _is_empty(out):
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-        return None
-    aside = _aside_path(out)
-    out.rename(aside)
-    try:
-        tmp.rename(out)
-    except OSError:
-        aside.rename(out)
-        raise
-    if _is_unchanged_export(aside, checkpoint):
-        shutil.rmtree(aside)
-        return None
-    return aside
+    """Move the finished export `tmp` to `out` (`data_prep.safe_remove.replace_dir`). Whatever was at
+    `out` is moved aside to ``OUT.moved-<time>`` and kept, unless it is an unchanged earlier export of
+    `checkpoint`'s run, which is deleted. Returns the kept copy."""
+    return replace_dir(tmp, out, ours=lambda old: _is_unchanged_export(old, checkpoint),
+                       reason=f"replaced by the export of {checkpoint}")
 
 
 def export(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False,
@@ -243,18 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="output Hugging Face directory: new, empty, or an earlier export (replaced)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace a non-empty --out that is not an earlier export; its contents are moved "
-                         "aside to OUT.old-<time>, never deleted")
+                         "aside to OUT.moved-<time>, never deleted")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer dir to ship (default: the run's data.tokenizer_dir); must be the one "
                          "the checkpoint was trained with")
     a = ap.parse_args(argv)
     try:
-        out, aside = export(a.checkpoint, a.out, overwrite=a.overwrite, tokenizer=a.tokenizer)
+        out, _ = export(a.checkpoint, a.out, overwrite=a.overwrite, tokenizer=a.tokenizer)  # moves are logged
     except (ExportRefused, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return NONFINITE_EXIT_CODE if isinstance(e, NonFiniteWeights) else CONFIG_ERROR_EXIT_CODE
-    if aside is not None:
-        print(f"previous contents of {out} moved to {aside}", file=sys.stderr)
     print(f"exported student to {out}")
     return 0
 

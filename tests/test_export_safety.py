@@ -184,8 +184,8 @@ def test_export_never_loses_data(ref_run, tiny_teacher, tiny_data, other_data, t
     assert snapshot(sharded) == before
     code, err = export_main(capsys, "--checkpoint", ckpts, "--out", sharded, "--overwrite")
     assert code == 0, err
-    [aside] = siblings(sharded, "old")
-    assert snapshot(aside) == before and f"moved to {aside}" in err
+    [aside] = siblings(sharded, "moved")
+    assert snapshot(aside) == before and f"moved {sharded} aside to {aside}" in err
     assert not list(sharded.glob("*.index.json")) and not list(sharded.glob("model-*"))
     assert export.read_marker(sharded)["step"] == 10
 
@@ -193,12 +193,12 @@ def test_export_never_loses_data(ref_run, tiny_teacher, tiny_data, other_data, t
     out = tmp_path / "hf"
     assert export_main(capsys, "--checkpoint", ckpts / "step_00000008", "--out", out)[0] == 0
     assert export_main(capsys, "--checkpoint", ckpts, "--out", out)[0] == 0
-    assert export.read_marker(out)["step"] == 10 and not siblings(out, "old") and not siblings(out, "tmp")
+    assert export.read_marker(out)["step"] == 10 and not siblings(out, "moved") and not siblings(out, "tmp")
     # ... but a file it did not write (or one edited since) is kept: the old export is moved aside
     (out / "notes.txt").write_text("mine")
     code, err = export_main(capsys, "--checkpoint", ckpts, "--out", out)
     assert code == 0, err
-    [aside] = siblings(out, "old")
+    [aside] = siblings(out, "moved")
     assert (aside / "notes.txt").read_text() == "mine" and not (out / "notes.txt").exists()
 
     # the export of another run (a teacher exported by this project, say): refused; --overwrite keeps it
@@ -209,7 +209,7 @@ def test_export_never_loses_data(ref_run, tiny_teacher, tiny_data, other_data, t
     code, err = export_main(capsys, "--checkpoint", ckpts, "--out", theirs)
     assert code == 2 and f"holds the export of another run ({other_run})" in err and snapshot(theirs) == before
     assert export_main(capsys, "--checkpoint", ckpts, "--out", theirs, "--overwrite")[0] == 0
-    [aside] = siblings(theirs, "old")
+    [aside] = siblings(theirs, "moved")
     assert snapshot(aside) == before
 
     # refused before anything is written: --out overlapping the checkpoint, a foreign tokenizer
