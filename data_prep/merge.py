@@ -30,6 +30,8 @@ _TASK_DIR = re.compile(r"task-(\d{5,})")
 # What a task's options["task"] holds that must be the same in every task of one run.
 _PLAN_KEYS = ("count", "unit_bytes", "plan_units", "plan_sha256")
 _MAX_EXAMPLES = 5  # as InputReport.max_examples
+# The options of a task manifest that are its own: its units, and their content fingerprints.
+_TASK_OWN = ("task", "content")
 
 
 def _task_manifests(parts: Path) -> dict[int, Manifest | None]:
@@ -74,8 +76,9 @@ def _ranges(indices: list[int]) -> str:
 
 
 def _common(manifest: Manifest) -> tuple[Any, ...]:
-    """What must be equal in every task: tokenizer, dtype, options but the task's own, and the plan."""
-    options = {k: v for k, v in manifest.options.items() if k != "task"}
+    """What must be equal in every task: tokenizer, dtype, options but the task's own (its units and
+    their content fingerprints), and the plan."""
+    options = {k: v for k, v in manifest.options.items() if k not in _TASK_OWN}
     return manifest.tokenizer, manifest.dtype, options, [manifest.options["task"].get(k) for k in _PLAN_KEYS]
 
 
@@ -160,8 +163,9 @@ def merged_manifest(out: Path, tasks: list[Manifest]) -> Manifest:
     stats = {"documents": {s: sum(t.stats["documents"][s] for t in tasks) for s in splits},
              "tokens": {s: sum(t.stats["tokens"][s] for t in tasks) for s in splits},
              "input": _merged_report(tasks), "documents_read": offset}
-    options = {k: v for k, v in reference.options.items() if k != "task"}
+    options = {k: v for k, v in reference.options.items() if k not in _TASK_OWN}
     options["tasks"] = {k: plan[k] for k in _PLAN_KEYS}
+    options["content"] = {key: sha for task in tasks for key, sha in task.options.get("content", {}).items()}
     return Manifest(path=out / MANIFEST_NAME, complete=True, tokenizer=reference.tokenizer, dtype=reference.dtype,
                     options=options, shards=tuple(shards), stats=stats)
 

@@ -20,11 +20,38 @@ from data_prep.manifest import MANIFEST_NAME, SPLITS, DataError, Manifest, load_
 
 # Where --overwrite builds the new output, inside --out (so on the same filesystem), until it is complete.
 STAGING_NAME = ".overwrite-staging"
+#: The manifest options that describe the input (the rest are the options of the command).
+INPUT_KEYS = ("inputs", "content")
 
 
 def differences(old: Manifest, fresh: Manifest) -> list[str]:
-    """Which of tokenizer, dtype and options differ between two manifests (none: the same output)."""
-    return [name for name in ("tokenizer", "dtype", "options") if getattr(old, name) != getattr(fresh, name)]
+    """What differs between the recipes of two manifests (none: the same output): "tokenizer",
+    "dtype", "options (KEY, ...)" and "input" (see `input_changes`)."""
+    found = [name for name in ("tokenizer", "dtype") if getattr(old, name) != getattr(fresh, name)]
+    keys = sorted((set(old.options) | set(fresh.options)) - set(INPUT_KEYS))
+    changed = [key for key in keys if old.options.get(key) != fresh.options.get(key)]
+    if changed:
+        found.append(f"options ({', '.join(changed)})")
+    if input_changes(old, fresh):
+        found.append("input")
+    return found
+
+
+def input_changes(old: Manifest, fresh: Manifest) -> list[str]:
+    """How the input differs between two manifests, one phrase per work unit (content fingerprints,
+    `data_prep.fingerprint`) or for the listing of the inputs. A manifest written before fingerprints
+    existed is compared by its listing only (paths and sizes)."""
+    from data_prep.fingerprint import describe_unit  # it imports this module
+
+    if "content" not in old.options:
+        return [] if old.options.get("inputs") == fresh.options.get("inputs") else ["the input files or their sizes"]
+    before, now = old.options["content"], fresh.options.get("content", {})
+    changes = [f"{describe_unit(key)}: {'content changed' if key in now else 'no longer an input'}"
+               for key in before if before[key] != now.get(key)]
+    changes += [f"{describe_unit(key)}: new input" for key in now if key not in before]
+    if not changes and old.options.get("inputs") != fresh.options.get("inputs"):
+        changes.append("the inputs that are not files (named corpus, dataset) or their listing")
+    return changes
 
 
 def manifest_or_none(root: Path) -> Manifest | None:
@@ -38,10 +65,16 @@ def manifest_or_none(root: Path) -> Manifest | None:
 def check_resumable(old: Manifest, fresh: Manifest) -> None:
     """Raise unless `old` was made like `fresh` and every shard it lists is on disk at its size."""
     root = old.root
-    differs = differences(old, fresh)
+    differs = [name for name in differences(old, fresh) if name != "input"]
     if differs:
         raise DataError(f"{root}: holds shards made with a different {' and '.join(differs)}; pass --overwrite "
                         "to replace them, or choose another --out")
+    changed = input_changes(old, fresh)
+    if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise DataError(f"{root}: the input changed since these shards were written ({shown}); pass --overwrite "
+                        "to rebuild them from the input as it is now (the old output stays until the new one is "
+                        "complete), or restore the input")
     for shard in old.shards:
         for path, digest in ((shard.bin_path(root), shard.bin), (shard.idx_path(root), shard.idx)):
             if not path.is_file() or path.stat().st_size != digest.bytes:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -26,7 +27,7 @@ from transformers import AutoTokenizer
 
 from data_prep.corpora import stdlib_files
 from data_prep.indexed import ShardWriter, token_dtype
-from data_prep.manifest import DataError, load_manifest, read_manifest
+from data_prep.manifest import DataError, load_manifest, read_manifest, write_manifest
 from data_prep import shard as shard_cli
 from data_prep import tokenizer as tokenizer_cli
 from data_prep.shard import SLEEP_AFTER_SHARD_ENV, ShardOptions, build_shards, split_of
@@ -508,3 +509,53 @@ def test_tokenizer_overwrite_killed_at_any_step_keeps_a_tokenizer(tmp_path: Path
     train_tokenizer(command)
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("tok.moved-")]
     assert len(moved) == 1 and _checksums(moved[0]) == _checksums(pristine) and _tokenizer_sha(out) == new
+
+
+# --- issue 24, mechanism 6: inputs identified by content (case 9, input appended) -------------------------------
+
+def _edit_in_place(corpus: Path) -> None:
+    """Change the first document's text, keeping the file's size (as an editor saving in place would)."""
+    data = corpus.read_bytes()
+    assert b"doc 0:" in data
+    corpus.write_bytes(data.replace(b"doc 0:", b"DOC 0:", 1))
+    assert len(corpus.read_bytes()) == len(data)
+
+
+def test_resume_after_input_edited_in_place_is_refused(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A run killed after some shards, then its input edited in place with the same size: the old code
+    resumed (the first shards held the old text, the rest the new); now the edit is named and the fix
+    is --overwrite, which rebuilds from the input as it is."""
+    out = _shard(tmp_path, tokenizer_dir, DOCS[:20], shard_tokens=300)
+    manifest = read_manifest(out)
+    assert len(manifest.shards) >= 3
+    write_manifest(replace(manifest, complete=False, shards=manifest.shards[:2],
+                           stats={k: v for k, v in manifest.stats.items() if k == "fingerprints"}))  # killed
+    corpus = tmp_path / "data.jsonl"
+    _edit_in_place(corpus)
+    options = ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=out, shard_tokens=300)
+    with pytest.raises(DataError, match=rf"the input changed since these shards were written \({corpus}: content "
+                                        r"changed\); pass --overwrite"):
+        build_shards(options)
+    rebuilt = build_shards(options.replace(overwrite=True))
+    reference = build_shards(options.replace(out=tmp_path / "reference"))
+    assert [s.bin.sha256 for s in rebuilt.shards] == [s.bin.sha256 for s in reference.shards]
+
+
+def test_complete_output_checks_its_input_by_content(tmp_path: Path, tokenizer_dir: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A complete output whose input was edited in place (same size) was "already complete"; one whose
+    input grew was refused for "different options". Both now say that the input changed, naming it."""
+    out = _shard(tmp_path, tokenizer_dir, DOCS[:20])
+    corpus = tmp_path / "data.jsonl"
+    options = ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=out)
+    os.utime(corpus)  # touched (or copied again), same bytes: still complete, not hashed as new
+    build_shards(options)
+    assert "already complete" in capsys.readouterr().err
+    _edit_in_place(corpus)
+    with pytest.raises(DataError, match=rf"input changed .*\({corpus}: content changed\)"):
+        build_shards(options)
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    with pytest.raises(DataError, match=r"input changed") as refused:
+        build_shards(options)
+    assert "different options" not in str(refused.value)

@@ -147,7 +147,8 @@ def test_killed_task_resumes_to_the_same_bytes(tmp_path: Path, tokenizer_dir: Pa
     assert len(manifest.shards) >= 3
     kept = manifest.shards[0]
     # the state a kill after the first committed shard leaves: that shard, the manifest listing it, debris
-    write_manifest(replace(manifest, complete=False, shards=(kept,), stats={"rerun": manifest.stats["rerun"]}))
+    write_manifest(replace(manifest, complete=False, shards=(kept,),
+                           stats={key: manifest.stats[key] for key in ("rerun", "fingerprints")}))
     for shard in manifest.shards[1:]:
         shard.bin_path(task_dir).unlink()
         shard.idx_path(task_dir).unlink()
