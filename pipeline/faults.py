@@ -6,6 +6,12 @@ ranks agreed at the next step boundary, a complete checkpoint was written and ev
 
 Signal handlers only set a flag (a handler that saved directly could run in the middle of a
 collective and deadlock); the trainer all-reduces the flag once per step.
+
+A stop requested at any moment of start-up is kept: ``python -m pipeline.train`` installs a
+``StopRequest`` before its heavy imports (torch, DeepSpeed, the models), and the trainer's own
+``StopRequest``, installed over it, takes over a signal that already arrived, so the ranks stop and
+save after their first step. Before that first handler the launcher (launch/slurm/node_launch.sh)
+starts each rank with these signals ignored and forwards a signal only once the rank catches it.
 """
 
 from __future__ import annotations
@@ -40,8 +46,13 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
+        """Handle the signals from now on; a signal already recorded by the StopRequest whose
+        handlers these replace (the early one of ``python -m pipeline.train``) is taken over."""
         for s in HANDLED_SIGNALS:
             self._previous[s] = signal.signal(s, self._handler)
+            earlier = getattr(self._previous[s], "__self__", None)
+            if isinstance(earlier, StopRequest) and earlier.signum and not self.signum:
+                self.signum = earlier.signum
         return self
 
     def uninstall(self) -> None:

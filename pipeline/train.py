@@ -23,10 +23,11 @@ Exit codes: 0 done, 75 preempted after saving (requeue), 3 too many non-finite s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import TYPE_CHECKING
 
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE
+from pipeline.faults import CONFIG_ERROR_EXIT_CODE, StopRequest
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -36,6 +37,7 @@ _FLAG_KEYS = (
     ("--resume", "resume", "checkpoint.resume", None),  # None: the flag's own value
     ("--force-resume", "force_resume", "checkpoint.force_resume", "true"),
     ("--move-aside", "move_aside", "checkpoint.move_aside", "true"),
+    ("--rollback", "rollback", "checkpoint.rollback", "true"),
 )
 
 
@@ -53,10 +55,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  allow_abbrev=False)  # `--resum none` must not become `--resume none`
     ap.add_argument("--config", action=_Once, help="YAML run config")
     ap.add_argument("--resume", action=_Once, default=None, help="auto (default) | none | CHECKPOINT_DIR "
-                                                                 "(same as checkpoint.resume=...)")
+                                                                 "(a step_N directory; same as checkpoint.resume=...)")
     ap.add_argument("--force-resume", action="store_true",
-                    help="resume even if teacher/tokenizer/data/model shape changed "
-                         "(same as checkpoint.force_resume=true)")
+                    help="resume although the teacher changed (other identity changes are always refused; "
+                         "same as checkpoint.force_resume=true)")
+    ap.add_argument("--rollback", action="store_true",
+                    help="resume a checkpoint older than the run's newest: rename the newer ones to "
+                         "<name>.rolled-back-<timestamp> first (same as checkpoint.rollback=true)")
     ap.add_argument("--move-aside", action="store_true",
                     help="starting fresh where another run's directories are: rename them to "
                          "<dir>.moved-<timestamp> first (same as checkpoint.move_aside=true)")
@@ -83,7 +88,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         if key in given:
             raise ConfigError(f"{option} and '{given[key]}' are both given: they set the same key "
                               f"({key}); give one of them")
-        overrides.append(f"{key}={flag if value is None else value}")
+        overrides.append(f"{key}={json.dumps(flag) if value is None else value}")  # the flag's text, as a string
     return overrides
 
 
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Before main()'s heavy imports (seconds of torch and DeepSpeed): a SIGTERM/SIGUSR1 during
+    # start-up is recorded here and taken over by the trainer, which saves after its first step.
+    StopRequest().install()
     code = main()
     try:
         if "pipeline.distributed" in sys.modules:  # not imported (a refused start): no group to close

@@ -18,6 +18,27 @@ shd_preempted_exit_code() {
   }
 }
 
+# Does process $1 have a handler for signal $2 (USR1, TERM)? Read from the caught-signals mask
+# (SigCgt) of /proc/$1/status; without /proc, assume it does. A process that does not catch a
+# signal yet dies of it (srun in its first ~0.1 s, python before its handler is installed), so
+# the launch scripts forward a stop signal only to processes that catch it.
+shd_catches() {
+  local mask
+  [[ -r "/proc/$1/status" ]] || return 0
+  mask="$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null)"
+  [[ -n "$mask" ]] || return 0
+  (( (16#$mask >> ($(kill -l "$2") - 1)) & 1 ))
+}
+
+# Is Slurm itself requeueing this job (`scontrol requeue`, or preemption with
+# PreemptMode=REQUEUE)? It then counts the restart at once: the controller's Restarts is above
+# the SLURM_RESTART_COUNT this run started with. (A plain scancel leaves it equal.)
+shd_slurm_requeues() {
+  local restarts
+  restarts="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* Restarts=\([0-9]*\).*/\1/p')"
+  [[ -n "$restarts" ]] && ((restarts > ${SLURM_RESTART_COUNT:-0}))
+}
+
 # Wait for background process $1 and set SHD_STEP_RC to its exit code. A trapped signal (USR1,
 # TERM) interrupts `wait` with a code > 128 while the process is still running, so wait again
 # until it has really exited; bash keeps a reaped child's status, so the final `wait` returns it.
@@ -35,9 +56,10 @@ shd_wait_step() {
 # ($2) and whether the batch shell itself got SIGTERM ($3: 0/1). Requeues with
 # `scontrol requeue $SLURM_JOB_ID` when the step stopped after saving a checkpoint (code $2):
 # the requeued job runs this script again and `--resume auto` continues from that checkpoint.
-# Not after a SIGTERM to the batch shell: that is `scancel` (the user wants it stopped) or
-# preemption, which Slurm requeues by itself when PreemptMode=REQUEUE; set
-# SHD_REQUEUE_ON_TERM=1 on clusters whose preemption only cancels. Returns the job's exit code.
+# Not after a SIGTERM to the batch shell: that is `scancel` (the user wants it stopped), or
+# Slurm requeueing the job itself (`scontrol requeue`, preemption with PreemptMode=REQUEUE:
+# said so in the log); set SHD_REQUEUE_ON_TERM=1 on clusters whose preemption only cancels.
+# Returns the job's exit code.
 shd_finish() {
   local rc="$1" preempted="$2" got_term="$3"
   if ((rc == 0)); then
@@ -50,14 +72,20 @@ shd_finish() {
          "command, which resumes from the newest complete checkpoint." >&2
     return "$rc"
   fi
+  if ((got_term)) && shd_slurm_requeues; then
+    echo "[job] stopped by SIGTERM (exit $rc): Slurm is requeueing this job itself (scontrol" \
+         "requeue or preemption); the next start continues from the newest complete checkpoint" >&2
+    return 0
+  fi
   if ((got_term)) && [[ "${SHD_REQUEUE_ON_TERM:-0}" != "1" ]]; then
-    echo "[job] stopped by SIGTERM after saving a checkpoint (exit $rc): not requeued by this" \
-         "script (scancel, or preemption that Slurm requeues itself). Resubmit the same command" \
-         "to continue; set SHD_REQUEUE_ON_TERM=1 to requeue here instead." >&2
+    echo "[job] stopped by SIGTERM (exit $rc): not requeued (scancel, or a preemption that does" \
+         "not requeue). Resubmit the same command to continue from the newest complete" \
+         "checkpoint; set SHD_REQUEUE_ON_TERM=1 to requeue here instead." >&2
     return "$rc"
   fi
-  echo "[job] checkpoint saved after a stop request (exit $rc): scontrol requeue $SLURM_JOB_ID" \
-       "(restart count so far: ${SLURM_RESTART_COUNT:-0})" >&2
+  echo "[job] stopped after a stop request (exit $rc): scontrol requeue $SLURM_JOB_ID" \
+       "(restart count so far: ${SLURM_RESTART_COUNT:-0}); the next start continues from the" \
+       "newest complete checkpoint" >&2
   if scontrol requeue "$SLURM_JOB_ID"; then
     return 0
   fi

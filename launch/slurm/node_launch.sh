@@ -22,6 +22,12 @@
 #   USR1, TERM  forwarded as they are to every rank: the ranks agree at the next step boundary,
 #               save a complete checkpoint and exit with PREEMPTED_EXIT_CODE.
 #   INT         (Ctrl-C) first: TERM to every rank (save and stop); second: KILL every rank.
+# A signal is never lost or fatal during start-up: the traps are set before anything else; the
+# ranks start with USR1/TERM ignored (Slurm signals every process of the step directly, which
+# would otherwise kill a rank that has not yet installed its handler); a signal is forwarded to a
+# rank once it catches it (SigCgt in /proc/PID/status), which `python -m pipeline.train` does
+# before its heavy imports. SHD_STOP_SIGNAL=USR1|TERM (set by train.sbatch when the signal came
+# before srun started) counts as a signal received before the first rank started.
 # When some rank has exited and others are still running SHD_EXIT_GRACE_S seconds later
 # (default 120), those are SIGKILLed: after a crash they would otherwise wait in a collective
 # until the communication timeout.
@@ -29,6 +35,45 @@
 # Exit code of the node: 0 when every rank exited 0; else the code of the rank that failed first
 # otherwise than by preemption (its log says why); else PREEMPTED_EXIT_CODE.
 set -euo pipefail
+
+# ---- stop signals: recorded from the first line on, forwarded once the ranks catch them ------
+pids=()       # pid of each local rank (python itself)
+owed=()       # per local rank: the signal to forward once the rank catches it, or empty
+stop_signal="${SHD_STOP_SIGNAL:-}"  # the first USR1/TERM received (forwarded to ranks started later)
+
+# shellcheck source=launch/slurm/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+deliver() {  # forward the owed signal to every rank that now catches it
+  local r
+  for r in "${!owed[@]}"; do
+    if [[ -n "${owed[r]}" ]] && shd_catches "${pids[r]}" "${owed[r]}"; then
+      kill -s "${owed[r]}" "${pids[r]}" 2>/dev/null || true
+      owed[r]=""
+    fi
+  done
+}
+forward() {  # signal $1 to every rank: at once for KILL, else as soon as the rank catches it
+  local r
+  [[ "$1" == KILL || -n "$stop_signal" ]] || stop_signal="$1"
+  for r in "${!pids[@]}"; do
+    if [[ "$1" == KILL ]]; then kill -KILL "${pids[r]}" 2>/dev/null || true; else owed[r]="$1"; fi
+  done
+  deliver
+}
+int_count=0
+# shellcheck disable=SC2329  # invoked by the INT trap
+on_int() {
+  int_count=$((int_count + 1))
+  if ((int_count == 1)); then
+    echo "[node ${node_rank:-?}] interrupted: asking the ranks to save and stop (Ctrl-C again kills them)" >&2
+    forward TERM
+  else
+    forward KILL
+  fi
+}
+trap 'echo "[node ${node_rank:-?}] SIGUSR1: forwarding to the ranks" >&2; forward USR1' USR1
+trap 'echo "[node ${node_rank:-?}] SIGTERM: forwarding to the ranks" >&2; forward TERM' TERM
+trap on_int INT
 
 usage() {
   sed -n '7,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -93,39 +138,22 @@ fi
 
 # No `cd`: relative paths in the arguments and in the config (output_dir, data.dir) keep meaning
 # what they mean where the launcher was started (the repository root under train.sbatch).
-pids=()
 codes=()      # exit code per local rank, empty while running
-int_count=0
-
-forward() {  # send signal $1 to every rank still running
-  local pid
-  for pid in "${pids[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done
-}
-# shellcheck disable=SC2329  # invoked by the INT trap
-on_int() {
-  int_count=$((int_count + 1))
-  if ((int_count == 1)); then
-    echo "[node $node_rank] interrupted: asking the ranks to save and stop (Ctrl-C again kills them)" >&2
-    forward TERM
-  else
-    forward KILL
-  fi
-}
-trap 'echo "[node $node_rank] SIGUSR1: forwarding to the ranks" >&2; forward USR1' USR1
-trap 'echo "[node $node_rank] SIGTERM: forwarding to the ranks" >&2; forward TERM' TERM
-trap on_int INT
 
 for ((r = 0; r < nproc; r++)); do
   # Each rank's lines are prefixed with its global rank so an 8-rank log stays readable;
-  # $! is python's own pid (the output goes through a process substitution, not a pipe),
-  # so signals and exit codes are those of the rank itself. The filter ignores USR1/TERM/INT:
-  # Slurm's cgroup process tracking signals every process of the step, and a filter killed by
-  # the preemption signal would break the rank's stdout in the middle of its checkpoint save.
+  # $! is python's own pid (the output goes through a process substitution, not a pipe, and the
+  # subshell execs env, which execs python), so signals and exit codes are those of the rank
+  # itself. The rank starts with USR1/TERM ignored until its handler is installed (see the top);
+  # the filter ignores USR1/TERM/INT for good: Slurm signals every process of the step, and a
+  # filter killed by the preemption signal would break the rank's stdout in the middle of its
+  # checkpoint save.
   rank_env "$r"
-  env "${renv[@]}" "${cmd[@]}" \
+  { trap '' USR1 TERM; exec env "${renv[@]}" "${cmd[@]}"; } \
     > >(trap '' USR1 TERM INT; exec sed -u "s/^/[rank $((node_rank * nproc + r))] /") 2>&1 &
   pids+=("$!")
   codes+=("")
+  owed[r]="$stop_signal"  # a signal received before this rank started (may be set by a trap above)
 done
 echo "[node $node_rank] started ranks $((node_rank * nproc))..$((node_rank * nproc + nproc - 1)) of $world" \
      "(pids ${pids[*]}), master $master_addr:$master_port" >&2
@@ -135,7 +163,8 @@ echo "[node $node_rank] started ranks $((node_rank * nproc))..$((node_rank * npr
 first_exit_at="" first_fail="" first_fail_rank=""
 running=$nproc
 while ((running > 0)); do
-  sleep 1 & wait $! || true
+  sleep 0.5 & wait $! || true
+  deliver
   for ((r = 0; r < nproc; r++)); do
     [[ -z "${codes[r]}" ]] || continue
     kill -0 "${pids[r]}" 2>/dev/null && continue
@@ -155,6 +184,18 @@ while ((running > 0)); do
 done
 wait  # the output filters (sed) flush and exit once their rank has gone
 
+describe_exit() {  # what exit status $1 of a rank means, and where to look
+  local code="$1"
+  if ((code > 128)); then
+    local sig
+    sig="$(kill -l "$((code - 128))" 2>/dev/null || echo "$((code - 128))")"
+    echo "killed by signal SIG$sig (exit status $code) before it could report anything itself:" \
+         "SIGKILL is usually the out-of-memory killer (see the node's kernel log) or the" \
+         "SHD_EXIT_GRACE_S kill above; its last '[rank $first_fail_rank]' lines, if any, are in this log"
+  else
+    echo "exit code $code: its '[rank $first_fail_rank]' lines in this log say why"
+  fi
+}
 result=0
 for c in "${codes[@]}"; do
   if ((c == preempted)); then result=$c; fi
@@ -163,8 +204,7 @@ if [[ -n "$first_fail" ]]; then
   # The first failure in time is the cause; ranks that failed later were usually its victims
   # (a broken collective, or killed above).
   result=$first_fail
-  echo "[node $node_rank] rank $first_fail_rank failed first, with exit code $first_fail:" \
-       "its '[rank $first_fail_rank]' lines above say why" >&2
+  echo "[node $node_rank] rank $first_fail_rank failed first: $(describe_exit "$first_fail")" >&2
 fi
 echo "[node $node_rank] exit codes of local ranks: ${codes[*]} -> node exits $result" >&2
 exit "$result"

@@ -13,7 +13,10 @@
 # the time limit -> requeue of that task, which resumes), run as
 #   python -m data_prep.shard ARGS --task-count N --task-index $SLURM_ARRAY_TASK_ID --workers CPUS
 # The merge job (`sbatch --dependency=afterok:ARRAY_JOB`) runs `python -m data_prep.shard merge --out OUT`.
-# SBATCH_ARGS="--partition=cpu --account=x" is added to both submissions.
+# SBATCH_ARGS="--partition=cpu --account=x" is added to both submissions, MERGE_SBATCH_ARGS to the
+# merge only (it asks for 1 CPU, 2 GB and 2 hours; e.g. MERGE_SBATCH_ARGS="--mem=500M").
+# When sbatch refuses the merge job, the array is cancelled at once (its tasks would otherwise wait
+# or run for a merge that never comes) and the message names it.
 set -euo pipefail
 
 usage="usage: bash launch/slurm/prep_array.sh [--dry-run] --tasks N [--parallel K] --input ... --tokenizer DIR --out DIR [data_prep.shard options]"
@@ -49,11 +52,12 @@ source "$root/launch/slurm/common.sh"
 cd "$root"
 
 read -ra extra <<< "${SBATCH_ARGS:-}"
+read -ra merge_extra <<< "${MERGE_SBATCH_ARGS:-}"
 array=(sbatch --parsable "--array=0-$((tasks - 1))%$parallel" "${extra[@]}"
        launch/slurm/prep.sbatch "$@" --task-count "$tasks")
 merge_cmd() {  # the merge submission, after array job $1
   merge=(sbatch --parsable "--dependency=afterok:$1" --job-name=shd-prep-merge --nodes=1 --cpus-per-task=1
-         --mem=8G --time=02:00:00 "${extra[@]}" launch/slurm/prep.sbatch merge --out "$out")
+         --mem=2G --time=02:00:00 "${extra[@]}" "${merge_extra[@]}" launch/slurm/prep.sbatch merge --out "$out")
 }
 
 if [[ "$dry_run" == "1" ]]; then
@@ -73,7 +77,13 @@ array_id="$("${array[@]}")"
 array_id="${array_id%%;*}"  # --parsable prints JOBID or JOBID;CLUSTER
 [[ "$array_id" =~ ^[0-9]+$ ]] || die "sbatch did not return a job id for the array (got '$array_id')"
 merge_cmd "$array_id"
-merge_id="$("${merge[@]}")"
+if ! merge_id="$("${merge[@]}")"; then
+  scancel "$array_id" || true
+  die "sbatch refused the merge job (its message is above), so array job $array_id was cancelled" \
+      "(scancel $array_id). Fix the merge's request (MERGE_SBATCH_ARGS for the merge only, e.g." \
+      "MERGE_SBATCH_ARGS=\"--mem=500M\"; SBATCH_ARGS for both) and run this command again: tasks" \
+      "that had started resume from their completed shards."
+fi
 merge_id="${merge_id%%;*}"
 echo "submitted array job $array_id ($tasks tasks of data_prep.shard, at most $parallel at once) and merge job" \
      "$merge_id (runs when all tasks have succeeded)"
