@@ -5,6 +5,13 @@ existing directory (a `datasets.save_to_disk` directory, or else every supported
 glob, or a Hugging Face Hub dataset `owner/name[:config]` (its `train` split). Documents come out in a
 deterministic order: inputs as given, files sorted by path, records in file order. Records that
 cannot be used are counted in an `InputReport` (with the first few places) instead of vanishing.
+
+Files are read as what they are (`file_kind`): a `.jsonl` one JSON record per line; a `.json` as
+JSON Lines too, unless its first non-blank character is `[`: then it is one JSON array (pretty-printed
+or not) whose elements are records or strings, streamed; a `.txt` is one document, or one document
+per non-blank line with `txt_documents="line"` (`--txt-documents line`); a parquet file by rows. A
+document longer than the report's `max_document_bytes` is refused with its size and the fix before
+it is tokenized: tokenizing one text at once takes about 100 times its size in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from typing import Any, Protocol
 from data_prep.corpora import NAMED_CORPORA, NamedCorpus
 from data_prep.manifest import DataError
 
-FILE_KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FILE_KINDS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+#: How a `.txt` file is read: one document per file, or one per non-blank line.
+TXT_DOCUMENTS = ("file", "line")
+_JSON_CHUNK = 1 << 20
 _HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")
 _DATASET_DIR_MARKERS = ("state.json", "dataset_dict.json")
 
@@ -43,10 +53,21 @@ class InputReport:
 
     strict: bool = False
     max_examples: int = 5
+    max_document_bytes: int | None = None  # longer documents are refused (see `check_size`)
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     SKIPPED = ("missing_text_field", "invalid_json")
+    HINTS = {"txt_files_read_whole": "each is one document; --txt-documents line reads one document per line"}
+
+    def check_size(self, size: int, origin: str, unit: str = "characters") -> None:
+        """Refuse a document of `size` over `max_document_bytes`, naming it, its size and the fixes."""
+        if self.max_document_bytes is not None and size > self.max_document_bytes:
+            raise DataError(
+                f"{origin}: one document of {size:,} {unit} ({size / 2**20:,.1f} MiB), over --max-document-mb "
+                f"{self.max_document_bytes / 2**20:g}: tokenizing a text at once takes about 100 times its size in "
+                "memory; split it into smaller documents (a .txt with one document per line: --txt-documents "
+                "line), or raise --max-document-mb if the memory is there")
 
     def note(self, kind: str, origin: str, detail: str = "") -> None:
         if self.strict and kind in self.SKIPPED:
@@ -61,7 +82,7 @@ class InputReport:
 
     def summary_lines(self) -> list[str]:
         return [f"{kind.replace('_', ' ')}: {n} (first: {', '.join(self.examples[kind])})"
-                for kind, n in sorted(self.counts.items())]
+                + (f"; {self.HINTS[kind]}" if kind in self.HINTS else "") for kind, n in sorted(self.counts.items())]
 
 
 class Source(Protocol):
@@ -90,7 +111,17 @@ def _record_text(record: Any, text_field: str, origin: str, report: InputReport)
 
 
 def _read_text_file(path: Path, report: InputReport) -> Iterator[Document]:
+    """The whole file as one document (its size checked before it is read)."""
+    report.check_size(path.stat().st_size, str(path), "bytes")
+    report.note("txt_files_read_whole", str(path))
     yield Document(decode_text(path.read_bytes(), str(path), report), str(path))
+
+
+def _read_text_lines(path: Path, report: InputReport, start: int = 0, stop: int | None = None) -> Iterator[Document]:
+    """Each non-blank line of `path` (beginning in bytes [start, stop)) as one document, without its newline."""
+    for origin, raw in _jsonl_lines(path, start, stop):
+        if raw.strip():
+            yield Document(decode_text(raw, origin, report).rstrip("\r\n"), origin)
 
 
 def _jsonl_lines(path: Path, start: int, stop: int | None) -> Iterator[tuple[str, bytes]]:
@@ -131,6 +162,67 @@ def _read_jsonl_file(path: Path, text_field: str, report: InputReport, start: in
             yield Document(text, origin)
 
 
+def _json_array_elements(path: Path) -> Iterator[tuple[str, Any]]:
+    """(origin `path[INDEX]`, value) of each element of the JSON array in `path`, streamed: the buffer
+    holds about one element at a time, so a big file is read in bounded memory."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        buffer, pos, eof = "", 0, False
+
+        def more(at_least: int = _JSON_CHUNK) -> bool:
+            nonlocal buffer, pos, eof
+            chunk = f.read(max(at_least, _JSON_CHUNK))
+            buffer, pos, eof = buffer[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def next_char() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buffer) and buffer[pos].isspace():
+                    pos += 1
+                if pos < len(buffer) or not more():
+                    return buffer[pos:pos + 1]
+
+        def invalid(what: str) -> DataError:
+            return DataError(f"{path}: not a valid JSON array ({what} after element {index}); fix the file, or "
+                             "write one JSON record per line (.jsonl)")
+
+        index = 0
+        if next_char() != "[":
+            raise invalid("no '['")
+        pos += 1
+        if next_char() == "]":
+            return
+        while True:
+            next_char()
+            while True:  # a value ends before the buffer does (or at the end of the file): retry with more
+                try:
+                    value, end = decoder.raw_decode(buffer, pos)
+                    if end < len(buffer) or eof:
+                        break
+                except json.JSONDecodeError:
+                    if eof:
+                        raise invalid("invalid JSON") from None
+                if not more(len(buffer) - pos):  # double what is buffered: linear in the element's size
+                    eof = True
+            yield f"{path}[{index}]", value
+            index, pos = index + 1, end
+            separator = next_char()
+            if separator == "]":
+                return
+            if separator != ",":
+                raise invalid(f"{separator!r} instead of ',' or ']'" if separator else "the end of the file")
+            pos += 1
+
+
+def _read_json_array(path: Path, text_field: str, report: InputReport) -> Iterator[Document]:
+    """The elements of a `.json` array as documents: records with `text_field`, or strings."""
+    for origin, value in _json_array_elements(path):
+        text = value if isinstance(value, str) else _record_text(value, text_field, origin, report)
+        if text is not None:
+            yield Document(text, origin)
+
+
 def _read_parquet_file(path: Path, text_field: str, report: InputReport,
                        row_groups: range | None = None) -> Iterator[Document]:
     """The documents of a parquet file, or of its `row_groups` only; origins are `path#rowN` in the file."""
@@ -160,29 +252,51 @@ def _listing_sha256(files: Iterable[Path]) -> str:
 
 @dataclass(frozen=True)
 class FileSource:
-    """Local files (from a file, directory or glob input), read in sorted path order."""
+    """Local files (from a file, directory or glob input), read in sorted path order; `.txt` files as
+    one document each, or one per line (`txt_documents`)."""
 
     spec: str
     files: tuple[Path, ...]
+    txt_documents: str = "file"
 
     def describe(self) -> dict[str, Any]:
+        by_line = self.txt_documents == "line" and any(p.suffix.lower() == ".txt" for p in self.files)
         return {"input": self.spec, "kind": "files", "files": len(self.files),
-                "listing_sha256": _listing_sha256(self.files)}
+                "listing_sha256": _listing_sha256(self.files), **({"txt_documents": "line"} if by_line else {})}
 
     def documents(self, text_field: str, report: InputReport) -> Iterator[Document]:
         for path in self.files:
-            yield from read_file(path, text_field, report)
+            yield from read_file(path, text_field, report, txt_documents=self.txt_documents)
 
 
-def read_file(path: Path, text_field: str, report: InputReport, part: tuple[str, int, int] | None = None
-              ) -> Iterator[Document]:
-    """The documents of one input file, or of one `part` of it: ("bytes", start, stop) of a `.jsonl`
-    file (whole lines, see `_jsonl_lines`) or ("row_groups", start, stop) of a parquet file."""
+def file_kind(path: Path, txt_documents: str = "file") -> str:
+    """How `path` is read: "text" (one document), "lines" (a `.txt` read a document per line), "jsonl",
+    "json_array" (a `.json` whose first non-blank character is `[`) or "parquet"."""
     kind = FILE_KINDS[path.suffix.lower()]
     if kind == "text":
+        return "lines" if txt_documents == "line" else "text"
+    if kind == "json":
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")  # a byte-order mark, then blanks
+        return "json_array" if head.startswith(b"[") else "jsonl"
+    return kind
+
+
+def read_file(path: Path, text_field: str, report: InputReport, part: tuple[str, int, int] | None = None,
+              txt_documents: str = "file") -> Iterator[Document]:
+    """The documents of one input file, or of one `part` of it: ("bytes", start, stop) of a `.jsonl`
+    file or of a `.txt` read by line (whole lines, see `_jsonl_lines`) or ("row_groups", start, stop) of a
+    parquet file."""
+    kind = file_kind(path, txt_documents)
+    lines = part[1:] if part else (0, None)
+    if kind == "text":
         return _read_text_file(path, report)
+    if kind == "lines":
+        return _read_text_lines(path, report, *lines)
     if kind == "jsonl":
-        return _read_jsonl_file(path, text_field, report, *(part[1:] if part else (0, None)))
+        return _read_jsonl_file(path, text_field, report, *lines)
+    if kind == "json_array":
+        return _read_json_array(path, text_field, report)
     return _read_parquet_file(path, text_field, report, range(*part[1:]) if part else None)
 
 
@@ -253,27 +367,28 @@ def _supported_files(paths: Iterable[Path]) -> list[Path]:
     return sorted(p.resolve() for p in found)
 
 
-def resolve_input(spec: str) -> Source:
-    """Turn one `--input` value into a Source, or raise DataError saying why it cannot be read."""
+def resolve_input(spec: str, txt_documents: str = "file") -> Source:
+    """Turn one `--input` value into a Source, or raise DataError saying why it cannot be read;
+    `txt_documents` says how its `.txt` files are read ("file" or "line")."""
     if spec in NAMED_CORPORA:
         return NamedCorpus(spec)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() not in FILE_KINDS:
             raise DataError(f"{path}: unsupported file type {path.suffix!r} (supported: {', '.join(FILE_KINDS)})")
-        return FileSource(spec, (path.resolve(),))
+        return FileSource(spec, (path.resolve(),), txt_documents)
     if path.is_dir():
         if any((path / marker).is_file() for marker in _DATASET_DIR_MARKERS):
             return DiskDatasetSource(path.resolve())
         files = _supported_files([path])
         if not files:
             raise DataError(f"{path}: directory has no {'/'.join(FILE_KINDS)} files")
-        return FileSource(spec, tuple(files))
+        return FileSource(spec, tuple(files), txt_documents)
     if glob.has_magic(spec):
         files = _supported_files(Path(p) for p in glob.glob(str(path), recursive=True))
         if not files:
             raise DataError(f"{spec}: glob matches no {'/'.join(FILE_KINDS)} files")
-        return FileSource(spec, tuple(files))
+        return FileSource(spec, tuple(files), txt_documents)
     if _HUB_NAME.fullmatch(spec) and path.suffix.lower() not in FILE_KINDS:
         name, _, config = spec.partition(":")
         return HubDatasetSource(name, config or None)
@@ -283,18 +398,19 @@ def resolve_input(spec: str) -> Source:
     raise DataError(f"{spec}: no such file or directory")
 
 
-def resolve_inputs(specs: Iterable[str]) -> list[Source]:
+def resolve_inputs(specs: Iterable[str], txt_documents: str = "file") -> list[Source]:
     """Resolve every input up front, so a typo fails before any work is done."""
-    sources = [resolve_input(spec) for spec in specs]
+    sources = [resolve_input(spec, txt_documents) for spec in specs]
     if not sources:
         raise DataError("no inputs given")
     return sources
 
 
 def non_empty(documents: Iterable[Document], report: InputReport) -> Iterator[Document]:
-    """The documents that have text; empty ones are counted and skipped."""
+    """The documents that have text; empty ones are counted and skipped, too long ones refused."""
     for doc in documents:
         if doc.text:
+            report.check_size(len(doc.text), doc.origin)
             yield doc
         else:
             report.note("empty_documents", doc.origin)

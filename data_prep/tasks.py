@@ -1,10 +1,10 @@
 """Work units and their assignment to the tasks of a multi-node `data_prep.shard` run (a Slurm array).
 
-The inputs are cut into work units in input document order: a whole file; a `.jsonl` file larger
-than `unit_bytes` by byte ranges of `unit_bytes` (each line belongs to the range its first byte is
-in, see `sources._jsonl_lines`); a parquet file by runs of row groups of about `unit_bytes`; a
-non-file input (named corpus, dataset directory, Hub dataset) whole. A `.txt` file is one document,
-so it is never cut. Tasks get contiguous runs of units balanced by bytes, so task 0's documents
+The inputs are cut into work units in input document order: a whole file; a JSON Lines file (or a
+`.txt` read a document per line) larger than `unit_bytes` by byte ranges of `unit_bytes` (each line
+belongs to the range its first byte is in, see `sources._jsonl_lines`); a parquet file by runs of row
+groups of about `unit_bytes`; a non-file input (named corpus, dataset directory, Hub dataset) whole.
+A `.txt` file read as one document and a `.json` array are never cut. Tasks get contiguous runs of units balanced by bytes, so task 0's documents
 come first, then task 1's, and so on: the tasks' outputs, concatenated in task order, hold the
 documents in the same order as a single run. Both steps depend only on the inputs (file sizes,
 parquet metadata) and the task count, so every task computes the same plan on its own.
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.sources import FILE_KINDS, Document, FileSource, InputReport, Source, non_empty, read_file
+from data_prep.sources import Document, FileSource, InputReport, Source, file_kind, non_empty, read_file
 
 PARTS_DIR = "parts"
 
@@ -50,14 +50,15 @@ class WorkUnit:
             docs = sources[self.source].documents(text_field, report)
         else:
             docs = read_file(self.path, text_field, report,
-                             None if self.kind == "whole" else (self.kind, self.start, self.stop))
+                             None if self.kind == "whole" else (self.kind, self.start, self.stop),
+                             sources[self.source].txt_documents)
         return non_empty(docs, report)
 
 
-def _file_units(source: int, path: Path, unit_bytes: int) -> list[WorkUnit]:
+def _file_units(source: int, path: Path, unit_bytes: int, txt_documents: str) -> list[WorkUnit]:
     size = path.stat().st_size
-    kind = FILE_KINDS[path.suffix.lower()]
-    if kind == "jsonl" and size > unit_bytes:
+    kind = file_kind(path, txt_documents)
+    if kind in ("jsonl", "lines") and size > unit_bytes:
         return [WorkUnit(source, path, "bytes", start, min(start + unit_bytes, size), min(unit_bytes, size - start))
                 for start in range(0, size, unit_bytes)]
     if kind == "parquet":
@@ -85,7 +86,7 @@ def plan_units(sources: list[Source], unit_bytes: int) -> list[WorkUnit]:
     for index, source in enumerate(sources):
         if isinstance(source, FileSource):
             for path in source.files:
-                units += _file_units(index, path, unit_bytes)
+                units += _file_units(index, path, unit_bytes, source.txt_documents)
         else:
             units.append(WorkUnit(index, None, "whole", 0, 0, unit_bytes))  # size unknown: count as one unit
     return units

@@ -30,6 +30,7 @@ from data_prep.indexed import ShardWriter, token_dtype
 from data_prep.manifest import DataError, load_manifest, read_manifest, write_manifest
 from data_prep import shard as shard_cli
 from data_prep import tokenizer as tokenizer_cli
+from data_prep.merge import merge_tasks
 from data_prep.shard import SLEEP_AFTER_SHARD_ENV, ShardOptions, build_shards, split_of
 from data_prep.sources import InputReport, resolve_input
 from data_prep.tokenizer import TokenizerTrainOptions, train_tokenizer
@@ -559,3 +560,70 @@ def test_complete_output_checks_its_input_by_content(tmp_path: Path, tokenizer_d
     with pytest.raises(DataError, match=r"input changed") as refused:
         build_shards(options)
     assert "different options" not in str(refused.value)
+
+
+# --- issue 24, mechanism 8: inputs read as what they are (case 10, .txt by line, one huge document) -------------
+
+def _decoded_train_docs(out: Path, tokenizer_dir: Path) -> list[str]:
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return [hf.decode(d[:-1]) for d in _split_docs(out, "train")]
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_array_is_read_as_an_array_of_documents(tmp_path: Path, tokenizer_dir: Path, indent: int | None) -> None:
+    """A `.json` holding a JSON array (on one line, or pretty-printed) gives one document per element
+    (records with the text field, or strings); it was read as JSON Lines: 1 document or none, exit 0."""
+    records = [{"text": "first doc"}, {"text": "second, with ] and [ inside"}, "a plain string", {"id": 4}]
+    corpus = tmp_path / "docs.json"
+    corpus.write_text(json.dumps(records, indent=indent))
+    manifest = build_shards(ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=tmp_path / "out",
+                                         val_fraction=0))
+    assert _decoded_train_docs(tmp_path / "out", tokenizer_dir) == ["first doc", "second, with ] and [ inside",
+                                                                    "a plain string"]
+    assert manifest.stats["input"]["missing_text_field"] == {"count": 1, "first": [f"{corpus.resolve()}[3]"]}
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))  # JSON Lines in .json
+    assert [d.text for d in resolve_input(str(tmp_path / "lines.json")).documents("text", InputReport())] == \
+        ["first doc", "second, with ] and [ inside"]
+    corpus.write_text(json.dumps(records)[:-1])  # cut short: refused naming the file, not skipped silently
+    with pytest.raises(DataError, match=rf"{corpus.resolve()}: not a valid JSON array"):
+        list(resolve_input(str(corpus)).documents("text", InputReport()))
+
+
+def test_txt_is_one_document_per_file_or_per_line(tmp_path: Path, tokenizer_dir: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """A `.txt` is one document (the summary says so and names --txt-documents line, which the old
+    code had no way to ask for): with --txt-documents line each non-blank line is a document, and a
+    multi-task run cuts such a file by lines like a .jsonl."""
+    lines = [f"line document {i} " + "word " * (i % 5) for i in range(40)]
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("\n".join(lines[:20]) + "\n\n" + "\r\n".join(lines[20:]) + "\n")
+    options = ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=tmp_path / "whole", val_fraction=0)
+    build_shards(options)
+    assert len(_decoded_train_docs(tmp_path / "whole", tokenizer_dir)) == 1
+    assert re.search(r"txt files read whole: 1 .*--txt-documents line", capsys.readouterr().err)
+    by_line = options.replace(out=tmp_path / "by_line", txt_documents="line")
+    build_shards(by_line)
+    assert _decoded_train_docs(tmp_path / "by_line", tokenizer_dir) == lines
+    for index in range(3):
+        build_shards(by_line.replace(out=tmp_path / "tasks", task_index=index, task_count=3, unit_bytes=300))
+    merge_tasks(tmp_path / "tasks")
+    assert _decoded_train_docs(tmp_path / "tasks", tokenizer_dir) == lines
+    with pytest.raises(DataError, match="--txt-documents lines: must be one of file, line"):
+        options.replace(txt_documents="lines")
+
+
+def test_one_huge_document_is_refused_with_its_size_and_the_fix(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A document over --max-document-mb is refused before it is tokenized (the old code took ~100x its
+    size in memory with the bar at "0doc"), naming it, its size and the fixes; raising the limit works."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("word " * 60_000)  # 300 kB
+    options = ShardOptions(inputs=(str(corpus),), tokenizer=tokenizer_dir, out=tmp_path / "out", val_fraction=0,
+                           max_document_mb=0.25)
+    with pytest.raises(DataError, match=rf"{corpus.resolve()}: one document of 300,000 bytes \(0.3 MiB\), over "
+                                        r"--max-document-mb 0.25: .*--txt-documents line.*raise --max-document-mb"):
+        build_shards(options)
+    records = tmp_path / "big.jsonl"
+    write_jsonl(records, ["small", "word " * 60_000])
+    with pytest.raises(DataError, match=rf"{records.resolve()}:2: one document of 300,000 characters"):
+        build_shards(options.replace(inputs=(str(records),), out=tmp_path / "out2"))
+    assert build_shards(options.replace(max_document_mb=1.0)).stats["documents"]["train"] == 1
