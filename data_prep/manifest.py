@@ -170,13 +170,19 @@ def load_hf_tokenizer(tokenizer_dir: str | Path):
         raise DataError(f"{path}: cannot load a Hugging Face tokenizer from it ({exc})") from exc
 
 
+def id_count(tokenizer) -> int:
+    """How many ids the tokenizer's ids span (its largest id + 1): usually its length, but a vocabulary
+    may leave gaps, and the shards' dtype and the model's embedding must hold the largest id."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 def tokenizer_identity(tokenizer_dir: str | Path) -> TokenizerIdentity:
     """The identity of any Hugging Face tokenizer directory (a trained one or a teacher checkpoint)."""
     tokenizer = load_hf_tokenizer(tokenizer_dir)
     if tokenizer.eos_token_id is None:
         raise DataError(f"{tokenizer_dir}: the tokenizer has no EOS token, which shards need between documents")
     return TokenizerIdentity(
-        vocab_size=len(tokenizer),
+        vocab_size=id_count(tokenizer),
         bos_id=tokenizer.bos_token_id,
         eos_id=tokenizer.eos_token_id,
         pad_id=tokenizer.pad_token_id,

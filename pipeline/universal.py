@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_prep.safe_remove import clear, replace_dir
 from pipeline import checkpoint as ckpt
 
 SUFFIX = "_universal"
@@ -35,7 +36,7 @@ def convert(checkpoint: str | Path, workers: int = 1) -> Path:
     path = ckpt.resolve(checkpoint)
     out = universal_path(path)
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    clear(tmp, ours=lambda _: True, reason="left by a conversion that was killed (this module's scratch name)")
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
                     "--output_folder", str(tmp), "--num_extract_workers", str(workers),
                     "--num_merge_workers", str(workers)], check=True)
@@ -43,8 +44,7 @@ def convert(checkpoint: str | Path, workers: int = 1) -> Path:
         shutil.copy2(path / f, tmp / f)
     (tmp / MARKER).write_text(path.name + "\n")
     ckpt.write_complete(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out, ours=is_universal, reason=f"replaced by a new conversion of {path}")
     return out
 
 

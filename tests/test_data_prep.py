@@ -627,3 +627,19 @@ def test_one_huge_document_is_refused_with_its_size_and_the_fix(tmp_path: Path, 
     with pytest.raises(DataError, match=rf"{records.resolve()}:2: one document of 300,000 characters"):
         build_shards(options.replace(inputs=(str(records),), out=tmp_path / "out2"))
     assert build_shards(options.replace(max_document_mb=1.0)).stats["documents"]["train"] == 1
+
+
+def test_tokenizer_with_ids_beyond_its_length_gets_a_wide_enough_dtype(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A vocabulary with a gap (an id of 70000 in a 400-entry tokenizer): the dtype was chosen from the
+    tokenizer's length (uint16) and writing the id raised OverflowError; it is chosen from the largest id."""
+    tok = shutil.copytree(tokenizer_dir, tmp_path / "gappy")
+    (tok / "tokenizer.model").unlink()  # the HF files alone define it
+    body = json.loads((tok / "tokenizer.json").read_text())
+    vocab = body["model"]["vocab"]
+    piece = max(vocab, key=vocab.get)
+    vocab[piece] = 70000
+    (tok / "tokenizer.json").write_text(json.dumps(body))
+    out = _shard(tmp_path, tok, [f"a {piece.replace('▁', ' ')} b"] * 3, val_fraction=0)
+    manifest = read_manifest(out)
+    assert manifest.dtype == "int32" and manifest.tokenizer.vocab_size == 70001
+    assert 70000 in np.concatenate(_split_docs(out, "train"))
