@@ -16,6 +16,11 @@ sampling, kept in input order), so the same inputs and seed give byte-identical 
 SentencePiece's own sampling (`input_sentence_size`) is not used: it draws differently in every
 process whatever `set_random_generator_seed` says (measured with sentencepiece 0.2), which made
 every fresh tokenizer, and so every teacher and result downstream of it, different.
+
+A non-empty OUT is refused without --overwrite. With it, the new tokenizer is written and checked
+beside OUT and then swapped in whole (`train_tokenizer`): a kill at any point leaves the old or the
+new tokenizer in OUT, never neither, and the old directory is deleted only when this command made it
+and nothing in it changed since (its `.shd-made.json` marker), else moved aside to OUT.moved-<time>.
 """
 
 from __future__ import annotations
