@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -50,6 +51,65 @@ def resolve_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.bfloat16 if p == "bf16" else torch.float32
 
 
+def resolve_teacher_dtype(cfg: RunConfig) -> torch.dtype:
+    """``teacher.dtype``: the student's precision unless the teacher's own is set."""
+    d = cfg.teacher.dtype
+    return resolve_dtype(cfg) if d == "same" else torch.bfloat16 if d == "bf16" else torch.float32
+
+
+# Share of a rank's memory that teacher.placement=auto lets the teacher and the student's states
+# take; the rest is left to activations, the SHD/KD working set and the framework.
+AUTO_MEMORY_SHARE = 0.5
+# Bytes per student parameter held by ZeRO-3 (fp32 master weights, gradients, Adam's two moments),
+# spread over all ranks.
+STUDENT_STATE_BYTES = 16
+
+
+@dataclass(frozen=True)
+class PlacementEstimate:
+    """What teacher.placement=auto decides on: model sizes and the memory of one rank."""
+
+    teacher_bytes: int
+    student_params: int
+    memory_per_rank: int
+    memory_source: str
+
+    def fits(self, teacher_share: float, world: int) -> bool:
+        """Whether `teacher_share` of the teacher plus the student's states fit a rank's share."""
+        need = self.teacher_bytes * teacher_share + STUDENT_STATE_BYTES * self.student_params / world
+        return need <= AUTO_MEMORY_SHARE * self.memory_per_rank
+
+    def describe(self, world: int) -> str:
+        gib = 2**30
+        return (f"teacher {self.teacher_bytes / gib:.2f} GiB, student states {STUDENT_STATE_BYTES * self.student_params / world / gib:.2f} "
+                f"GiB per rank, {AUTO_MEMORY_SHARE:.0%} of {self.memory_per_rank / gib:.1f} GiB per rank "
+                f"({self.memory_source})")
+
+
+def placement_estimate(teacher_cfg, student_cfg, teacher_dtype: torch.dtype, device: torch.device,
+                       ranks_per_node: int) -> PlacementEstimate:
+    """Sizes from the model configs (no weights: the models are built on the meta device) and the
+    memory of this rank's device (a GPU's, or the host's RAM shared by the node's ranks)."""
+    if device.type == "cuda":
+        memory, source = torch.cuda.get_device_properties(device).total_memory, f"GPU {device}"
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(ranks_per_node, 1)
+        source = f"host RAM / {ranks_per_node} local rank(s)"
+    itemsize = torch.tensor([], dtype=teacher_dtype).element_size()
+    return PlacementEstimate(teacher_bytes=parameter_count(teacher_cfg) * itemsize,
+                             student_params=parameter_count(student_cfg), memory_per_rank=int(memory),
+                             memory_source=source)
+
+
+def parameter_count(hf_config) -> int:
+    """Parameters of the model `hf_config` describes (tied weights once), without allocating them."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return sum(p.numel() for p in model.parameters())
+
+
 @dataclass(frozen=True)
 class TeacherPlacement:
     """Where the frozen teacher's weights live, resolved for this launch, and what a forward moves.
@@ -85,10 +145,29 @@ class TeacherPlacement:
                 teacher_bytes * (self.world - self.ranks_per_node) / self.world)
 
 
-def resolve_placement(cfg: RunConfig, world: int, ranks_per_node: int) -> TeacherPlacement:
-    """``teacher.placement`` for this launch: ``node`` with one rank per node is ``replicated``, on
-    a single node it is ``partitioned`` (the same thing, without hpZ's second copy)."""
+def auto_placement(cfg: RunConfig, world: int, ranks_per_node: int, estimate: PlacementEstimate) -> str:
+    """teacher.placement=auto: ``replicated`` when the whole teacher fits beside the student's share
+    on every rank (one rank: always, nothing to gather from), ``node`` when a node's share of it fits
+    in a multi-node job, else ``partitioned`` (also with teacher.offload_params)."""
+    if cfg.teacher.offload_params:
+        return "partitioned"
+    if world == 1 or estimate.fits(1.0, world):
+        return "replicated"
+    if world > ranks_per_node > 1 and not world % ranks_per_node and estimate.fits(1 / ranks_per_node, world):
+        return "node"
+    return "partitioned"
+
+
+def resolve_placement(cfg: RunConfig, world: int, ranks_per_node: int,
+                      estimate: PlacementEstimate | None = None) -> TeacherPlacement:
+    """``teacher.placement`` for this launch (``auto`` decided from ``estimate``): ``node`` with one
+    rank per node is ``replicated``, on a single node it is ``partitioned`` (the same thing, without
+    hpZ's second copy)."""
     kind = cfg.teacher.placement
+    if kind == "auto":
+        if estimate is None:
+            raise ValueError("teacher.placement=auto needs the size estimate (placement_estimate)")
+        kind = auto_placement(cfg, world, ranks_per_node, estimate)
     if kind == "node":
         if world % ranks_per_node:
             raise ConfigError(f"teacher.placement=node: {world} ranks are not a whole number of nodes of "
@@ -159,7 +238,7 @@ def build_ds_configs(cfg: RunConfig, world_size: int,
         "gradient_accumulation_steps": 1,
         "train_batch_size": cfg.data.micro_batch_size * world_size,
         "zero_optimization": teacher_zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        "bf16": {"enabled": resolve_teacher_dtype(cfg) == torch.bfloat16},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }

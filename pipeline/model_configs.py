@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 class TeacherConfig(Section):
     path: Optional[str] = setting(None, "Hugging Face LLaMA-family model directory of the frozen teacher "
                                         "(required for stage 'distill', must be empty for stage 'pretrain').")
-    placement: Literal["partitioned", "replicated", "node"] = setting(
-        "partitioned", "Where the frozen teacher's weights live. partitioned = ZeRO-3 over all ranks (fits "
+    placement: Literal["auto", "partitioned", "replicated", "node"] = setting(
+        "auto", "Where the frozen teacher's weights live. auto = replicated when the whole teacher fits beside "
+                "the student's share on every rank (by an estimate the log prints), else node when it fits "
+                "a node's ranks in a multi-node job, else partitioned. partitioned = ZeRO-3 over all ranks (fits "
                        "any size; every micro-batch all-gathers the whole teacher, across nodes too); "
                        "replicated = the whole teacher on every rank (no gathers: fastest when it fits one "
                        "GPU); node = ZeRO-3 within each node only (ZeRO++ hpZ: a copy of the teacher per node, "
@@ -27,10 +29,14 @@ class TeacherConfig(Section):
                        "node 'replicated'). docs/teacher-placement.md compares them.")
     offload_params: bool = setting(False, "Keep the teacher's ZeRO-3 parameter partitions in CPU memory "
                                           "(placement 'partitioned' only).")
+    dtype: Literal["same", "fp32", "bf16"] = setting(
+        "same", "The teacher's inference precision: same = the student's (deepspeed.precision); bf16 halves "
+                "its memory and, on GPUs and CPUs with bf16 units, its forward time (the losses it gives "
+                "change little: docs/results.md section 8).")
 
     @model_validator(mode="after")
     def _offload_needs_partitioned(self) -> "TeacherConfig":
-        if self.offload_params and self.placement != "partitioned":
+        if self.offload_params and self.placement not in ("partitioned", "auto"):
             raise ConfigError(f"teacher.offload_params=true needs teacher.placement=partitioned (got "
                               f"{self.placement!r}): a replicated or per-node teacher is kept on the GPU to "
                               f"avoid gathers; offloading it would move it over PCIe every step instead")
@@ -47,10 +53,13 @@ class StudentConfig(Section):
     intermediate_size: Optional[int] = setting(None, "FFN width; empty = 8/3 * hidden rounded up to a multiple "
                                                      "of 64.")
     vocab_size: Optional[int] = setting(None, "Empty = the tokenizer's vocabulary size (from the data manifest).")
-    max_position_embeddings: int = setting(2048, "Largest sequence length the student supports.")
-    rope_theta: Float = setting(10000.0, "RoPE base.")
+    max_position_embeddings: Optional[int] = setting(
+        None, "Largest sequence length the student supports; empty = the teacher's (2048 without a teacher).")
+    rope_theta: Optional[Float] = setting(
+        None, "RoPE base; empty = the teacher's RoPE (base and scaling; 10000 without a teacher).")
     rms_norm_eps: Float = setting(1e-5, "RMSNorm epsilon.")
-    tie_word_embeddings: bool = setting(False, "Share input embedding and LM head.")
+    tie_word_embeddings: Optional[bool] = setting(
+        None, "Share input embedding and LM head; empty = as the teacher does (untied without a teacher).")
     init_std: Float = setting(0.02, "Std of the normal initialisation of a student built from config.")
     activation_checkpointing: bool = setting(False, "Recompute each decoder layer in backward (non-reentrant).")
 
@@ -59,7 +68,7 @@ class StudentConfig(Section):
         if self.init_from is not None:
             return self
         for k in ("num_layers", "hidden_size", "num_heads", "max_position_embeddings"):
-            if getattr(self, k) < 1:
+            if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ConfigError(f"student.{k} must be >= 1, got {getattr(self, k)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"student.hidden_size ({self.hidden_size}) must be divisible by student.num_heads "
@@ -80,7 +89,41 @@ def teacher_hf_config(cfg: RunConfig):
     return AutoConfig.from_pretrained(p)
 
 
-def student_hf_config(cfg: RunConfig, tokenizer_vocab: int):
+# What a student built from config takes when neither the config nor a teacher says.
+_NO_TEACHER = {"max_position_embeddings": 2048, "tie_word_embeddings": False,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+
+
+def _rope_parameters(hf_config) -> dict:
+    """A config's RoPE settings (base, type, scaling) as transformers 5 names them."""
+    rope = getattr(hf_config, "rope_parameters", None)
+    if rope:
+        return dict(rope)
+    return {"rope_type": "default", "rope_theta": float(getattr(hf_config, "rope_theta", 10000.0))}
+
+
+def derived_student_fields(s: StudentConfig, teacher_cfg) -> dict[str, tuple[object, str]]:
+    """{field: (value, where it came from)} of the student fields the config leaves empty: the
+    teacher's value where there is a teacher (a student that shares its teacher's RoPE, positions and
+    embedding tying starts closer to it at no cost), else the historical default."""
+    source = {} if teacher_cfg is None else {
+        "max_position_embeddings": teacher_cfg.max_position_embeddings,
+        "tie_word_embeddings": bool(getattr(teacher_cfg, "tie_word_embeddings", False)),
+        "rope_parameters": _rope_parameters(teacher_cfg)}
+    return {k: (source[k], "teacher") if k in source else (_NO_TEACHER[k], "default")
+            for k, v in _given_fields(s).items() if v is None}
+
+
+def _given_fields(s: StudentConfig) -> dict[str, object]:
+    """The derivable fields as the student section gives them (None = derive)."""
+    return {"max_position_embeddings": s.max_position_embeddings, "tie_word_embeddings": s.tie_word_embeddings,
+            "rope_parameters": None if s.rope_theta is None else {"rope_type": "default",
+                                                                   "rope_theta": float(s.rope_theta)}}
+
+
+def student_hf_config(cfg: RunConfig, tokenizer_vocab: int, teacher_cfg=None):
+    """The student's HF config: `student.init_from`'s, or a LlamaConfig from the student section, its
+    empty fields derived from the teacher (`derived_student_fields`)."""
     from transformers import AutoConfig, LlamaConfig
 
     s = cfg.student
@@ -90,6 +133,8 @@ def student_hf_config(cfg: RunConfig, tokenizer_vocab: int):
             raise ConfigError(f"student.init_from {p} is not a Hugging Face model directory (no config.json)")
         return AutoConfig.from_pretrained(p)
     inter = s.intermediate_size or int(math.ceil(s.hidden_size * 8 / 3 / 64) * 64)
+    fields = _given_fields(s)
+    fields.update({k: v for k, (v, _) in derived_student_fields(s, teacher_cfg).items()})
     return LlamaConfig(
         vocab_size=s.vocab_size or tokenizer_vocab,
         hidden_size=s.hidden_size,
@@ -97,13 +142,22 @@ def student_hf_config(cfg: RunConfig, tokenizer_vocab: int):
         num_hidden_layers=s.num_layers,
         num_attention_heads=s.num_heads,
         num_key_value_heads=s.num_kv_heads or s.num_heads,
-        max_position_embeddings=s.max_position_embeddings,
-        rope_theta=s.rope_theta,
         rms_norm_eps=s.rms_norm_eps,
-        tie_word_embeddings=s.tie_word_embeddings,
         initializer_range=s.init_std,
         use_cache=False,
+        **fields,
     )
+
+
+def differences_from_teacher(student_cfg, teacher_cfg) -> list[str]:
+    """`field student/teacher` for the architecture fields where the student differs from its teacher."""
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+    out = [f"{k} {getattr(student_cfg, k, None)}/{getattr(teacher_cfg, k, None)}" for k in keys
+           if getattr(student_cfg, k, None) != getattr(teacher_cfg, k, None)]
+    if _rope_parameters(student_cfg) != _rope_parameters(teacher_cfg):
+        out.append(f"rope {_rope_parameters(student_cfg)}/{_rope_parameters(teacher_cfg)}")
+    return out
 
 
 def model_shape(hf_config) -> dict:

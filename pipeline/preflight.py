@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from pipeline import architectures
 from pipeline.ds_config import build_ds_configs
-from pipeline.model_configs import (check_compatibility, check_model_tokenizers, check_tokenizer, distill_pairs,
+from pipeline.model_configs import (check_compatibility, check_model_tokenizers, check_tokenizer,
+                                    derived_student_fields, differences_from_teacher, distill_pairs,
                                     student_hf_config, teacher_hf_config)
 from pipeline.settings import ConfigError
 
@@ -44,11 +45,10 @@ class Preflight:
         self.manifest = read_manifest(cfg.data.dir)
         tok = self.manifest.tokenizer
         self.vocab: int = tok.vocab_size
-        self.pad_id: int | None = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None
         check_tokenizer(cfg, self.manifest)
         check_model_tokenizers(cfg, self.manifest)
         self.teacher_cfg = teacher_hf_config(cfg) if cfg.uses_teacher else None
-        self.student_cfg = student_hf_config(cfg, self.vocab)
+        self.student_cfg = student_hf_config(cfg, self.vocab, self.teacher_cfg)
         if cfg.uses_shd:  # from the configs alone, before any weights load
             architectures.check_distillable("teacher", self.teacher_cfg)
             architectures.check_distillable("student", self.student_cfg)
@@ -58,3 +58,19 @@ class Preflight:
             architectures.check_windows(self.student_cfg, self.teacher_cfg, self.pairs, cfg.data.seq_len)
         check_eval_split(cfg, self.student_cfg.vocab_size)
         build_ds_configs(cfg, 1)  # JSON problems surface here too
+
+    def notes(self) -> list[str]:
+        """Start-up lines on what the run took without being told: the data's document separator, the
+        student fields derived from the teacher, and where the student's architecture differs from it."""
+        separator = self.manifest.options.get("separator") or {"id": self.manifest.tokenizer.eos_id, "token": "EOS"}
+        lines = [f"data: documents separated by {separator['token']!r} (id {separator['id']}), an ordinary token "
+                 f"for every loss; samples are packed, nothing is padding"]
+        if self.cfg.student.init_from is None:
+            derived = derived_student_fields(self.cfg.student, self.teacher_cfg)
+            if derived:
+                lines.append("student fields not given, derived: " + ", ".join(
+                    f"{field}={value} ({source})" for field, (value, source) in derived.items()))
+        if self.teacher_cfg is not None:
+            lines.append("student differs from its teacher in (student/teacher): "
+                         + ("; ".join(differences_from_teacher(self.student_cfg, self.teacher_cfg)) or "nothing"))
+        return lines

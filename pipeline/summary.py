@@ -18,6 +18,7 @@ def describe(t: Trainer) -> str:
              f" | {cfg.optim.max_steps} steps = {d.total_tokens} tokens"
              f" | memory after loading: peak {peak_memory_mib():.0f} MiB, now {memory_now_mib():.0f} MiB"
              f" (rank 0)"]
+    lines += t.model_notes
     if t.teacher is not None:
         params = list(getattr(t.teacher, "module", t.teacher).parameters())
         n_t = sum(getattr(p, "ds_numel", p.numel()) for p in params)
@@ -25,8 +26,10 @@ def describe(t: Trainer) -> str:
         pl, gas = t.placement, cfg.optim.grad_accum_steps
         gathered, across = (b * gas for b in pl.gathered_bytes_per_forward(t_bytes))
         offload = ", offloaded to CPU" if cfg.teacher.offload_params else ""
-        lines.append(f"teacher {cfg.teacher.path} ({n_t / 1e6:.2f}M params, frozen) | placement "
-                     f"{pl.kind} ({pl.world} ranks, {pl.ranks_per_node} per node{offload}) | "
+        auto = (f"auto -> {pl.kind} from {t.placement_estimate.describe(pl.world)}"
+                if t.placement_estimate is not None else pl.kind)
+        lines.append(f"teacher {cfg.teacher.path} ({n_t / 1e6:.2f}M params, frozen, {t.teacher_dtype}) | placement "
+                     f"{auto} ({pl.world} ranks, {pl.ranks_per_node} per node{offload}) | "
                      f"{pl.param_bytes_per_rank(t_bytes) / 2**20:.1f} MiB of teacher parameters per rank | "
                      f"gathered per step per rank {gathered / 2**20:.1f} MiB, {across / 2**20:.1f} MiB of it "
                      f"across nodes (computed)")

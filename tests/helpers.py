@@ -51,7 +51,8 @@ def tiny_config(out_dir: Path, tiny_data, teacher: Path | None, **over) -> dict:
         "stage": "distill" if teacher else "pretrain",
         "seed": 7,
         "output_dir": str(out_dir),
-        "teacher": {"path": str(teacher) if teacher else None},
+        # partitioned, not auto: the engine tests exercise ZeRO-3's gathers of the teacher
+        "teacher": {"path": str(teacher) if teacher else None, "placement": "partitioned"},
         "student": {"num_layers": 2, "hidden_size": 48, "num_heads": 3, "num_kv_heads": 3,
                     "intermediate_size": 96, "max_position_embeddings": 128},
         "data": {"dir": str(data), "tokenizer_dir": str(tok), "seq_len": SEQ_LEN, "micro_batch_size": 2},
@@ -162,7 +163,9 @@ REF_STEPS = 10
 
 
 def ref_config(out_dir: Path, tiny_data, teacher: Path, **over) -> dict:
+    # eval.max_batches counts micro-batches of the whole job: 4 x 2 = the 8 sequences its 2 ranks read
+    # when it counted per rank, so the golden eval/loss stands
     base = {"optim.max_steps": REF_STEPS, "checkpoint.every_steps": 2, "checkpoint.keep_last": 3,
-            "eval.at_end": True, "optim.weight_decay": 0.1}
+            "eval.at_end": True, "optim.weight_decay": 0.1, "eval.max_batches": 4}
     base.update(over)
     return tiny_config(out_dir, tiny_data, teacher, **base)

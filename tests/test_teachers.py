@@ -387,7 +387,7 @@ def test_padded_teacher_vocab_is_distilled_on_the_shared_vocab(tiny_data, tmp_pa
     assert teacher.model.embed_tokens.weight.shape[0] == vocab + 8
     student = build_student_module(cfg, pre.student_cfg, "sdpa")
     tokens = torch.randint(4, vocab, (2, 17), generator=torch.Generator().manual_seed(5))
-    inp, labels, valid, mask = split_tokens(tokens, pre.pad_id)
+    inp, labels, valid, mask = split_tokens(tokens)
     loss, terms = DistillObjective(cfg, pre.vocab, None)(student, teacher, inp, labels, valid, mask,
                                                         float(valid.sum()), float(inp.numel()))
     with torch.no_grad():

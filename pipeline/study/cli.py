@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -23,6 +24,7 @@ from pipeline.config import ConfigError
 from .plan import StudyOptions, apply_overrides, build_plan, load_yaml, validate_plan
 from .report import write_setting_report, write_sweep_report
 from .runner import DEFAULT_LAUNCHER, REPO_ROOT, Runner, log
+from .teacher_eval import evaluate_given_teacher
 from .variants import BUDGETS, DEFAULT_VARIANTS, DEMO_VARIANTS, VARIANTS, check_variant, expand_variants, \
     variant_label
 
@@ -108,6 +110,14 @@ def _absolute(path: str | Path) -> Path:
     return Path(path) if Path(path).is_absolute() else Path(path).resolve()
 
 
+def _given_teacher_heads(ap: argparse.ArgumentParser, teacher: str) -> int:
+    """The attention heads of a --teacher directory, from its config.json."""
+    config = Path(teacher) / "config.json"
+    if not config.is_file():
+        ap.error(f"--teacher {teacher}: not a Hugging Face model directory (no config.json)")
+    return int(json.loads(config.read_text())["num_attention_heads"])
+
+
 def parse_args(argv: Sequence[str] | None = None) -> StudyOptions:
     """The resolved options of the command line (usage errors exit with status 2)."""
     ap = build_parser()
@@ -143,10 +153,13 @@ def parse_args(argv: Sequence[str] | None = None) -> StudyOptions:
     given = {"steps": a.steps, "teacher_steps": a.teacher_steps, "batch_tokens": a.batch_tokens,
              "eval_every": a.eval_every, "eval_batches": a.eval_batches, "vocab": a.vocab}
     budget = dataclasses.replace(BUDGETS[budget_name], **{k: v for k, v in given.items() if v})
+    if any(given.values()):  # the preset's name alone would claim numbers the command line replaced
+        budget_name += " with " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items() if v)
 
     student_base = _base_config(ap, "--student-config", a.student_config)
     teacher_base = _base_config(ap, "--teacher-config", a.teacher_config)
-    teacher_heads = _numbers(ap, "--teacher-heads", a.teacher_heads) or [teacher_base["student"]["num_heads"]]
+    teacher_heads = _numbers(ap, "--teacher-heads", a.teacher_heads) or [
+        _given_teacher_heads(ap, a.teacher) if a.teacher else teacher_base["student"]["num_heads"]]
     seq_lens = _numbers(ap, "--seq-lens", a.seq_lens) or [student_base["data"]["seq_len"]]
     steps_list = _numbers(ap, "--steps-list", a.steps_list)
     if not steps_list and a.tokens:
@@ -212,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner.students(setting.students, opts.jobs)
         if opts.dry_run:
             continue
-        reports.append(write_setting_report(setting, opts, plan.data, command))
+        reports.append(write_setting_report(setting, opts, plan.data, command,
+                                            evaluate_given_teacher(setting, runner.inputs)))
         log(f"setting {setting.tag or '(single)'} done: {setting.out_dir / opts.report_name}, "
             f"{setting.out_dir / opts.plot_name}")
     if opts.dry_run:

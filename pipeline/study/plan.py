@@ -246,7 +246,7 @@ def teacher_config(opts: StudyOptions, data: DataPlan, heads: int, seq_len: int,
     return with_values(base, {
         "output_dir": str(run_dir), "logging.tb_dir": str(tb_dir), "data.dir": str(data.shards),
         "data.tokenizer_dir": str(data.tokenizer), "data.seq_len": seq_len, "data.micro_batch_size": mb,
-        "student.num_heads": heads, "student.num_kv_heads": kv, "student.max_position_embeddings": max(seq_len, 128),
+        "student.num_heads": heads, "student.num_kv_heads": kv,
         "optim.max_steps": steps, "optim.warmup_steps": min(base["optim"]["warmup_steps"], max(1, steps // 10)),
         "checkpoint.every_steps": max(1, steps // 4), "logging.every_steps": max(1, steps // 10),
         "eval.every_steps": max(1, steps // 4), "eval.max_batches": opts.budget.eval_batches,
@@ -263,7 +263,7 @@ def student_config(opts: StudyOptions, variant: str, seed: int, teacher: Path, d
     values: dict[str, Any] = {
         "output_dir": str(run_dir), "logging.tb_dir": str(tb_dir), "seed": seed, "teacher.path": str(teacher),
         "data.dir": str(data.shards), "data.tokenizer_dir": str(data.tokenizer), "data.seq_len": seq_len,
-        "data.micro_batch_size": mb, "student.max_position_embeddings": max(seq_len, 128),
+        "data.micro_batch_size": mb,
         "optim.max_steps": steps, "optim.warmup_steps": min(b.warmup, max(1, steps // 10)),
         "checkpoint.every_steps": 0, "logging.every_steps": max(1, steps // 10),
         "eval.every_steps": b.eval_every, "eval.max_batches": b.eval_batches, "eval.micro_batch_size": mb,

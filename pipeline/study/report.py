@@ -389,14 +389,16 @@ class SettingReport:
     pairs: list[dict]
 
 
-def write_setting_report(setting: Setting, opts: StudyOptions, data: DataPlan, command: str) -> SettingReport:
+def write_setting_report(setting: Setting, opts: StudyOptions, data: DataPlan, command: str,
+                         given_teacher: dict | None = None) -> SettingReport:
     """Read the setting's finished runs and write its table, curves and numbers into its directory:
-    ``opts.report_name`` (Markdown, ending with ``command``), ``opts.plot_name`` and results.json."""
+    ``opts.report_name`` (Markdown, ending with ``command``), ``opts.plot_name`` and results.json.
+    ``given_teacher``: the held-out numbers of a --teacher the study did not train."""
     runs: dict[str, dict[int, dict]] = {}
     for st in setting.students:
         runs.setdefault(st.variant, {})[st.seed] = summarize_run(st.run_dir)
-    # the teacher's held-out perplexity on the same evaluation batches, when the study trained it
-    teacher = summarize_run(setting.teacher.run_dir) if setting.teacher.run_dir else None
+    # the teacher's held-out perplexity on the same evaluation batches
+    teacher = summarize_run(setting.teacher.run_dir) if setting.teacher.run_dir else given_teacher
     cfg = setting.students[-1].config
     student = cfg["student"]
     tps = tokens_per_step(cfg, opts.nproc)
