@@ -144,7 +144,7 @@ class Runner:
     def _stream(cmd: list[str], env: dict, log_path: Path, name: str) -> None:
         """Run cmd, keep its whole output in log_path, show rank 0's step/eval lines as progress."""
         t0 = time.time()
-        with open(log_path, "a") as f:
+        with open(log_path, "a", buffering=1) as f:  # line-buffered: a killed study keeps the log so far
             p = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True, bufsize=1)
             assert p.stdout is not None
