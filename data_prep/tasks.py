@@ -4,9 +4,9 @@ The inputs are cut into work units in input document order: a whole file; a JSON
 `.txt` read a document per line) larger than `unit_bytes` by byte ranges of `unit_bytes` (each line
 belongs to the range its first byte is in, see `sources._jsonl_lines`); a parquet file by runs of row
 groups of about `unit_bytes`; a non-file input (named corpus, dataset directory, Hub dataset) whole.
-A `.txt` file read as one document and a `.json` array are never cut. Tasks get contiguous runs of units balanced by bytes, so task 0's documents
-come first, then task 1's, and so on: the tasks' outputs, concatenated in task order, hold the
-documents in the same order as a single run. Both steps depend only on the inputs (file sizes,
+A `.txt` file read as one document and a `.json` array are never cut. Tasks get contiguous runs of
+units balanced by bytes, so task 0's documents come first, then task 1's, and so on: the tasks'
+outputs, concatenated in task order, hold the documents in the same order as a single run. Both steps depend only on the inputs (file sizes,
 parquet metadata) and the task count, so every task computes the same plan on its own.
 """
 
