@@ -35,6 +35,7 @@ from typing import NoReturn
 
 import numpy as np
 import torch
+import yaml
 
 from data_prep.indexed import file_digests, sha256_file, write_atomic
 
@@ -80,6 +81,16 @@ def read_state(ckpt: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read the trainer state ({e})") from None
+
+
+def read_config(ckpt: Path) -> dict | None:
+    """The run config a checkpoint was saved with (its ``resolved_config.yaml``, parsed), or None
+    when it has none or it cannot be read (a checkpoint of an old version)."""
+    try:
+        config = yaml.safe_load((ckpt / RECORD_FILES[1]).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def run_id_of(ckpt: Path) -> str | None:
@@ -226,12 +237,3 @@ def prune(root: Path, keep_last: int, run_id: str) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
-
-
-def identity_changes(saved: dict, current: dict) -> list[str]:
-    """Human-readable list of what differs between two identity dicts."""
-    changes = []
-    for k in sorted(set(saved) | set(current)):
-        if saved.get(k) != current.get(k):
-            changes.append(f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}")
-    return changes

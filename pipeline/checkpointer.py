@@ -1,12 +1,15 @@
 """Saving and resuming a run, and the ``checkpoint`` config section.
 
-The checkpointer owns the policy around the on-disk format of ``pipeline.checkpoint``: which
-checkpoint a start resumes (``auto`` passes over damaged ones, a universal copy when the world size
-changed), the identity checks that refuse a checkpoint of another teacher, tokenizer, data or
-shape, whose directory a run may write (``pipeline.run_dir``), and the save itself: never from
-non-finite weights, never over another run's checkpoint, committed only when every rank's files
-are on disk, then pruned to ``keep_last``. A checkpoint's ``trainer_state.json`` is read once, when
-the resume is chosen.
+The checkpointer owns the policy around the on-disk format of ``pipeline.checkpoint``: the
+output_dir's lock (``pipeline.run_lock``: one live run per directory), which checkpoint a start
+resumes (``auto`` passes over damaged ones, a universal copy when the world size changed), the
+resume contract (``pipeline.resume_contract``: identity changes refused before any model loads,
+schedule changes applied, the diff printed), whose directory a run may write (``pipeline.run_dir``:
+no second run, no silent restart, no rollback over newer checkpoints), and the save itself: never
+from non-finite weights, never over another run's checkpoint, never skipped because a checkpoint
+of that step exists (it is moved aside), committed only when every rank's files are on disk, then
+pruned to ``keep_last``. A checkpoint's ``trainer_state.json`` is read once, when the resume is
+chosen.
 """
 
 from __future__ import annotations
@@ -16,17 +19,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed, run_dir
+from pipeline.resume_contract import (IDENTITY, RunIdentity, config_changes, describe, record_changes, refusal,
+                                      refused)
 from pipeline.run_dir import RunDirRefused, RunDirs
+from pipeline.run_lock import RunLock
 from pipeline.settings import ConfigError, Section, setting
 from pipeline.universal import is_universal, universal_path
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+
+#: Ways of writing "none" that YAML or a tired hand produce (``no``/``off``/``false`` are YAML
+#: booleans, ``null``/``~`` YAML's null).
+_NONE_WORDS = ("none", "no", "off", "false", "null")
 
 
 class CheckpointConfig(Section):
@@ -34,13 +47,29 @@ class CheckpointConfig(Section):
     every_steps: int = setting(500, "Save every this many steps (0 = only at the end and on preemption).")
     keep_last: int = setting(3, "Complete checkpoints kept (>= 2).")
     resume: str = setting("auto", "'auto' = newest complete checkpoint if any, 'none' = start fresh, "
-                                  "or a checkpoint directory.")
-    force_resume: bool = setting(False, "Resume even if teacher/tokenizer/data/model shape changed.")
+                                  "or a checkpoint directory (a step_N directory).")
+    force_resume: bool = setting(False, "Resume although the teacher changed (its content); other identity "
+                                        "changes (tokenizer, data, student shape, seq_len, seed, ...) are "
+                                        "always refused: they cannot continue a run.")
+    rollback: bool = setting(False, "Resuming a checkpoint older than the run's newest: rename the newer ones "
+                                    "to <name>.rolled-back-<timestamp> (nothing is deleted) and continue "
+                                    "from it; without it such a resume is refused.")
     move_aside: bool = setting(False, "When output_dir (or checkpoint.dir) already holds another run and this "
                                       "run starts fresh, rename the old run's directories to "
                                       "<dir>.moved-<timestamp> first (nothing is deleted); without it such a "
                                       "start is refused.")
     save_at_end: bool = setting(True, "Save when the run reaches max_steps.")
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_words(cls, value: Any) -> Any:
+        """'none' however it was written (None, no, off, false, null: YAML turns some into booleans);
+        any other non-string is refused naming the choices."""
+        if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+            return "none"
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"got {value!r}: give auto, none or a checkpoint directory (step_N)")
+        return "auto" if value.strip().lower() == "auto" else value
 
     @model_validator(mode="after")
     def _values(self) -> "CheckpointConfig":
@@ -66,16 +95,26 @@ class Resume:
 
 
 class Checkpointer:
-    """Resume choice and checks at start-up, ``save`` / ``load`` of the student engine later."""
+    """Lock, resume choice and checks at start-up, ``save`` / ``load`` of the student engine later."""
 
-    def __init__(self, cfg: CheckpointConfig, root: Path, *, world: int, rank: int,
-                 hang_in_save_at_step: int | None = None) -> None:
-        self.cfg, self.root, self.world, self.rank = cfg, root, world, rank
-        self.hang_in_save_at_step = hang_in_save_at_step
-        self.notices: list[str] = []  # logged once the logger exists (skipped checkpoints, moves)
+    def __init__(self, run: RunConfig, *, world: int, rank: int) -> None:
+        self.run_cfg, self.cfg, self.root, self.world, self.rank = run, run.checkpoint, run.checkpoint_dir, world, rank
+        self.dirs = RunDirs(output=run.output_path, checkpoints=run.checkpoint_dir, tensorboard=run.tb_dir)
+        self.hang_in_save_at_step = run.debug.hang_in_save_at_step
+        self.notices: list[str] = []  # logged once the logger exists (skipped checkpoints, moves, the diff)
         self.run_id: str | None = None
+        self.resume: Resume | None = None
+        self.lock: RunLock | None = None  # rank 0's, held until the process ends
 
     # ---- start-up ---------------------------------------------------------------------------
+
+    def lock_run_dir(self) -> None:
+        """Rank 0 takes the output_dir's lock before the run writes anything (every rank gets the
+        refusal when another live run holds it)."""
+        def take() -> None:
+            self.lock = RunLock(self.dirs.output)
+
+        distributed.on_rank0(take)
 
     def choose_resume(self) -> Resume | None:
         """The checkpoint to resume from, decided before the engines are built (a universal
@@ -90,57 +129,73 @@ class Checkpointer:
                 if ckpt.complete_checkpoints(self.root):
                     raise ResumeRefused(f"no intact checkpoint in {self.root}: " + "; ".join(self.notices)
                                         + ". Restore the named files, or start over in a new output_dir")
+                self.notices.append(f"no checkpoint in {self.root}: this run starts at step 1 (output_dir "
+                                    f"{self.dirs.output})")
                 return None
             u = universal_path(p)
             if ckpt.read_state(p).get("world_size") != self.world and ckpt.is_complete(u):
                 p = u
         else:
             p = Path(r)
+            _refuse_a_checkpoint_root(p, r)
         problems = ckpt.verify(p)
         if problems:
             raise ResumeRefused(f"checkpoint.resume={r}: cannot resume from {p}: " + "; ".join(problems))
-        return Resume(p, ckpt.read_state(p))
+        self.resume = Resume(p, ckpt.read_state(p))
+        return self.resume
 
     def check_resume(self, resume: Resume, identity: dict) -> None:
-        """Refuse a checkpoint made with another teacher, tokenizer, data or model shape (unless
-        force_resume, which records the changes in ``resume.changes``), then one saved by another
-        number of ranks that is not a universal copy. Identity first: converting a checkpoint of
-        another teacher would not make it resumable."""
+        """The resume contract (``pipeline.resume_contract``), before any model loads: refuse a
+        changed identity (a config key of class identity, or another teacher, tokenizer, data or
+        student shape; ``force_resume`` lets a teacher change through, recorded in
+        ``resume.changes``), a max_steps the checkpoint has passed, then a checkpoint saved by
+        another number of ranks that is not a universal copy; note the other changes for the log."""
         saved = dict(resume.state["identity"])
         teacher = saved.get("teacher")
         if teacher and "content_sha256" not in teacher and identity["teacher"]:
-            # written before teacher content hashes: only the path can be compared
             self.notices.append(f"WARNING: {resume.path} predates teacher content hashes; the teacher's weights "
                                 f"could not be compared with the checkpoint's (only its path)")
-            saved["teacher"] = dict(identity["teacher"], path=teacher.get("path"))
-        changes = ckpt.identity_changes(saved, identity)
-        if changes and not self.cfg.force_resume:
-            raise ResumeRefused("refusing to resume from " + str(resume.path) + ": it was made with a different\n  "
-                                + "\n  ".join(changes)
-                                + "\nto keep this run, restore what changed; to start a new run, use a new "
-                                  "output_dir=... (or --move-aside to move this run's files aside); or set "
-                                  "checkpoint.force_resume=true (--force-resume) to resume anyway")
-        resume.changes = changes
+        saved_config = ckpt.read_config(resume.path)
+        if saved_config is None:
+            self.notices.append(f"WARNING: {resume.path} has no readable resolved_config.yaml: its settings "
+                                f"could not be compared with this run's")
+        keys = config_changes(saved_config, self.run_cfg) if saved_config is not None else []
+        refusing, forced = refused([c for c in keys if c.kind == IDENTITY] + record_changes(saved, identity),
+                                   self.cfg.force_resume)
+        if refusing:
+            raise ResumeRefused(refusal(f"from {resume.path}", "checkpoint", refusing))
+        resume.changes = [f"{c.key}: checkpoint has {c.saved!r}, this run has {c.now!r}" for c in forced]
+        step, max_steps = int(resume.state["step"]), self.run_cfg.optim.max_steps
+        if max_steps < step:
+            raise ResumeRefused(f"optim.max_steps={max_steps} is below the step of {resume.path} ({step}): "
+                                f"nothing would be trained. Set optim.max_steps above {step} to train on, or "
+                                f"resume an older checkpoint with --resume DIR --rollback")
         saved_world = resume.state.get("world_size")
         if saved_world != self.world and not is_universal(resume.path):
             p = resume.path
             raise ResumeRefused(f"{p} was saved by {saved_world} ranks and this run has {self.world}: "
                                 f"convert it first with `python -m pipeline.universal --checkpoint {p}` "
                                 f"(then --resume auto uses the converted copy)")
+        self.notices.append(describe(str(resume.path), [c for c in keys if c.kind != IDENTITY]))
 
-    def claim_run_dir(self, dirs: RunDirs, resume: Resume | None) -> str:
-        """This run's id; refuses a start that would mix two runs in one directory (run_dir.py)."""
+    def claim_run_dir(self, resume: Resume | None, identity: dict) -> str:
+        """This run's id; refuses a start that would mix two runs in one directory, restart a run
+        that has checkpoints elsewhere, or roll back over newer checkpoints (run_dir.py)."""
         path = resume.path if resume is not None else None
 
         def claim() -> tuple[str, list]:
             try:
-                return run_dir.claim(dirs, path, move_aside=self.cfg.move_aside,
-                                     restart=path is None and self.cfg.resume == "auto")
+                run_id, moved = run_dir.claim(self.dirs, path, move_aside=self.cfg.move_aside,
+                                              rollback=self.cfg.rollback,
+                                              restart=path is None and self.cfg.resume == "auto",
+                                              identity=RunIdentity.of(self.run_cfg, identity))
             except RunDirRefused as e:
                 raise ResumeRefused(str(e)) from None
+            self.lock.set_run_id(run_id)
+            return run_id, moved
 
         self.run_id, moved = distributed.on_rank0(claim)
-        self.notices += [f"moved the previous run's {src} to {dst}" for src, dst in moved]
+        self.notices += [f"moved {src} to {dst}" for src, dst in moved]
         return self.run_id
 
     # ---- saving and loading -----------------------------------------------------------------
@@ -156,18 +211,20 @@ class Checkpointer:
                 f"{' ...' if len(bad) > 5 else ''}; the last good checkpoint in {root} is kept. Lower optim.lr "
                 f"or check the data.")
             return None
-        ours = ckpt.run_id_of(path) in (self.run_id, None)
-        if ckpt.is_complete(path) and ours and not ckpt.verify(path):
-            return path  # resumed at this very step: the checkpoint already holds this state
+        if self.resume is not None and step == int(self.resume.state["step"]):
+            log(f"step {step}: nothing was trained since resuming from {self.resume.path}, which holds this "
+                f"state: not saved again")
+            return self.resume.path
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
-            if ckpt.is_complete(path) and not ours:  # refused at start-up (run_dir.claim)
+            if ckpt.is_complete(path) and ckpt.run_id_of(path) not in (self.run_id, None):  # refused at start-up
                 raise RuntimeError(f"{path} is a complete checkpoint of run {ckpt.run_id_of(path)}, "
                                    f"not of this run ({self.run_id}): not overwriting it")
-            if ckpt.is_complete(path):  # ours but damaged (passed over at resume): kept for inspection
-                aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            if ckpt.is_complete(path):  # damaged (passed over at resume) or of an earlier pass: kept
+                why = "damaged" if ckpt.verify(path) else "replaced"
+                aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
                 path.rename(aside)
-                log(f"moved damaged checkpoint {path.name} to {aside.name}")
+                log(f"moved {why} checkpoint {path.name} to {aside.name}")
             elif path.exists():
                 shutil.rmtree(path)  # leftover of this run's save that was killed: start it clean
         dist.barrier()
@@ -179,6 +236,7 @@ class Checkpointer:
         dist.barrier()  # every rank's files are on disk before the commit
         if self.rank == 0:
             ckpt.commit(root, path, records)
+            run_dir.record_save(self.dirs, step)
             log(f"saved checkpoint {path}")
             for p in ckpt.prune(root, self.cfg.keep_last, self.run_id):
                 log(f"removed old checkpoint {p.name}")
@@ -186,23 +244,22 @@ class Checkpointer:
         return path
 
     def load(self, engine, resume: Resume, seed: int, log: Callable[[str], None]) -> None:
-        """The engine's weights, optimizer and schedule from ``resume``, and this rank's RNG state
-        (reseeded from ``seed`` and the step when the world size changed)."""
+        """The engine's weights, optimizer state and schedule position from ``resume``, this rank's
+        RNG state (reseeded from ``seed`` and the step when the world size changed), and the
+        config's hyperparameters (see :func:`_configured_hyperparameters`)."""
         path = resume.path
-        groups = engine.optimizer.param_groups
-        weight_decays = [g["weight_decay"] for g in groups]
+        put_back = _configured_hyperparameters(engine)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise ResumeRefused(f"DeepSpeed could not load {path}")
+        put_back()
+        groups = engine.optimizer.param_groups
+        log(f"optimizer param groups' weight_decay after {'universal ' if is_universal(path) else ''}load: "
+            f"{[g['weight_decay'] for g in groups]}, betas {[tuple(g['betas']) for g in groups]}, eps "
+            f"{[g['eps'] for g in groups]}, lr of the next step {[g['lr'] for g in groups]} (optim.* of this run)")
         if is_universal(path):
-            # DeepSpeed's ZeRO-3 universal load copies param group 0's hyperparameters into every
-            # group (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3), which would decay
-            # norms and biases: put back each group's own weight decay.
-            for group, decay in zip(groups, weight_decays):
-                group["weight_decay"] = decay
-            log(f"optimizer param groups' weight_decay after universal load: {[g['weight_decay'] for g in groups]}")
-            # It also gives every sub-group's state the *same* 'step' tensor object, and
+            # DeepSpeed's ZeRO-3 universal load gives every sub-group's state the *same* 'step' tensor object, and
             # torch.optim.Adam(W) increments it in place (step_t += 1) once per sub-group step, so
             # the step count (Adam's bias correction) would advance by the number of sub-groups
             # per optimizer step: give each sub-group its own copy.
@@ -217,6 +274,41 @@ class Checkpointer:
         if resume.changes:
             log("WARNING: force_resume with changes:\n  " + "\n  ".join(resume.changes))
         log(f"resumed from {path} at step {state['step']} ({state['consumed_samples']} samples consumed)")
+
+
+def _configured_hyperparameters(engine) -> Callable[[], None]:
+    """Call before ``load_checkpoint``; the function it returns, called after, puts back what this
+    run's config set: every optimizer param group's hyperparameters (weight decay, betas, eps) and
+    the LR schedule's base rates, then each group's current rate from the schedule at the loaded
+    position (the schedule's function is this run's: lr, min_lr, warmup_steps, max_steps).
+
+    DeepSpeed's load restores the saved ones (and a universal load gives every group param group
+    0's, which would decay norms and biases): without this a changed optim.* would be ignored
+    while resolved_config.yaml records it. Unchanged values give bit-identical rates."""
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    sched = engine.lr_scheduler
+    base_lrs = list(sched.base_lrs)
+
+    def put_back() -> None:
+        groups = engine.optimizer.param_groups  # torch's load_state_dict made new group dicts
+        for group, values in zip(groups, configured):
+            group.update(values)
+        sched.base_lrs = list(base_lrs)
+        for group, base, rate in zip(groups, base_lrs, sched.lr_lambdas):
+            group["lr"] = base * rate(sched.last_epoch)
+
+    return put_back
+
+
+def _refuse_a_checkpoint_root(p: Path, given: str) -> None:
+    """``--resume`` naming a directory of checkpoints (a checkpoint.dir or a run's output_dir)
+    instead of one checkpoint: refused with the two ways to say what was meant."""
+    for root in (p, p / "checkpoints"):
+        newest = ckpt.complete_checkpoints(root)
+        if not ckpt.is_complete(p) and newest:
+            raise ResumeRefused(f"checkpoint.resume={given}: {p} holds checkpoints but is not one: name one "
+                                f"(--resume {newest[-1]}, the newest), or continue the run they belong to "
+                                f"with --resume auto (checkpoint.dir={root} if it is not the default)")
 
 
 def nonfinite_parameters(engine) -> list[str]:

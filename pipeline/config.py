@@ -21,6 +21,12 @@ Derived values (global batch, tokens per step, total tokens) depend on the numbe
 data-parallel ranks, so they are computed once at start-up by :func:`derive` and logged; the
 resolved config (with the derived values) is saved beside every checkpoint.
 
+Every key also has a class that says what changing it on resume means (:data:`RESUME_CLASSES`:
+identity, identity-by-content, schedule, free; ``pipeline.resume_contract`` applies it), checked
+complete when this module is imported. ``~`` in a path key is the home directory (a shell leaves
+it alone after ``key=``); where the run lives (output, checkpoint and TensorBoard directories) is
+used as an absolute path (:attr:`RunConfig.output_path`, ...), relative to the working directory.
+
     python -m pipeline.train --config configs/tiny_cpu.yaml optim.max_steps=20 distill.plan=group
 """
 
@@ -28,9 +34,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
@@ -44,8 +51,9 @@ from pipeline.faults import DebugConfig
 from pipeline.metrics import LoggingConfig
 from pipeline.model_configs import StudentConfig, TeacherConfig
 from pipeline.objective import DistillConfig
-from pipeline.settings import (ConfigError, Section, apply_overrides, build, field_help, parse_override,
-                               parse_yaml, setting)
+from pipeline.resume_contract import CONTENT, FREE, IDENTITY, SCHEDULE
+from pipeline.settings import (ConfigError, Section, apply_overrides, build, declared_classes, field_help,
+                               leaf_keys, parse_override, parse_yaml, setting)
 
 __all__ = ["ConfigError", "Derived", "RunConfig", "config_from_dict", "config_from_saved", "derive", "dump_yaml",
            "help_text", "load_config", "parse_override"]
@@ -66,14 +74,41 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     debug: DebugConfig = Field(default_factory=DebugConfig)
 
-    # Paths with defaults relative to output_dir.
+    # Where the run lives, absolute (relative paths are relative to the working directory).
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).absolute()
+
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir or Path(self.output_dir) / "checkpoints")
+        return Path(self.checkpoint.dir).absolute() if self.checkpoint.dir else self.output_path / "checkpoints"
 
     @property
     def tb_dir(self) -> Path:
-        return Path(self.logging.tb_dir or Path(self.output_dir) / "tb")
+        return Path(self.logging.tb_dir).absolute() if self.logging.tb_dir else self.output_path / "tb"
+
+    @classmethod
+    def key_classes(cls) -> dict[str, str]:
+        """{dotted key: its class on resume} for every leaf key (:data:`RESUME_CLASSES`)."""
+        return KEY_CLASSES
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_home(cls, data: Any) -> Any:
+        """``~`` at the start of a path key (:data:`PATH_KEYS`) is the home directory."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in PATH_KEYS:
+            section, _, name = key.rpartition(".")
+            node = data.get(section) if section else data
+            if isinstance(node, dict) and isinstance(node.get(name), str) and node[name].startswith("~"):
+                node = dict(node, **{name: os.path.expanduser(node[name])})
+                if section:
+                    data[section] = node
+                else:
+                    data = node
+        return data
 
     @property
     def uses_teacher(self) -> bool:
@@ -99,7 +134,7 @@ class RunConfig(Section):
             checks = [(not self.teacher.path, "teacher.path is set but stage is 'pretrain' (CE only): remove "
                                               "teacher.path or set stage=distill"),
                       (d.w_ce > 0, "stage 'pretrain' trains with CE only: distill.w_ce must be > 0")]
-        if s.init_from is None:
+        if s.init_from is None and s.max_position_embeddings is not None:  # empty: checked once derived
             checks.append((self.data.seq_len <= s.max_position_embeddings,
                            f"data.seq_len ({self.data.seq_len}) exceeds student.max_position_embeddings "
                            f"({s.max_position_embeddings}): lower data.seq_len or raise the student's max positions"))
@@ -107,6 +142,37 @@ class RunConfig(Section):
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+#: What changing each key means when a run resumes (``pipeline.resume_contract``): every leaf
+#: key in exactly one class (``section.*``: every key of the section), checked at import.
+RESUME_CLASSES: dict[str, tuple[str, ...]] = {
+    IDENTITY: ("stage", "seed", "student.num_layers", "student.hidden_size", "student.num_heads",
+               "student.num_kv_heads", "student.intermediate_size", "student.vocab_size",
+               "student.max_position_embeddings", "student.rope_theta", "student.rms_norm_eps",
+               "student.tie_word_embeddings", "student.init_std", "data.seq_len", "deepspeed.precision",
+               # chosen once per run and kept in its checkpoints (a resumed run reuses them)
+               "distill.select_heads", "distill.select_seed", "distill.mixing_weights",
+               "distill.select_calibration_batches"),
+    CONTENT: ("teacher.path", "student.init_from", "data.dir", "data.tokenizer_dir"),
+    SCHEDULE: ("data.micro_batch_size", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.max_steps",
+               "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
+               "optim.grad_accum_steps", "distill.w_ce", "distill.w_kd", "distill.tau_kd", "distill.w_shd",
+               "distill.tau_shd", "distill.plan", "distill.objective", "distill.selection", "distill.merge",
+               "distill.sharpen", "distill.shd_divergence", "distill.shd_warmup_steps", "distill.student_layers",
+               "distill.layer_map", "teacher.dtype"),
+    FREE: ("output_dir", "teacher.placement", "teacher.offload_params", "student.activation_checkpointing",
+           "data.verify_checksums", "data.check_model_tokenizers", "distill.kd_chunk_size",
+           "distill.shd_block_size", "distill.allow_padded_vocab", "optim.max_consecutive_nonfinite",
+           "deepspeed.config", "checkpoint.*", "logging.*", "eval.*", "debug.*"),
+}
+KEY_CLASSES = declared_classes(RunConfig, RESUME_CLASSES)
+
+#: Keys that hold a path: ``~`` at their start is expanded.
+PATH_KEYS = ("output_dir", "teacher.path", "student.init_from", "data.dir", "data.tokenizer_dir",
+             "deepspeed.config", "checkpoint.dir", "checkpoint.resume", "logging.tb_dir")
+if not set(PATH_KEYS) <= set(leaf_keys(RunConfig)):
+    raise TypeError(f"PATH_KEYS names keys RunConfig does not have: {set(PATH_KEYS) - set(leaf_keys(RunConfig))}")
 
 
 @dataclass(frozen=True)
@@ -197,4 +263,4 @@ def config_from_saved(text: str) -> RunConfig:
 
 def help_text() -> str:
     """All keys with type, default and help (printed by ``python -m pipeline.train --help-config``)."""
-    return "\n".join(field_help(RunConfig))
+    return "\n".join(field_help(RunConfig, classes=KEY_CLASSES))

@@ -11,7 +11,9 @@ this module adds to pydantic is only what the project promises its users:
 - YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently) and
   reports syntax errors with line and column;
 - ``key.sub=value`` overrides, the value parsed as YAML, one parser for train, study and tests,
-  the same key twice refused.
+  the same key twice refused;
+- a class declared for every leaf key (:func:`declared_classes`: what changing it on resume means,
+  ``pipeline.config.RESUME_CLASSES``), checked complete when the config module is imported.
 """
 
 from __future__ import annotations
@@ -120,20 +122,69 @@ def build(model: type[BaseModel], data: Any, prefix: str = "") -> Any:
         raise ConfigError("\n".join(lines)) from None
 
 
-def field_help(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per leaf key: ``key (type, default ...): help``."""
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def field_help(model: type[BaseModel], prefix: str = "", classes: dict[str, str] | None = None) -> list[str]:
+    """One line per leaf key: ``key (type, default ...): help``, then ``[on resume: CLASS]`` when
+    ``classes`` maps the dotted key to its class."""
     lines = []
     for name, f in model.model_fields.items():
         tp = f.annotation
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            lines += field_help(tp, f"{prefix}{name}.")
+        if _is_section(tp):
+            lines += field_help(tp, f"{prefix}{name}.", classes)
             continue
         default = f.get_default(call_default_factory=True)
         type_name = tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
         if "BeforeValidator" in type_name:  # Float
             type_name = "float"
-        lines.append(f"  {prefix}{name} ({type_name}, default {default!r}): {f.description or ''}")
+        tail = f" [on resume: {classes[prefix + name]}]" if classes else ""
+        lines.append(f"  {prefix}{name} ({type_name}, default {default!r}): {f.description or ''}{tail}")
     return lines
+
+
+def leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """The dotted name of every leaf key of a settings tree, in declaration order."""
+    keys = []
+    for name, f in model.model_fields.items():
+        keys += leaf_keys(f.annotation, f"{prefix}{name}.") if _is_section(f.annotation) else [prefix + name]
+    return keys
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of the leaves of a nested mapping (a list is a leaf value)."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def declared_classes(model: type[BaseModel], declared: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """{leaf key: class} from ``{class: keys}``, where ``section.*`` stands for every leaf of a section.
+
+    Every leaf key of ``model`` must be covered exactly once and every entry must name keys of
+    ``model``; anything else is a TypeError when the declaring module is imported (a key added to a
+    section without deciding its class is a bug of the code, not of a run's config).
+    """
+    leaves = leaf_keys(model)
+    owners: dict[str, list[str]] = {k: [] for k in leaves}
+    for cls, keys in declared.items():
+        for entry in keys:
+            covered = ([k for k in leaves if k.startswith(entry[:-1])] if entry.endswith(".*")
+                       else [entry] if entry in owners else [])
+            if not covered:
+                raise TypeError(f"class '{cls}' names '{entry}', which is no key of {model.__name__}")
+            for k in covered:
+                owners[k].append(cls)
+    bad = {k: v for k, v in owners.items() if len(v) != 1}
+    if bad:
+        raise TypeError(f"every key of {model.__name__} needs exactly one class: "
+                        + ", ".join(f"{k} has {v or 'none'}" for k, v in bad.items()))
+    return {k: v[0] for k, v in owners.items()}
 
 
 # --------------------------------------------------------------------------------------------

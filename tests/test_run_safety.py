@@ -1,12 +1,16 @@
-"""Nothing lost, nothing silent (issue 15), the parts that need no process group: checkpoint
-verification and fallback, run-directory ownership, teacher content identity, preflight refusals.
-The multi-process counterparts (real runs refused, moved aside, resumed past damage) are in
-test_run_safety_mp.py."""
+"""Nothing lost, nothing silent (issues 15 and 24), the parts that need no process group: checkpoint
+verification and fallback, run-directory ownership (the lock, adoption by the same identity only,
+no silent restart, explicit rollback), teacher content identity, preflight refusals. The
+multi-process counterparts (real runs refused, moved aside, resumed past damage, a second live
+run) are in test_run_safety_mp.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,9 @@ from pipeline import checkpoint as ckpt
 from pipeline.identity import teacher_identity
 from pipeline.preflight import Preflight
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.run_dir import RUN_FILE, RunDirRefused, RunDirs, claim
+from pipeline.resume_contract import RunIdentity
+from pipeline.run_dir import RUN_FILE, RunDirRefused, RunDirs, claim, record_save
+from pipeline.run_lock import LOCK_FILE, RunDirLocked, RunLock
 from tests.helpers import tiny_config
 
 
@@ -173,6 +179,105 @@ def test_starting_from_another_runs_checkpoint_in_a_used_dir_is_refused(tmp_path
     fresh = _dirs(tmp_path / "new")
     run_id, _ = claim(fresh, source, restart=False, move_aside=False)
     assert run_id != "source-run"  # a new run that starts from that checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 24: one live run per directory, adoption by identity, no silent restart, explicit rollback
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_second_start_is_refused_naming_the_live_holder(tmp_path):
+    """Case 2: two runs started together in one output_dir both ran (there was no lock)."""
+    out = tmp_path / "run"
+    held = RunLock(out)
+    held.set_run_id("run-a")
+    with pytest.raises(RunDirLocked) as e:
+        RunLock(out)
+    msg = str(e.value)
+    assert f"output_dir {out} is in use by a live run (host {os.uname().nodename}, pid {os.getpid()}, run run-a" in msg
+    assert "another output_dir" in msg
+    held.release()
+    RunLock(out).release()  # released: the next start takes it
+
+
+def test_a_dead_holders_lock_is_free(tmp_path):
+    """The kernel drops the flock of a killed process: no stale lock to remove by hand."""
+    out = tmp_path / "run"
+    code = (f"from pathlib import Path; from pipeline.run_lock import RunLock; lock = RunLock(Path({str(out)!r})); "
+            f"print('held', flush=True); import time; time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirLocked, match=f"pid {holder.pid}"):
+            RunLock(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    RunLock(out).release()
+    assert (out / LOCK_FILE).is_file()
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        RunLock(tmp_path / "run")
+    assert (tmp_path / "run").read_text() == "notes"
+
+
+def _identity(seed: int = 7, teacher: str = "aa") -> RunIdentity:
+    return RunIdentity({"seed": seed, "stage": "distill"}, {"teacher": {"path": "/t", "content_sha256": teacher}})
+
+
+def test_a_dead_runs_directory_is_adopted_only_by_the_same_run(tmp_path):
+    """Case 3: a run killed before its first checkpoint was continued by a start with another config."""
+    dirs = _dirs(tmp_path)
+    run_id, _ = claim(dirs, None, restart=True, move_aside=False, identity=_identity())
+    (dirs.output / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RunDirRefused) as e:
+        claim(dirs, None, restart=True, move_aside=False, identity=_identity(seed=8, teacher="bb"))
+    msg = str(e.value)
+    assert f"run {run_id} in {dirs.output} (it stopped before its first checkpoint)" in msg
+    assert "seed: run.json has 7, this run has 8" in msg and "teacher: run.json has" in msg
+    assert "--move-aside" in msg and (dirs.output / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert claim(dirs, None, restart=True, move_aside=False, identity=_identity()) == (run_id, [])  # a requeue
+
+
+def test_no_checkpoint_where_run_json_says_the_run_saved_some_is_refused(tmp_path):
+    """Case 7 (checkpoint.dir changed on resume) and 8: the run trained again from step 1."""
+    dirs = _dirs(tmp_path)
+    run_id, _ = claim(dirs, None, restart=True, move_aside=False, identity=_identity())
+    record_save(dirs, 8)
+    record = json.loads(dirs.marker.read_text())
+    assert (record["output_dir"], record["checkpoint_dir"]) == (str(dirs.output), str(dirs.checkpoints))
+    assert record["saved_step"] == 8 and record["identity"] == _identity().to_json()
+    elsewhere = RunDirs(output=dirs.output, checkpoints=tmp_path / "ck2", tensorboard=dirs.tensorboard)
+    with pytest.raises(RunDirRefused) as e:
+        claim(elsewhere, None, restart=True, move_aside=False, identity=_identity())
+    msg = str(e.value)
+    assert f"says run {run_id} saved checkpoints up to step 8 in {dirs.checkpoints}" in msg
+    assert f"checkpoint.dir is now {tmp_path / 'ck2'}" in msg and f"checkpoint.dir={dirs.checkpoints}" in msg
+    with pytest.raises(RunDirRefused, match="no checkpoint was found there: starting at step 1"):
+        claim(dirs, None, restart=True, move_aside=False, identity=_identity())
+
+
+def test_resuming_an_older_checkpoint_is_refused_and_rollback_moves_the_newer_aside(tmp_path):
+    """Case 1: steps 7-8 trained from step 6, and the old step 8 stayed (the save returned early)."""
+    dirs = _dirs(tmp_path)
+    run_id, _ = _used(dirs)
+    older = dirs.checkpoints / "step_00000002"
+    newer = dirs.checkpoints / "step_00000004"
+    (dirs.checkpoints / "step_00000004_universal").mkdir()
+    before = sorted(p.name for p in dirs.checkpoints.iterdir())
+    with pytest.raises(RunDirRefused) as e:
+        claim(dirs, older, restart=False, move_aside=False)
+    assert "older than this run's newest checkpoint(s) step_00000004" in str(e.value) and "--rollback" in str(e.value)
+    assert sorted(p.name for p in dirs.checkpoints.iterdir()) == before
+    assert claim(dirs, newer, restart=False, move_aside=False)[0] == run_id  # the newest: no rollback
+    again, moved = claim(dirs, older, restart=False, move_aside=False, rollback=True)
+    assert again == run_id and [src.name for src, _ in moved] == ["step_00000004", "step_00000004_universal"]
+    assert all(dst.name.startswith(src.name + ".rolled-back-") and dst.is_dir() for src, dst in moved)
+    assert [p.name for p in ckpt.complete_checkpoints(dirs.checkpoints)] == ["step_00000002"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,26 +4,31 @@
 - a damaged newest checkpoint is named, passed over by --resume auto and refused when named;
 - non-finite weights are never saved (exit 3, the last good checkpoint stays the newest);
 - a teacher whose weights were replaced in place is refused at resume, a touched one is not
-  (with a GPT-2 teacher, which trains logit KD with SHD off).
+  (with a GPT-2 teacher, which trains logit KD with SHD off);
+- a second run in a live run's output_dir is refused naming it, and once that run is killed its
+  directory is adopted only by the same run (issue 24, cases 2 and 3).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
 from pipeline import checkpoint as ckpt
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
-from tests.helpers import logs, run_ranks, tiny_config
+from pipeline.run_lock import LOCK_FILE
+from tests.helpers import launch_ranks, logs, read_metrics, run_ranks, tiny_config, wait_for, write_config
 
 pytestmark = pytest.mark.multiprocess
 
 
 def _snapshot(root: Path) -> dict[str, str]:
+    """Every file's hash, but the lock file's (it names whoever holds the directory now)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def _pretrain(out: Path, tiny_data, **over) -> dict:
@@ -117,3 +122,29 @@ def test_teacher_replaced_in_place_is_refused_at_resume(tmp_path, tiny_data):
     run_ranks(1, cfg, tmp_path / "replaced", expect=CONFIG_ERROR_EXIT_CODE)
     text = (tmp_path / "replaced" / "logs" / "rank0.log").read_text()
     assert "refusing to resume" in text and "teacher: checkpoint has" in text and "content_sha256" in text
+
+
+def test_a_live_runs_directory_is_refused_and_a_dead_ones_adopted_only_by_the_same_run(tmp_path, tiny_data):
+    """Case 2: two runs at once in one output_dir both ran, mixing their files; case 3: a run killed
+    before its first checkpoint was continued by a start with another config."""
+    out = tmp_path / "run"
+    cfg = _pretrain(out, tiny_data, **{"optim.max_steps": 50, "checkpoint.every_steps": 0, "eval.every_steps": 0,
+                                       "debug.sleep_per_step": 0.5})
+    config = write_config(tmp_path / "a" / "config.yaml", cfg)
+    (live,) = launch_ranks(1, ["--config", str(config)], tmp_path / "a" / "logs")
+    try:
+        wait_for(lambda: len(read_metrics(out)) >= 2, 120, "the first run's second step", tmp_path / "a" / "logs")
+        run_ranks(1, _pretrain(out, tiny_data, seed=8), tmp_path / "b", expect=CONFIG_ERROR_EXIT_CODE)
+        text = (tmp_path / "b" / "logs" / "rank0.log").read_text()
+        run_id = json.loads((out / "run.json").read_text())["run_id"]
+        assert f"output_dir {out} is in use by a live run (host " in text and f"pid {live.pid}, run {run_id}" in text
+    finally:
+        live.kill()
+        live.wait()
+    steps = [r["step"] for r in read_metrics(out)]
+    run_ranks(1, _pretrain(out, tiny_data, seed=8, **{"checkpoint.every_steps": 0}), tmp_path / "c",
+              expect=CONFIG_ERROR_EXIT_CODE)
+    text = (tmp_path / "c" / "logs" / "rank0.log").read_text()
+    assert "(it stopped before its first checkpoint)" in text and "seed: run.json has 7, this run has 8" in text
+    assert "--move-aside" in text and "Traceback" not in text
+    assert [r["step"] for r in read_metrics(out)] == steps  # nothing appended
