@@ -28,13 +28,21 @@ def differences(old: Manifest, fresh: Manifest) -> list[str]:
     """What differs between the recipes of two manifests (none: the same output): "tokenizer",
     "dtype", "options (KEY, ...)" and "input" (see `input_changes`)."""
     found = [name for name in ("tokenizer", "dtype") if getattr(old, name) != getattr(fresh, name)]
-    keys = sorted((set(old.options) | set(fresh.options)) - set(INPUT_KEYS))
+    keys = sorted((set(old.options) | set(fresh.options)) - set(INPUT_KEYS) - {"separator"})
     changed = [key for key in keys if old.options.get(key) != fresh.options.get(key)]
+    if separator_id(old) != separator_id(fresh):
+        changed.append("separator")
     if changed:
         found.append(f"options ({', '.join(changed)})")
     if input_changes(old, fresh):
         found.append("input")
     return found
+
+
+def separator_id(manifest: Manifest) -> int:
+    """The id ending every document; outputs made before `--separator` existed recorded none and used EOS."""
+    separator = manifest.options.get("separator")
+    return separator["id"] if separator else manifest.tokenizer.eos_id
 
 
 def input_changes(old: Manifest, fresh: Manifest) -> list[str]:

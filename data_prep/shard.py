@@ -11,7 +11,9 @@ Crash safety and resume: a shard is written under a `.tmp` name and renamed when
 `manifest.json` is replaced atomically after every shard. Running the same command again after a
 crash re-reads the input, skips (without tokenizing) the documents already in completed shards and
 finishes with exactly the output of an uninterrupted run. An output directory made with another
-tokenizer or options is refused unless --overwrite. Readers only accept a manifest marked complete.
+tokenizer or options is refused unless --overwrite, and so is one made from an input that changed since
+(compared by content, `data_prep.fingerprint`, not by path and size). Readers only accept a manifest
+marked complete.
 
 Multi-node: with --task-index K --task-count N (defaults: a Slurm array's SLURM_ARRAY_TASK_ID and
 SLURM_ARRAY_TASK_COUNT) a run does only task K's share of the inputs (`data_prep.tasks`) into
@@ -43,14 +45,15 @@ from pydantic import model_validator
 from tqdm import tqdm
 
 from data_prep.cli import Options, add_options, command_line, option, options_from_args, run_cli
-from data_prep.encode import DocumentEncoder, EncodedBatch
+from data_prep.encode import DocumentEncoder, EncodedBatch, document_separator
 from data_prep.indexed import ShardWriter, token_dtype
-from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord, tokenizer_identity,
-                                write_manifest)
+from data_prep.fingerprint import file_units, with_content
+from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord, load_hf_tokenizer,
+                                tokenizer_identity, write_manifest)
 from data_prep.merge import merge_main
 from data_prep.output_dir import (build_root, differences, manifest_or_none, prepare_dir, remove_staging,
                                   swap_in)
-from data_prep.sources import Document, InputReport, Source, iter_documents, resolve_inputs
+from data_prep.sources import TXT_DOCUMENTS, Document, InputReport, Source, iter_documents, resolve_inputs
 from data_prep.tasks import PARTS_DIR, assign_units, plan_sha256, plan_units, task_dir_name
 from pipeline.settings import Float
 
@@ -75,6 +78,10 @@ class ShardOptions(Options):
     seed: int = option(0, "seed of the per-document train/val assignment")
     shard_tokens: int = option(20_000_000, "tokens per shard (whole documents)")
     strict: bool = option(False, "fail on a record without text instead of skipping it")
+    txt_documents: str = option("file", "how a .txt file is read: 'file' = the whole file is one document, 'line' = "
+                                        "each non-blank line is one document")
+    max_document_mb: Float = option(16.0, "a longer document is refused (tokenizing one text at once takes about "
+                                          "100 times its size in memory); split it, or raise this")
     overwrite: bool = option(False, "replace an output directory made differently; the old output stays until "
                                     "the new one is complete (room for both is needed)")
     task_index: Optional[int] = option(
@@ -83,6 +90,10 @@ class ShardOptions(Options):
     task_count: Optional[int] = option(
         None, "multi-task run: the number of tasks; give it explicitly when resubmitting only some tasks "
               "(default: $SLURM_ARRAY_TASK_COUNT)")
+    separator: Optional[str] = option(
+        None, "token appended after every document, as its text (e.g. '<|endoftext|>') or its id; default: the "
+              "tokenizer's end-of-text token, a pretraining one (<|endoftext|>, <|end_of_text|>, </s>) preferred over a "
+              "chat-turn end (<|im_end|>, <|eot_id|>) that instruct tokenizers name as EOS")
     unit_bytes: int = option(256 << 20, "multi-task run: .jsonl files larger than this are cut into byte ranges of "
                                         "this size and parquet files into row groups of about this size, which are "
                                         "then divided among the tasks")
@@ -107,6 +118,10 @@ class ShardOptions(Options):
             raise DataError(f"--task-index {self.task_index}: must be in [0, --task-count {self.task_count})")
         if self.unit_bytes < 1:
             raise DataError(f"--unit-bytes {self.unit_bytes}: must be >= 1")
+        if self.txt_documents not in TXT_DOCUMENTS:
+            raise DataError(f"--txt-documents {self.txt_documents}: must be one of {', '.join(TXT_DOCUMENTS)}")
+        if not self.max_document_mb > 0:
+            raise DataError(f"--max-document-mb {self.max_document_mb}: must be > 0")
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -161,10 +176,10 @@ class _SplitWriter:
 _WORKER_ENCODER: DocumentEncoder | None = None  # each pool worker's own encoder, set by _init_worker
 
 
-def _init_worker(tokenizer_dir: Path) -> None:
+def _init_worker(tokenizer_dir: Path, separator: str | None) -> None:
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: --workers sets the parallelism
-    _WORKER_ENCODER = DocumentEncoder(tokenizer_dir)
+    _WORKER_ENCODER = DocumentEncoder(tokenizer_dir, separator)
 
 
 def _encode_in_worker(texts: list[str]) -> EncodedBatch:
@@ -177,11 +192,11 @@ Batch = list[tuple[int, str, str]]  # (document index, split, text)
 def _encode_batches(batches: Iterator[Batch], options: ShardOptions) -> Iterator[tuple[Batch, EncodedBatch]]:
     """Encode batches in order, in-process for one worker, else in a pool with a bounded window."""
     if options.workers == 1:
-        encoder = DocumentEncoder(options.tokenizer)
+        encoder = DocumentEncoder(options.tokenizer, options.separator)
         for batch in batches:
             yield batch, encoder.encode([text for _, _, text in batch])
         return
-    with multiprocessing.get_context().Pool(options.workers, _init_worker, (options.tokenizer,)) as pool:
+    with multiprocessing.get_context().Pool(options.workers, _init_worker, (options.tokenizer, options.separator)) as pool:
         window: deque = deque()
         for batch in batches:
             window.append((batch, pool.apply_async(_encode_in_worker, ([text for _, _, text in batch],))))
@@ -240,14 +255,18 @@ def build_shards(options: ShardOptions) -> Manifest:
 
     With --task-index/--task-count, that is this task's part, `OUT/parts/task-NNNNN` (see `_build_task`).
     """
-    sources = resolve_inputs(options.inputs)
+    sources = resolve_inputs(options.inputs, options.txt_documents)
     identity = tokenizer_identity(options.tokenizer)
+    separator = document_separator(load_hf_tokenizer(options.tokenizer), options.separator)
     dtype = token_dtype(identity.vocab_size)
     fresh = Manifest(path=options.out / MANIFEST_NAME, complete=False, tokenizer=identity, dtype=dtype.name,
-                     options={"inputs": [s.describe() for s in sources], **options.settings()}, shards=())
+                     options={"inputs": [s.describe() for s in sources], **options.settings(),
+                              "separator": separator.describe()}, shards=())
+    print(f"[shard] documents end with the separator {separator.token!r} (id {separator.id})", file=sys.stderr)
     if options.task_count is not None:
         return _build_task(options, sources, fresh, dtype)
-    return _build(options, fresh, dtype, lambda report: iter_documents(sources, options.text_field, report))
+    return _build(options, with_content(fresh, file_units(sources)), dtype,
+                  lambda report: iter_documents(sources, options.text_field, report))
 
 
 def _build_task(options: ShardOptions, sources: list[Source], fresh: Manifest, dtype: np.dtype) -> Manifest:
@@ -267,8 +286,8 @@ def _build_task(options: ShardOptions, sources: list[Source], fresh: Manifest, d
             "plan_units": len(units), "plan_sha256": plan_sha256([u.key for u in units]),
             "units": [u.key for u in mine]}
     rerun = command_line("python -m data_prep.shard", options, leave_out=("task_index", "workers", "overwrite"))
-    fresh = replace(fresh, path=task_out / MANIFEST_NAME, options={**fresh.options, "task": task},
-                    stats={"rerun": rerun})
+    fresh = with_content(replace(fresh, path=task_out / MANIFEST_NAME, options={**fresh.options, "task": task},
+                                 stats={"rerun": rerun}), mine)
 
     def documents(report: InputReport) -> Iterator[Document]:
         for unit in mine:
@@ -329,7 +348,7 @@ def _run(options: ShardOptions, manifest: Manifest, dtype: np.dtype, documents: 
     done = {split: max((r.last_doc for r in records if r.split == split), default=-1) for split in options.splits}
     writers = {split: _SplitWriter(manifest.root, split, dtype, options.shard_tokens,
                                    sum(r.split == split for r in records), commit) for split in options.splits}
-    report = InputReport(strict=options.strict)
+    report = InputReport(strict=options.strict, max_document_bytes=int(options.max_document_mb * 2**20))
     progress = _Progress()
     pending = _PendingBatches(documents(report), options, done)
     reported = 0

@@ -54,15 +54,22 @@ class DataConfig(Section):
         return self
 
 
-def split_tokens(tokens: torch.Tensor, pad_id: int | None, device=None):
-    """[B, T+1] samples -> (inputs [B, T], labels [B, T], valid labels [B, T] bool, 2-D mask or None)."""
-    full = pad_id is None or bool((tokens[:, :-1] != pad_id).all())  # before the copy: no device sync
+def split_tokens(tokens: torch.Tensor, device=None, lengths: torch.Tensor | None = None):
+    """[B, T+1] samples -> (inputs [B, T], labels [B, T], valid labels [B, T] bool, 2-D mask or None).
+
+    Packed samples are windows of the token stream and hold no padding: every token, document
+    separators included, is an input, a key and a target. Padding is never inferred from a token id
+    (many tokenizers set pad = eos, the separator); a right-padded batch passes ``lengths`` [B], the
+    number of real tokens in each row of T+1, and gets a key mask and label validity from it.
+    """
     if device is not None:
         tokens = tokens.to(device)
     inp, labels = tokens[:, :-1], tokens[:, 1:]
-    if pad_id is None:
+    if lengths is None:
         return inp, labels, torch.ones_like(labels, dtype=torch.bool), None
-    return inp, labels, labels != pad_id, (None if full else (inp != pad_id).long())
+    positions = torch.arange(inp.shape[1], device=inp.device)
+    lengths = lengths.to(inp.device).view(-1, 1)
+    return inp, labels, positions + 1 < lengths, (positions < lengths).long()
 
 
 def _open_shard(root: Path, shard: ShardRecord, dtype: np.dtype, verify_checksums: bool) -> np.ndarray:
@@ -164,21 +171,21 @@ class PackedSampleReader:
         return self._rows(indices)
 
     def eval_batches(self, micro_batch_size: int, max_batches: int | None = None) -> Iterator[torch.LongTensor]:
-        """An unshuffled pass over the split (or its first `max_batches` global batches), sharded by rank.
-
-        Every rank yields the same number of batches; samples left over after the last full global batch
-        are not used.
+        """This rank's share of an unshuffled pass over the first `max_batches * micro_batch_size` samples
+        of the split (all of them when None): the same samples for any number of ranks, so 1 or 8
+        processes evaluate the same sequences. They are cut into global batches of `micro_batch_size`
+        per rank, rank r taking the r-th block of each; in the last, partial one a rank's block may be
+        short or empty ([0, seq_len + 1]), so every rank yields the same number of batches.
         """
+        total = self.num_samples if max_batches is None else min(self.num_samples, max_batches * micro_batch_size)
+        if total < 1:
+            raise DataError(f"{self.manifest.path}: evaluating {max_batches} batches of {micro_batch_size} "
+                            f"samples of {self.split!r} reads nothing: give max_batches >= 1 (or none for all)")
         per_batch = micro_batch_size * self.dp_world_size
-        batches = self.num_samples // per_batch
-        if max_batches is not None:
-            batches = min(batches, max_batches)
-        if batches < 1:
-            raise DataError(f"{self.manifest.path}: {self.split!r} has {self.num_samples} samples, fewer than one "
-                            f"evaluation batch of {micro_batch_size} x {self.dp_world_size} ranks")
-        for b in range(batches):
-            first = b * per_batch + self.dp_rank * micro_batch_size
-            yield self._rows(range(first, first + micro_batch_size))
+        for b in range(-(-total // per_batch)):
+            first = min(total, b * per_batch + self.dp_rank * micro_batch_size)
+            rows = range(first, min(total, first + micro_batch_size))
+            yield self._rows(rows) if rows else torch.empty((0, self.seq_len + 1), dtype=torch.long)
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed, "seq_len": self.seq_len,

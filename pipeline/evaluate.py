@@ -64,7 +64,6 @@ def _perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, max_bat
     device = distributed.device()
     model.to(device)
     evaluator = Evaluator(data_dir, split=split, seq_len=seq_len, micro_batch_size=mb, max_batches=max_batches,
-                          pad_id=tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else None,
                           vocab=tok.vocab_size, chunk=chunk, model_vocab_size=model.config.vocab_size, device=device)
     batches = evaluator.batches()  # collective: on every rank
     out = evaluator(model, batches)
@@ -120,8 +119,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--data", help="data dir (default: the training run's, from the checkpoint's or the "
                                    "export's config)")
     ap.add_argument("--split", default=None, help="data split (default: eval.split of the config, or val)")
-    ap.add_argument("--max-batches", type=int, default=None)
-    ap.add_argument("--micro-batch-size", type=int, default=None)
+    ap.add_argument("--max-batches", type=int, default=None, metavar="N",
+                    help="evaluate the first N x micro-batch-size sequences of the split, the same ones "
+                         "whatever the number of processes (default: the checkpoint's eval.max_batches; "
+                         "a model dir: the whole split)")
+    ap.add_argument("--micro-batch-size", type=int, default=None,
+                    help="sequences per forward on each process (default: the checkpoint's eval or data "
+                         "micro_batch_size; a model dir: 4)")
     ap.add_argument("--seq-len", type=int, default=None,
                     help="model dir only (default: the training run's data.seq_len for an export, else 128)")
     ap.add_argument("--tokenizer", default=None,

@@ -2,9 +2,9 @@
 
 One evaluator serves the trainer (a ZeRO-3 engine on every rank) and ``pipeline.evaluate`` (a
 ZeRO-3 engine, or a plain model in one process); it needs no optimizer. Every rank reads its
-data-parallel share of the split's batches; all ranks run the same number of forwards (a ZeRO-3
-forward is collective), and the CE sums are reduced, so the number is the same for any world size
-up to which batches are left out at the end.
+data-parallel share of the evaluated sequences, which are defined for the whole job (the first
+``eval.max_batches x micro-batch`` of the split); all ranks run the same number of forwards (a ZeRO-3
+forward is collective), and the CE sums are reduced, so the number is the same for any world size.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from pydantic import model_validator
 
 from pipeline import distributed, lm_head
@@ -24,7 +23,9 @@ from pipeline.settings import ConfigError, Section, setting
 class EvalConfig(Section):
     every_steps: int = setting(500, "Held-out perplexity every this many steps (0 = off during training).")
     at_end: bool = setting(True, "Evaluate at the end of the run.")
-    max_batches: Optional[int] = setting(50, "Eval micro-batches per rank; empty = the whole val split.")
+    max_batches: Optional[int] = setting(
+        50, "Evaluate the first max_batches x micro_batch_size sequences of the split, the same ones whatever the "
+            "number of ranks; empty = the whole split.")
     micro_batch_size: Optional[int] = setting(None, "Empty = data.micro_batch_size.")
     split: str = setting("val", "Data split used for evaluation.")
 
@@ -39,20 +40,26 @@ class Evaluator:
     """``evaluator(model)`` -> {"eval/loss", "eval/perplexity", "eval/tokens"} over the split."""
 
     def __init__(self, data_dir: str, *, split: str, seq_len: int, micro_batch_size: int,
-                 max_batches: int | None, pad_id: int | None, vocab: int, chunk: int, seed: int = 0,
+                 max_batches: int | None, vocab: int, chunk: int, seed: int = 0,
                  model_vocab_size: int | None = None, device: torch.device | None = None) -> None:
         self.reader = PackedSampleReader(data_dir, split=split, seq_len=seq_len, seed=seed,
                                          dp_rank=distributed.rank(), dp_world_size=distributed.world(),
                                          verify_checksums=False, model_vocab_size=model_vocab_size)
         self.micro_batch_size, self.max_batches = micro_batch_size, max_batches
-        self.pad_id, self.vocab, self.chunk, self.device = pad_id, vocab, chunk, device
+        self.vocab, self.chunk, self.device = vocab, chunk, device
 
     def batches(self) -> list[tuple]:
-        """This rank's batches, split; as many on every rank (the fewest any rank has)."""
-        batches = list(self.reader.eval_batches(self.micro_batch_size, max_batches=self.max_batches))
-        n = torch.tensor([len(batches)], device=self.device)
-        n = int(distributed.all_reduce(n, op=dist.ReduceOp.MIN).item())
-        return [split_tokens(b, self.pad_id, self.device) for b in batches[:n]]
+        """This rank's batches, split: its share of the same sequences for any number of ranks, as many
+        batches on every rank (`PackedSampleReader.eval_batches`). A rank's empty share of the last
+        batch becomes one row whose labels count for nothing: a ZeRO-3 forward is collective."""
+        out = []
+        for rows in self.reader.eval_batches(self.micro_batch_size, max_batches=self.max_batches):
+            if len(rows):
+                out.append(split_tokens(rows, self.device))
+            else:
+                inp, labels, valid, mask = split_tokens(torch.zeros((1, rows.shape[1]), dtype=torch.long), self.device)
+                out.append((inp, labels, torch.zeros_like(valid), mask))
+        return out
 
     @torch.no_grad()
     def __call__(self, model, batches: list[tuple] | None = None) -> dict[str, float]:

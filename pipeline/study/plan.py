@@ -249,7 +249,7 @@ def teacher_config(opts: StudyOptions, data: DataPlan, heads: int, seq_len: int,
         "student.num_heads": heads, "student.num_kv_heads": kv,
         "optim.max_steps": steps, "optim.warmup_steps": min(base["optim"]["warmup_steps"], max(1, steps // 10)),
         "checkpoint.every_steps": max(1, steps // 4), "logging.every_steps": max(1, steps // 10),
-        "eval.every_steps": max(1, steps // 4), "eval.max_batches": opts.budget.eval_batches,
+        "eval.every_steps": max(1, steps // 4), "eval.max_batches": opts.budget.eval_batches * opts.nproc,
         "eval.micro_batch_size": mb,
     })
 
@@ -266,7 +266,7 @@ def student_config(opts: StudyOptions, variant: str, seed: int, teacher: Path, d
         "data.micro_batch_size": mb,
         "optim.max_steps": steps, "optim.warmup_steps": min(b.warmup, max(1, steps // 10)),
         "checkpoint.every_steps": 0, "logging.every_steps": max(1, steps // 10),
-        "eval.every_steps": b.eval_every, "eval.max_batches": b.eval_batches, "eval.micro_batch_size": mb,
+        "eval.every_steps": b.eval_every, "eval.max_batches": b.eval_batches * opts.nproc, "eval.micro_batch_size": mb,
     }
     if opts.student_heads:
         values |= {"student.num_heads": opts.student_heads, "student.num_kv_heads": opts.student_heads}

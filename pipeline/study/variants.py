@@ -127,7 +127,7 @@ class Budget:
     vocab: int  # vocabulary of the tokenizer trained on --corpus
     tok_sentences: int  # lines the tokenizer is trained on
     eval_every: int  # held-out evaluation of a student every N steps
-    eval_batches: int  # evaluation micro-batches per rank
+    eval_batches: int  # evaluation micro-batches per rank (eval.max_batches = this x processes per run)
     warmup: int  # students' LR warm-up steps (at most a tenth of their steps)
 
     def micro_batch(self, seq_len: int) -> int:
