@@ -27,8 +27,8 @@ from pydantic import field_validator, model_validator
 
 from pipeline import checkpoint as ckpt
 from pipeline import distributed, run_dir
-from pipeline.resume_contract import (IDENTITY, RunIdentity, config_changes, describe, record_changes, refusal,
-                                      refused)
+from pipeline.resume_contract import (CONTENT, IDENTITY, RunIdentity, config_changes, describe, record_changes,
+                                      refusal, refused)
 from pipeline.run_dir import RunDirRefused, RunDirs
 from pipeline.run_lock import RunLock
 from pipeline.settings import ConfigError, Section, setting
@@ -162,8 +162,9 @@ class Checkpointer:
         keys = config_changes(saved_config, self.run_cfg) if saved_config is not None else []
         refusing, forced = refused([c for c in keys if c.kind == IDENTITY] + record_changes(saved, identity),
                                    self.cfg.force_resume)
-        if refusing:
-            raise ResumeRefused(refusal(f"from {resume.path}", "checkpoint", refusing))
+        if refusing:  # with the keys behind a changed record entry (student.num_layers behind student_shape)
+            behind = [c for c in keys if c.kind == CONTENT] if any(c.kind == CONTENT for c in refusing) else []
+            raise ResumeRefused(refusal(f"from {resume.path}", "checkpoint", refusing + behind))
         resume.changes = [f"{c.key}: checkpoint has {c.saved!r}, this run has {c.now!r}" for c in forced]
         step, max_steps = int(resume.state["step"]), self.run_cfg.optim.max_steps
         if max_steps < step:

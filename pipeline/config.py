@@ -147,14 +147,16 @@ class RunConfig(Section):
 #: What changing each key means when a run resumes (``pipeline.resume_contract``): every leaf
 #: key in exactly one class (``section.*``: every key of the section), checked at import.
 RESUME_CLASSES: dict[str, tuple[str, ...]] = {
-    IDENTITY: ("stage", "seed", "student.num_layers", "student.hidden_size", "student.num_heads",
-               "student.num_kv_heads", "student.intermediate_size", "student.vocab_size",
-               "student.max_position_embeddings", "student.rope_theta", "student.rms_norm_eps",
-               "student.tie_word_embeddings", "student.init_std", "data.seq_len", "deepspeed.precision",
+    IDENTITY: ("stage", "seed", "student.max_position_embeddings", "student.rope_theta", "student.rms_norm_eps",
+               "student.init_std", "data.seq_len", "deepspeed.precision",
                # chosen once per run and kept in its checkpoints (a resumed run reuses them)
                "distill.select_heads", "distill.select_seed", "distill.mixing_weights",
                "distill.select_calibration_batches"),
-    CONTENT: ("teacher.path", "student.init_from", "data.dir", "data.tokenizer_dir"),
+    # compared by what they hold or build: the checkpoint's identity record (content hashes, and
+    # the student's shape, which an empty field derives from the teacher or student.init_from)
+    CONTENT: ("teacher.path", "data.dir", "data.tokenizer_dir", "student.init_from", "student.num_layers",
+              "student.hidden_size", "student.num_heads", "student.num_kv_heads", "student.intermediate_size",
+              "student.vocab_size", "student.tie_word_embeddings"),
     SCHEDULE: ("data.micro_batch_size", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.max_steps",
                "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
                "optim.grad_accum_steps", "distill.w_ce", "distill.w_kd", "distill.tau_kd", "distill.w_shd",

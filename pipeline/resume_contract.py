@@ -6,9 +6,11 @@ Every leaf key of the run config has one class, declared next to the config
 - ``identity``: defines the run (stage, seed, student shape, seq_len, precision, the calibrated SHD
   choices). A change is refused before any model loads, naming each key and the fix: restore it,
   or start a new run (a new ``output_dir``, or ``--move-aside``).
-- ``identity-by-content``: the paths among them (teacher, data, tokenizer, ``student.init_from``).
-  They are compared by what they hold (the checkpoint's identity record: content hashes, student
-  shape), so a moved teacher resumes and one replaced in place does not. A different teacher is the
+- ``identity-by-content``: the paths among them (teacher, data, tokenizer, ``student.init_from``)
+  and the student's shape fields. They are compared by what they hold or build (the checkpoint's
+  identity record: content hashes, the student's shape), so a moved teacher resumes, one replaced
+  in place does not, and an empty shape field that derives the saved value is no change. A
+  different teacher is the
   one identity change a resumed run can carry (the student's weights and optimizer load, the
   objective reads the new teacher): ``--force-resume`` allows it, and only it.
 - ``schedule``: optimizer, LR schedule, loss weights, batch size. May change; the new value applies
@@ -29,7 +31,8 @@ from pipeline.settings import flatten
 
 IDENTITY, CONTENT, SCHEDULE, FREE = "identity", "identity-by-content", "schedule", "free"
 #: What a change of each class does on resume (printed beside it).
-EFFECT = {IDENTITY: "refused", CONTENT: "same content", SCHEDULE: "applied from the next step", FREE: "as given"}
+EFFECT = {IDENTITY: "refused", CONTENT: "compared by content", SCHEDULE: "applied from the next step",
+          FREE: "as given"}
 #: Entries of the identity record (trainer_state.json "identity") and whether --force-resume may
 #: override a change of it; seq_len is data.seq_len, compared as a config key.
 RECORD_FORCIBLE = {"teacher": True, "tokenizer_sha256": False, "data_sha256": False, "student_shape": False}
@@ -119,7 +122,7 @@ def refusal(what: str, source: str, changes: list[Change]) -> str:
     """The message of a refused resume of ``what``: each change (``source`` has ..., this run has
     ...) and the ways out."""
     lines = "\n  ".join(f"{c.key}: {source} has {c.saved!r}, this run has {c.now!r}" for c in changes)
-    forcible = all(c.kind == CONTENT and RECORD_FORCIBLE[c.key] for c in changes)
+    forcible = all(c.kind == CONTENT and RECORD_FORCIBLE.get(c.key, True) for c in changes)
     return (f"refusing to resume {what}: it was made with a different\n  {lines}\nto continue that run, restore "
             f"what changed; to start a new run, use a new output_dir=... (or --move-aside to move that "
             f"run's files aside)"

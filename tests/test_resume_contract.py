@@ -79,8 +79,9 @@ def test_every_leaf_key_of_the_run_config_has_exactly_one_class():
 def test_identity_change_is_refused_before_any_model_loads_naming_each_key(tmp_path):
     """The seed changed on resume was refused only after the models loaded (by the data reader)."""
     with pytest.raises(ResumeRefused) as e:
-        _check(_cfg(tmp_path), _cfg(tmp_path, seed=8, **{"data.seq_len": 16}))
+        _check(_cfg(tmp_path), _cfg(tmp_path, seed=8, **{"data.seq_len": 16, "deepspeed.precision": "bf16"}))
     msg = str(e.value)
+    assert "deepspeed.precision: checkpoint has 'fp32', this run has 'bf16'" in msg  # was: FileNotFoundError
     assert "refusing to resume from" in msg and "seed: checkpoint has 7, this run has 8" in msg
     assert "data.seq_len: checkpoint has 32, this run has 16" in msg
     assert "new output_dir" in msg and "--move-aside" in msg and "force-resume" not in msg
@@ -88,8 +89,10 @@ def test_identity_change_is_refused_before_any_model_loads_naming_each_key(tmp_p
 
 def test_only_a_teacher_change_can_be_forced(tmp_path):
     other_teacher = dict(RECORD, teacher={"path": "/models/u", "content_sha256": "bb"})
-    with pytest.raises(ResumeRefused, match="--force-resume"):
-        _check(_cfg(tmp_path / "a"), _cfg(tmp_path / "a"), other_teacher)
+    with pytest.raises(ResumeRefused) as e:
+        _check(_cfg(tmp_path / "a"), _cfg(tmp_path / "a", **{"data.dir": "/moved/data"}), other_teacher)
+    assert "teacher: checkpoint has" in str(e.value) and "data.dir: checkpoint has" in str(e.value)
+    assert "--force-resume" in str(e.value)
     forced = _check(_cfg(tmp_path / "b"), _cfg(tmp_path / "b", **{"checkpoint.force_resume": True}), other_teacher)
     assert forced.resume.changes and "teacher: checkpoint has" in forced.resume.changes[0]
     other_data = dict(RECORD, data_sha256="changed")
