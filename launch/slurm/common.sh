@@ -10,8 +10,9 @@ shd_print_cmd() {
 }
 
 # The single source of the preemption exit code: pipeline/faults.py.
+# USR1/TERM are ignored by this python: Slurm may signal every process of a step at any moment.
 shd_preempted_exit_code() {
-  python -c 'from pipeline.faults import PREEMPTED_EXIT_CODE; print(PREEMPTED_EXIT_CODE)' || {
+  (trap '' USR1 TERM; python -c 'from pipeline.faults import PREEMPTED_EXIT_CODE; print(PREEMPTED_EXIT_CODE)') || {
     echo "error: cannot import pipeline.faults with '$(command -v python)': run from the repository" \
          "root with the project's environment (launch/env_setup.sh, or SHD_NO_VENV=1 with your own)" >&2
     return 2
@@ -20,14 +21,27 @@ shd_preempted_exit_code() {
 
 # Does process $1 have a handler for signal $2 (USR1, TERM)? Read from the caught-signals mask
 # (SigCgt) of /proc/$1/status; without /proc, assume it does. A process that does not catch a
-# signal yet dies of it (srun in its first ~0.1 s, python before its handler is installed), so
-# the launch scripts forward a stop signal only to processes that catch it.
+# signal yet dies of it (srun in its first ~0.1 s) or ignores it (a rank before its handler is
+# installed), so the launch scripts forward a stop signal only to processes that catch it.
+# Builtins only: no child process that a signal to the whole step could kill.
+_shd_signum_USR1="$(kill -l USR1)" _shd_signum_TERM="$(kill -l TERM)"
 shd_catches() {
-  local mask
+  local key value mask="" num="_shd_signum_$2"
   [[ -r "/proc/$1/status" ]] || return 0
-  mask="$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null)"
-  [[ -n "$mask" ]] || return 0
-  (( (16#$mask >> ($(kill -l "$2") - 1)) & 1 ))
+  while read -r key value; do
+    if [[ "$key" == SigCgt: ]]; then mask="$value"; break; fi
+  done 2>/dev/null <"/proc/$1/status"
+  [[ -n "$mask" ]] && (( (16#$mask >> (${!num} - 1)) & 1 ))
+}
+
+# This job as scontrol names it: ARRAYJOB_TASK for an array task (its SLURM_JOB_ID may be the
+# array's own id, and `scontrol requeue ARRAYJOB` requeues every task of the array), else JOBID.
+shd_job_ref() {
+  if [[ -n "${SLURM_ARRAY_JOB_ID:-}" && -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+    echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+  else
+    echo "$SLURM_JOB_ID"
+  fi
 }
 
 # Is Slurm itself requeueing this job (`scontrol requeue`, or preemption with
@@ -35,7 +49,7 @@ shd_catches() {
 # the SLURM_RESTART_COUNT this run started with. (A plain scancel leaves it equal.)
 shd_slurm_requeues() {
   local restarts
-  restarts="$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.* Restarts=\([0-9]*\).*/\1/p')"
+  restarts="$(scontrol show job -o "$(shd_job_ref)" 2>/dev/null | sed -n 's/.* Restarts=\([0-9]*\).*/\1/p')"
   [[ -n "$restarts" ]] && ((restarts > ${SLURM_RESTART_COUNT:-0}))
 }
 
@@ -54,7 +68,7 @@ shd_wait_step() {
 
 # Decide what a finished step means for the job, given its exit code ($1), the preemption code
 # ($2) and whether the batch shell itself got SIGTERM ($3: 0/1). Requeues with
-# `scontrol requeue $SLURM_JOB_ID` when the step stopped after saving a checkpoint (code $2):
+# `scontrol requeue $(shd_job_ref)` when the step stopped after saving a checkpoint (code $2):
 # the requeued job runs this script again and `--resume auto` continues from that checkpoint.
 # Not after a SIGTERM to the batch shell: that is `scancel` (the user wants it stopped), or
 # Slurm requeueing the job itself (`scontrol requeue`, preemption with PreemptMode=REQUEUE:
@@ -83,13 +97,13 @@ shd_finish() {
          "checkpoint; set SHD_REQUEUE_ON_TERM=1 to requeue here instead." >&2
     return "$rc"
   fi
-  echo "[job] stopped after a stop request (exit $rc): scontrol requeue $SLURM_JOB_ID" \
+  echo "[job] stopped after a stop request (exit $rc): scontrol requeue $(shd_job_ref)" \
        "(restart count so far: ${SLURM_RESTART_COUNT:-0}); the next start continues from the" \
        "newest complete checkpoint" >&2
-  if scontrol requeue "$SLURM_JOB_ID"; then
+  if scontrol requeue "$(shd_job_ref)"; then
     return 0
   fi
-  echo "[job] error: 'scontrol requeue $SLURM_JOB_ID' failed (the job needs --requeue and a" \
+  echo "[job] error: 'scontrol requeue $(shd_job_ref)' failed (the job needs --requeue and a" \
        "cluster that allows requeueing). The checkpoint is saved: resubmit the same command to" \
        "continue." >&2
   return "$rc"

@@ -41,8 +41,6 @@ pids=()       # pid of each local rank (python itself)
 owed=()       # per local rank: the signal to forward once the rank catches it, or empty
 stop_signal="${SHD_STOP_SIGNAL:-}"  # the first USR1/TERM received (forwarded to ranks started later)
 
-# shellcheck source=launch/slurm/common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 deliver() {  # forward the owed signal to every rank that now catches it
   local r
   for r in "${!owed[@]}"; do
@@ -74,6 +72,8 @@ on_int() {
 trap 'echo "[node ${node_rank:-?}] SIGUSR1: forwarding to the ranks" >&2; forward USR1' USR1
 trap 'echo "[node ${node_rank:-?}] SIGTERM: forwarding to the ranks" >&2; forward TERM' TERM
 trap on_int INT
+# shellcheck source=launch/slurm/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   sed -n '7,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -106,9 +106,7 @@ is_int "$node_rank" || die "--node-rank '$node_rank': give this node's rank (or 
 (($#)) || die "no training arguments after '--' (expected: -- --config CONFIG.yaml [key=value ...])"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-# The code is taken from the one place that defines it (pipeline/faults.py).
-preempted="$(cd "$root" && python -c 'from pipeline.faults import PREEMPTED_EXIT_CODE; print(PREEMPTED_EXIT_CODE)')" \
-  || die "cannot import pipeline.faults with '$(command -v python)': activate the project's environment (source launch/env_setup.sh)"
+preempted="$(cd "$root" && shd_preempted_exit_code)" || exit 2
 grace="${SHD_EXIT_GRACE_S:-120}"
 world=$((nnodes * nproc))
 # Threads per rank: this node's CPUs shared out (torchrun would set 1, which starves CPU-only

@@ -149,14 +149,19 @@ down() {
       sleep 0.2
     done
   fi
-  local f pid
+  local f p alive pids=()
   for f in "$dir"/slurmd-*.pid "$dir/slurmctld.pid" "$dir/munged.pid"; do
-    [[ -f "$f" ]] || continue
-    pid="$(cat "$f")"
-    kill "$pid" 2>/dev/null || continue
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
+    if [[ -f "$f" ]]; then pids+=("$(cat "$f")"); fi
   done
+  ((${#pids[@]})) || return 0
+  kill "${pids[@]}" 2>/dev/null || true
+  for ((i = 0; i < 50; i++)); do  # up to 10 s, then SIGKILL
+    alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.2
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 (($# == 2)) || die "usage: bash tests/slurm/cluster.sh up|down DIR"

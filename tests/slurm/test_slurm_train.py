@@ -10,6 +10,10 @@ asks for none, as on a CPU-only cluster (``--gpus-per-node=0`` with NPROC_PER_NO
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+
 import pytest
 
 from tests.helpers import REF_STEPS, read_metrics, ref_config, step_losses, wait_for, write_config
@@ -48,8 +52,21 @@ def _assert_same_as_reference(work, ref_run) -> None:
     assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit for bit
 
 
-def test_stops_during_start_up_and_scontrol_requeue_resume_exactly(slurm, ref_run, tmp_path, tiny_data,
-                                                                    tiny_teacher):
+@pytest.fixture(scope="module")
+def time_limit_job(slurm, tmp_path_factory, tiny_data, tiny_teacher):
+    """(job id, work dir) of a job that cannot finish within its 2-minute --time: submitted before
+    the module's first test so that it runs while that test drives its own job. SIGUSR1 60 s
+    before the limit (the controller checks every 30 s and sends it up to 30 s early: 30-60 s
+    after each start); the start-up plus 10 steps of 5 s take longer than that. No GPU, as on a
+    CPU-only cluster (--gpus-per-node=0 and NPROC_PER_NODE)."""
+    work = tmp_path_factory.mktemp("time_limit")
+    job = _submit(slurm, work, tiny_data, tiny_teacher, "--time=2", "--signal=B:USR1@60", "--gpus-per-node=0",
+                  sleep_per_step=5.0, NPROC_PER_NODE="1")
+    return job, work
+
+
+def test_stops_during_start_up_and_scontrol_requeue_resume_exactly(slurm, time_limit_job, ref_run, tmp_path,
+                                                                    tiny_data, tiny_teacher):
     """One job, stopped three times: (1) SIGUSR1 to the batch shell as soon as it runs (it is in
     env_setup.sh: the ranks start with the request pending and stop after their first step);
     (2) SIGUSR1 to every process of the step as soon as node_launch.sh has started the ranks (they
@@ -57,7 +74,7 @@ def test_stops_during_start_up_and_scontrol_requeue_resume_exactly(slurm, ref_ru
     mid-run (Slurm requeues it itself; the log says so). Each stop saves a checkpoint; the job ends
     COMPLETED with the uninterrupted run's losses."""
     log = tmp_path / "job.out"
-    job = _submit(slurm, tmp_path, tiny_data, tiny_teacher, "--gpus-per-node=1", sleep_per_step=1.0)
+    job = _submit(slurm, tmp_path, tiny_data, tiny_teacher, "--gpus-per-node=1", "--time=10", sleep_per_step=0.5)
     slurm.wait(job, {"RUNNING"}, 60, log)
     slurm.run("scancel", "--batch", "--signal=USR1", str(job))                      # (1)
 
@@ -66,7 +83,7 @@ def test_stops_during_start_up_and_scontrol_requeue_resume_exactly(slurm, ref_ru
     slurm.run("scancel", "--signal=USR1", str(job))                                 # (2)
 
     _wait_restart(slurm, job, 2, log)
-    wait_for(lambda: _steps_done(tmp_path) >= 4, 120, "step 4 after restart 2")
+    wait_for(lambda: _steps_done(tmp_path) >= 3, 120, "step 3 after restart 2")
     slurm.run("scontrol", "requeue", str(job))                                      # (3)
 
     _wait_restart(slurm, job, 3, log)
@@ -80,3 +97,35 @@ def test_stops_during_start_up_and_scontrol_requeue_resume_exactly(slurm, ref_ru
     ranks = _node_log(tmp_path, 1, 1)
     assert "SIGUSR1: forwarding to the ranks" in ranks and "node exits 75" in ranks, ranks
     _assert_same_as_reference(tmp_path, ref_run)
+
+
+def test_time_limit_requeues_until_done(slurm, time_limit_job, ref_run):
+    """The 1-minute job of ``time_limit_job``: each SIGUSR1 from the time limit saves and requeues
+    (at least once), and the job ends COMPLETED with the uninterrupted run's losses."""
+    job, work = time_limit_job
+    final = slurm.wait(job, {"COMPLETED"}, 400, work / "job.out")
+    text = (work / "job.out").read_text()
+    assert int(final["Restarts"]) >= 1, text
+    assert "SIGUSR1 (time limit near)" in text and "scontrol requeue" in text
+    _assert_same_as_reference(work, ref_run)
+
+
+def test_failures_name_their_cause(slurm, tmp_path, tiny_data, tiny_teacher):
+    """Two jobs that fail, each in seconds and saying why: a rank killed by SIGKILL (the node log
+    says which signal, and the job is not requeued), and a MASTER_ADDR that does not resolve."""
+    killed = _submit(slurm, tmp_path / "killed", tiny_data, tiny_teacher, "--nodes=1", "--gpus-per-node=0",
+                     sleep_per_step=0.0, NPROC_PER_NODE="1")
+    unresolved = _submit(slurm, tmp_path / "addr", tiny_data, tiny_teacher, "--gpus-per-node=0",
+                         sleep_per_step=0.0, NPROC_PER_NODE="1", MASTER_ADDR="no-such-node.invalid")
+    wait_for(lambda: "started ranks" in _node_log(tmp_path / "killed", 0, 0), 120, "the ranks")
+    pid = int(re.search(r"\(pids (\d+)\)", _node_log(tmp_path / "killed", 0, 0)).group(1))
+    os.kill(pid, signal.SIGKILL)
+    slurm.wait(killed, {"FAILED"}, 120, tmp_path / "killed" / "job.out")
+    node = _node_log(tmp_path / "killed", 0, 0)
+    assert "rank 0 failed first: killed by signal SIGKILL (exit status 137)" in node, node
+    assert "not requeued" in (tmp_path / "killed" / "job.out").read_text()
+
+    slurm.wait(unresolved, {"FAILED"}, 120, tmp_path / "addr" / "job.out")
+    text = (tmp_path / "addr" / "job.out").read_text()
+    assert "MASTER_ADDR 'no-such-node.invalid'" in text and "does not resolve" in text, text
+    assert not (tmp_path / "addr" / "logs").exists()  # failed before srun
