@@ -31,7 +31,8 @@ from pipeline.builders import build_student_engine, build_student_module, build_
 from pipeline.checkpointer import Checkpointer
 from pipeline.config import Derived, RunConfig, derive, dump_yaml
 from pipeline.data import PackedSampleReader, split_tokens
-from pipeline.ds_config import build_ds_configs, resolve_dtype, resolve_placement
+from pipeline.ds_config import (build_ds_configs, placement_estimate, resolve_dtype, resolve_placement,
+                                resolve_teacher_dtype)
 from pipeline.evaluator import Evaluator
 from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
 from pipeline.identity import teacher_identity
@@ -39,7 +40,6 @@ from pipeline.metrics import MetricsLogger, peak_memory_mib
 from pipeline.model_configs import model_shape
 from pipeline.objective import DistillObjective
 from pipeline.preflight import Preflight
-from pipeline.run_dir import RunDirs
 from pipeline.universal import is_universal
 
 
@@ -59,8 +59,13 @@ class Trainer:
         self.device = distributed.device()
         self.derived: Derived = derive(cfg, self.world)
         pre = Preflight(cfg)  # every check that needs no weights, before anything is built
-        self.vocab, self.pad_id, self.student_cfg = pre.vocab, pre.pad_id, pre.student_cfg
-        self.placement = resolve_placement(cfg, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
+        self.vocab, self.student_cfg, self.model_notes = pre.vocab, pre.student_cfg, pre.notes()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        self.teacher_dtype = resolve_teacher_dtype(cfg)
+        self.placement_estimate = (placement_estimate(pre.teacher_cfg, self.student_cfg, self.teacher_dtype,
+                                                      self.device, per_node)
+                                   if cfg.uses_teacher and cfg.teacher.placement == "auto" else None)
+        self.placement = resolve_placement(cfg, self.world, per_node, self.placement_estimate)
         student_ds, teacher_ds = build_ds_configs(cfg, self.world, self.placement)
         self.dtype = resolve_dtype(cfg)
         self.reader = PackedSampleReader(
@@ -68,9 +73,10 @@ class Trainer:
             dp_world_size=self.world, verify_checksums=cfg.data.verify_checksums,
             model_vocab_size=self.student_cfg.vocab_size)
 
-        # Resume decided before the engines are built: a refused resume costs no model loading.
-        self.checkpointer = Checkpointer(cfg.checkpoint, cfg.checkpoint_dir, world=self.world, rank=self.rank,
-                                         hang_in_save_at_step=cfg.debug.hang_in_save_at_step)
+        # Resume decided before the engines are built: a refused resume costs no model loading. The
+        # output_dir's lock first: the decision and the claim are made by the one live run there.
+        self.checkpointer = Checkpointer(cfg, world=self.world, rank=self.rank)
+        self.checkpointer.lock_run_dir()
         self.resume = self.checkpointer.choose_resume()
         teacher_ident, self.teacher_files = None, {}
         if cfg.uses_teacher:
@@ -84,8 +90,7 @@ class Trainer:
             self.checkpointer.check_resume(self.resume, self.identity)
             if is_universal(self.resume.path):
                 student_ds["checkpoint"] = {"load_universal": True}
-        self.run_id = self.checkpointer.claim_run_dir(
-            RunDirs(output=Path(cfg.output_dir), checkpoints=cfg.checkpoint_dir, tensorboard=cfg.tb_dir), self.resume)
+        self.run_id = self.checkpointer.claim_run_dir(self.resume, self.identity)
 
         self.capture = (ShdCapture.from_config(cfg.distill, pre.pairs, self.student_cfg.num_attention_heads)
                         if cfg.uses_shd else None)
@@ -97,7 +102,7 @@ class Trainer:
         if cfg.uses_teacher:
             impl = (self.capture.teacher_impl if self.capture
                     else architectures.plain_attn_implementation(pre.teacher_cfg))
-            self.teacher = build_teacher(cfg, self.placement, teacher_ds, impl, self.dtype, self.device)
+            self.teacher = build_teacher(cfg, self.placement, teacher_ds, impl, self.teacher_dtype, self.device)
         if self.capture is not None:  # after deepspeed.initialize: see pipeline/attention.py
             self.capture.attach(self.student.module, unwrapped(self.teacher))
             if self.capture.needs_calibration:
@@ -107,7 +112,7 @@ class Trainer:
         if e.every_steps > 0 or e.at_end:
             self.evaluator = Evaluator(cfg.data.dir, split=e.split, seq_len=cfg.data.seq_len,
                                        micro_batch_size=e.micro_batch_size or cfg.data.micro_batch_size,
-                                       max_batches=e.max_batches, pad_id=self.pad_id, vocab=self.vocab,
+                                       max_batches=e.max_batches, vocab=self.vocab,
                                        chunk=cfg.distill.kd_chunk_size, seed=cfg.seed,
                                        model_vocab_size=self.student_cfg.vocab_size, device=self.device)
         self.step = self.consumed_tokens = self.skipped_steps = self.consecutive_nonfinite = 0
@@ -127,7 +132,7 @@ class Trainer:
         reader = PackedSampleReader(cfg.data.dir, split="train", seq_len=cfg.data.seq_len, seed=cfg.seed,
                                     dp_rank=self.rank, dp_world_size=self.world, verify_checksums=False,
                                     model_vocab_size=self.student_cfg.vocab_size)
-        batches = (split_tokens(reader.next_batch(cfg.data.micro_batch_size), self.pad_id, self.device)
+        batches = (split_tokens(reader.next_batch(cfg.data.micro_batch_size), self.device)
                    for _ in range(cfg.distill.select_calibration_batches))
         t0 = time.perf_counter()
         self.capture.calibrate(lambda inp, mask: lm_head.teacher_rows(self.teacher, inp, mask, keep_logits=False),
@@ -140,7 +145,7 @@ class Trainer:
         cfg, world = self.cfg, self.world
         gas, mb = cfg.optim.grad_accum_steps, cfg.data.micro_batch_size
         t0 = time.perf_counter()
-        batches = [split_tokens(self.reader.next_batch(mb), self.pad_id, self.device) for _ in range(gas)]
+        batches = [split_tokens(self.reader.next_batch(mb), self.device) for _ in range(gas)]
         # Global normalisers first: one all-reduce, so every micro-batch loss is a share of the
         # global per-token mean (exact with padding and any number of ranks).
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
