@@ -58,7 +58,7 @@ def test_overrides_and_types():
     ({"distill.student_layers": "[0, x]"}, "'distill.student_layers[1]': expected int"),
     ({"checkpoint.keep_last": "1"}, "checkpoint.keep_last must be >= 2"),
     ({"optim.warmup_steps": "5000"}, "optim.warmup_steps (5000) must be in"),
-    ({"data.seq_len": "4096"}, "exceeds student.max_position_embeddings"),
+    ({"data.seq_len": "4096", "student.max_position_embeddings": "2048"}, "exceeds student.max_position_embeddings"),
     ({"student.num_heads": "5"}, "must be divisible by student.num_heads"),
     ({"student.num_kv_heads": "3"}, "must be a multiple of student.num_kv_heads"),
     ({"teacher.path": "null"}, "teacher.path is required for stage 'distill'"),
