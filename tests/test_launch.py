@@ -50,7 +50,7 @@ def cluster(tmp_path):
     _script(bin_dir / "scontrol", f"""
 echo "scontrol $*" >> {calls}
 if [ "$1 $2" = "show hostnames" ]; then printf '%s\\n' {' '.join(HOSTS)}; fi
-if [ "$1 $2 $3 $4" = "show node -o {HOSTS[0]}" ]; then echo "NodeName=$4 Arch=x86_64 NodeAddr={NODE_ADDR} State=ALLOCATED"; fi
+if [ "$1 $2 $3 $4" = "show node -o {HOSTS[0]}" ]; then echo "NodeName=$4 NodeAddr={NODE_ADDR} State=ALLOCATED"; fi
 exit "${{FAKE_SCONTROL_RC:-0}}"
 """)
     _script(bin_dir / "srun", f"""

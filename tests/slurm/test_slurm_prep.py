@@ -8,6 +8,8 @@ array and names it.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIndexedDataset
 
@@ -18,6 +20,7 @@ from tests.helpers import wait_for
 pytestmark = pytest.mark.slurm
 
 SHARD_OPTS = ["--val-fraction", "0.1", "--shard-tokens", "1000", "--unit-bytes", "2000"]
+SMALL = ["--cpus-per-task=1", "--mem=500M"]  # instead of prep.sbatch's 32 CPUs and 64 GB
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +46,11 @@ def _prep_array(slurm, work, corpus, *extra_args, check: bool = True, **env):
     """Run prep_array.sh with 3 tasks into work/out; (array id, merge id, completed process)."""
     inputs, tok = corpus
     work.mkdir(parents=True, exist_ok=True)  # the jobs' --output directory (sbatch does not create it)
-    env = {"SBATCH_ARGS": f"--cpus-per-task=1 --mem=500M --output={work}/%x-%j.out", **env}
+    env = {"SBATCH_ARGS": " ".join([*SMALL, f"--output={work}/%x-%j.out"]), **env}
     res = slurm.run("bash", "launch/slurm/prep_array.sh", "--tasks", "3", "--input", str(inputs), "--tokenizer",
                     str(tok), "--out", str(work / "out"), *SHARD_OPTS, *extra_args, check=check, **env)
-    ids = [int(w) for w in res.stdout.split() if w.isdigit()][:2]
-    return (*ids, res) if len(ids) == 2 else (None, None, res)
+    ids = re.search(r"array job (\d+) .* merge job\s+(\d+)", res.stdout, re.S)
+    return (int(ids[1]), int(ids[2]), res) if ids else (None, None, res)
 
 
 def test_array_and_afterok_merge_equal_one_run_and_a_cancelled_task_is_recovered(slurm, corpus, tmp_path):
@@ -74,10 +77,10 @@ def test_array_and_afterok_merge_equal_one_run_and_a_cancelled_task_is_recovered
     wait_for(lambda: slurm.job(bad_merge)["Reason"] == "DependencyNeverSatisfied", 120, "the stuck merge")
     slurm.run("scancel", str(bad_merge))
     out = tmp_path / "cancelled" / "out"
-    rerun = slurm.sbatch("--array=1", "--cpus-per-task=1", "--mem=500M", f"--output={tmp_path}/rerun.out",
+    rerun = slurm.sbatch("--array=1", *SMALL, f"--output={tmp_path}/rerun.out",
                          "launch/slurm/prep.sbatch", "--input", str(inputs), "--tokenizer", str(tok), "--out",
                          str(out), *SHARD_OPTS, "--task-count", "3")
-    merge = slurm.sbatch(f"--dependency=afterok:{rerun}", "--mem=500M", f"--output={tmp_path}/merge.out",
+    merge = slurm.sbatch(f"--dependency=afterok:{rerun}", *SMALL, f"--output={tmp_path}/merge.out",
                          "launch/slurm/prep.sbatch", "merge", "--out", str(out))
     slurm.wait(merge, {"COMPLETED"}, 120, tmp_path / "merge.out")
     assert _streams(out) == want
