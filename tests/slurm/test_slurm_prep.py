@@ -59,21 +59,17 @@ def test_array_and_afterok_merge_equal_one_run_and_a_cancelled_task_is_recovered
     build_shards(ShardOptions(inputs=(str(inputs),), tokenizer=tok, out=one, val_fraction=0.1, shard_tokens=1000))
     want = _streams(one)
 
-    # Two arrays at once: "ok" runs through (task 2 gets SIGUSR1 as it starts: only it is requeued);
-    # in "cancelled", task 1 is cancelled, so its merge can never run.
+    # Two arrays at once: "ok" runs through (task 2 gets SIGUSR1 as it starts: only it is requeued;
+    # it is the task that carries the array's own job id, so a requeue of "ARRAY" instead of
+    # "ARRAY_2" would requeue them all); in "cancelled", task 1 is cancelled: its merge never runs.
     ok_array, ok_merge, _ = _prep_array(slurm, tmp_path / "ok", corpus)
     bad_array, bad_merge, _ = _prep_array(slurm, tmp_path / "cancelled", corpus)
     slurm.run("scancel", f"{bad_array}_1")
-    slurm.wait(f"{ok_array}_2", {"RUNNING"}, 60)  # task 2 holds the array's own job id: requeue "ARRAY_2", not "ARRAY"
+    slurm.wait(f"{ok_array}_2", {"RUNNING"}, 60)
     slurm.run("scancel", "--batch", "--signal=USR1", f"{ok_array}_2")
 
-    slurm.wait(ok_merge, {"COMPLETED"}, 180, tmp_path / "ok" / f"shd-prep-merge-{ok_merge}.out")
-    assert slurm.job(f"{ok_array}_2")["Restarts"] == "1"
-    assert {slurm.job(f"{ok_array}_{k}")["Restarts"] for k in (0, 1)} == {"0"}
-    assert _streams(tmp_path / "ok" / "out") == want
-
-    # README, "After a failure": scancel the merge, resubmit the failed task with the same
-    # arguments and --task-count, then merge.
+    # README, "After a failure": scancel the stuck merge, resubmit the failed task with the same
+    # arguments and --task-count, then merge (while the "ok" array goes on).
     wait_for(lambda: slurm.job(bad_merge)["Reason"] == "DependencyNeverSatisfied", 120, "the stuck merge")
     slurm.run("scancel", str(bad_merge))
     out = tmp_path / "cancelled" / "out"
@@ -82,6 +78,11 @@ def test_array_and_afterok_merge_equal_one_run_and_a_cancelled_task_is_recovered
                          str(out), *SHARD_OPTS, "--task-count", "3")
     merge = slurm.sbatch(f"--dependency=afterok:{rerun}", *SMALL, f"--output={tmp_path}/merge.out",
                          "launch/slurm/prep.sbatch", "merge", "--out", str(out))
+
+    slurm.wait(ok_merge, {"COMPLETED"}, 180, tmp_path / "ok" / f"shd-prep-merge-{ok_merge}.out")
+    assert slurm.job(f"{ok_array}_2")["Restarts"] == "1"
+    assert {slurm.job(f"{ok_array}_{k}")["Restarts"] for k in (0, 1)} == {"0"}
+    assert _streams(tmp_path / "ok" / "out") == want
     slurm.wait(merge, {"COMPLETED"}, 120, tmp_path / "merge.out")
     assert _streams(out) == want
 
