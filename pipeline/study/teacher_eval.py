@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.config import config_from_dict
+
 from .inputs import RunInputs
 from .plan import Setting
 from .runner import REPO_ROOT, log
@@ -26,10 +28,12 @@ def evaluate_given_teacher(setting: Setting, inputs: RunInputs) -> dict | None:
     if setting.teacher.run_dir is not None:
         return None
     cfg = setting.students[0].config
-    e = cfg["eval"]
-    args = ["--checkpoint", str(setting.teacher.export), "--data", cfg["data"]["dir"], "--split", e["split"],
-            "--seq-len", str(cfg["data"]["seq_len"]), "--max-batches", str(e["max_batches"]),
-            "--micro-batch-size", str(e["micro_batch_size"] or cfg["data"]["micro_batch_size"])]
+    run = config_from_dict(cfg)  # the values the students run with, defaults included
+    e = run.eval
+    args = ["--checkpoint", str(setting.teacher.export), "--data", run.data.dir, "--split", e.split,
+            "--seq-len", str(run.data.seq_len), "--micro-batch-size", str(e.micro_batch_size or run.data.micro_batch_size)]
+    if e.max_batches is not None:
+        args += ["--max-batches", str(e.max_batches)]
     key = {"args": args, "inputs": inputs.of(cfg)}
     result_path = setting.out_dir / RESULT_NAME
     try:
