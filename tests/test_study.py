@@ -471,3 +471,25 @@ def test_changed_plan_moves_finished_runs_aside_and_says_so(tmp_path, capsys):
     Runner.prepare_dir(finished, cfg, None)  # unfinished, no checkpoint, made by the study: deleted
     assert len(list(finished.parent.glob("seed0.moved-*"))) == 1 and not (finished / "launch.log").exists()
     assert f"deleted {finished}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# issue 26: a given teacher is described as it is; the budget line says what the command replaced
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_given_teacher_sets_the_heads_and_the_command_line_names_its_budget(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({"num_attention_heads": 9}))
+    opts = cli.parse_args(["--out", str(tmp_path / "o"), "--data", "D", "--tokenizer", "T", "--teacher",
+                           str(teacher), "--student-heads", "3", "--steps", "40", "--batch-tokens", "512",
+                           "--teacher-placement", "replicated", "--teacher-dtype", "bf16"])
+    assert opts.teacher_heads == (9,)
+    assert opts.budget_name == "small with --steps 40, --batch-tokens 512"
+    cfg = student_config(opts, "kd_select", 1, teacher, DataPlan(Path("T"), Path("D")), 128, 40, Path("r"),
+                         Path("tb"))
+    assert cfg["teacher"]["placement"] == "replicated" and cfg["teacher"]["dtype"] == "bf16"
+    assert "max_position_embeddings" not in cfg["student"]  # left to the engine: derived from the teacher
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--teacher", str(teacher), "--teacher-dtype", "bf16", "--override", "teacher.dtype=fp32"])

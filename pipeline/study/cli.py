@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher-config", default=str(REPO_ROOT / "configs/demo_teacher.yaml"))
     s.add_argument("--override", action="append", default=[],
                    help="extra key=value for every student (repeatable; each key once)")
+    s.add_argument("--teacher-placement", choices=("auto", "partitioned", "replicated", "node"),
+                   help="teacher.placement of every student (default: the student config's)")
+    s.add_argument("--teacher-dtype", choices=("same", "fp32", "bf16"),
+                   help="teacher.dtype of every student (default: the student config's)")
     o = ap.add_argument_group("output")
     o.add_argument("--report-name", help="table file (default results.md; demo summary.md)")
     o.add_argument("--plot-name", help="PNG file (default ppl.png; demo curves.png)")
@@ -110,12 +114,11 @@ def _absolute(path: str | Path) -> Path:
     return Path(path) if Path(path).is_absolute() else Path(path).resolve()
 
 
-def _given_teacher_heads(ap: argparse.ArgumentParser, teacher: str) -> int:
-    """The attention heads of a --teacher directory, from its config.json."""
+def _given_teacher_heads(teacher: str, default: int) -> int:
+    """The attention heads of a --teacher directory, from its config.json (`default` when it has none
+    yet: the engine refuses a teacher that is not a model directory when the first student starts)."""
     config = Path(teacher) / "config.json"
-    if not config.is_file():
-        ap.error(f"--teacher {teacher}: not a Hugging Face model directory (no config.json)")
-    return int(json.loads(config.read_text())["num_attention_heads"])
+    return int(json.loads(config.read_text())["num_attention_heads"]) if config.is_file() else default
 
 
 def parse_args(argv: Sequence[str] | None = None) -> StudyOptions:
@@ -143,6 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> StudyOptions:
     if not seeds:
         ap.error(f"--seeds {seeds_text!r}: give a count N >= 1 or a comma list of seeds")
     try:
+        a.override += [f"teacher.{key}={value}" for key, value in
+                       (("placement", a.teacher_placement), ("dtype", a.teacher_dtype)) if value]
         apply_overrides({}, a.override)  # syntax, and each key once
     except ConfigError as e:
         ap.error(f"--override: {e}")
@@ -159,7 +164,8 @@ def parse_args(argv: Sequence[str] | None = None) -> StudyOptions:
     student_base = _base_config(ap, "--student-config", a.student_config)
     teacher_base = _base_config(ap, "--teacher-config", a.teacher_config)
     teacher_heads = _numbers(ap, "--teacher-heads", a.teacher_heads) or [
-        _given_teacher_heads(ap, a.teacher) if a.teacher else teacher_base["student"]["num_heads"]]
+        _given_teacher_heads(a.teacher, teacher_base["student"]["num_heads"]) if a.teacher
+        else teacher_base["student"]["num_heads"]]
     seq_lens = _numbers(ap, "--seq-lens", a.seq_lens) or [student_base["data"]["seq_len"]]
     steps_list = _numbers(ap, "--steps-list", a.steps_list)
     if not steps_list and a.tokens:
