@@ -72,8 +72,12 @@ on_int() {
 trap 'echo "[node ${node_rank:-?}] SIGUSR1: forwarding to the ranks" >&2; forward USR1' USR1
 trap 'echo "[node ${node_rank:-?}] SIGTERM: forwarding to the ranks" >&2; forward TERM' TERM
 trap on_int INT
+# From the traps on, builtins where possible: a signal to every process of the step kills an
+# external command and the subshell waiting for it.
+here="${BASH_SOURCE[0]%/*}"
+[[ "$here" != "${BASH_SOURCE[0]}" ]] || here=.
 # shellcheck source=launch/slurm/common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$here/common.sh"
 
 usage() {
   sed -n '7,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -105,8 +109,9 @@ is_int "$node_rank" || die "--node-rank '$node_rank': give this node's rank (or 
 { is_int "$master_port" && ((master_port > 0 && master_port < 65536)); } || die "--master-port '$master_port': give a TCP port"
 (($#)) || die "no training arguments after '--' (expected: -- --config CONFIG.yaml [key=value ...])"
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-preempted="$(cd "$root" && shd_preempted_exit_code)" || exit 2
+root="$(cd "$here/../.." && pwd)"
+{ cd "$root" && shd_read_preempted_exit_code && cd "$OLDPWD"; } || exit 2
+preempted="$SHD_PREEMPTED"
 grace="${SHD_EXIT_GRACE_S:-120}"
 world=$((nnodes * nproc))
 # Threads per rank: this node's CPUs shared out (torchrun would set 1, which starves CPU-only
