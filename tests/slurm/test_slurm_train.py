@@ -110,13 +110,19 @@ def test_time_limit_requeues_until_done(slurm, time_limit_job, ref_run):
     _assert_same_as_reference(work, ref_run)
 
 
-def test_failures_name_their_cause(slurm, tmp_path, tiny_data, tiny_teacher):
-    """Two jobs that fail, each in seconds and saying why: a rank killed by SIGKILL (the node log
-    says which signal, and the job is not requeued), and a MASTER_ADDR that does not resolve."""
-    killed = _submit(slurm, tmp_path / "killed", tiny_data, tiny_teacher, "--nodes=1", "--gpus-per-node=0",
-                     sleep_per_step=0.0, NPROC_PER_NODE="1")
+def test_failures_and_a_cancel_during_start_up_say_what_happened(slurm, tmp_path, tiny_data, tiny_teacher):
+    """Three jobs that end in seconds and say why: a rank killed by SIGKILL (the node log says
+    which signal; the job is not requeued), a MASTER_ADDR that does not resolve, and a plain
+    scancel (SIGTERM) while the batch shell is still in env_setup.sh (the ranks are not started)."""
+    one_node = ("--nodes=1", "--gpus-per-node=0")
+    killed = _submit(slurm, tmp_path / "killed", tiny_data, tiny_teacher, *one_node, sleep_per_step=0.0,
+                     NPROC_PER_NODE="1")
     unresolved = _submit(slurm, tmp_path / "addr", tiny_data, tiny_teacher, "--gpus-per-node=0",
                          sleep_per_step=0.0, NPROC_PER_NODE="1", MASTER_ADDR="no-such-node.invalid")
+    cancelled = _submit(slurm, tmp_path / "cancel", tiny_data, tiny_teacher, *one_node, sleep_per_step=0.0,
+                        NPROC_PER_NODE="1")
+    slurm.wait(cancelled, {"RUNNING"}, 60)
+    slurm.run("scancel", str(cancelled))
     wait_for(lambda: "started ranks" in _node_log(tmp_path / "killed", 0, 0), 120, "the ranks")
     pid = int(re.search(r"\(pids (\d+)\)", _node_log(tmp_path / "killed", 0, 0)).group(1))
     os.kill(pid, signal.SIGKILL)
@@ -129,3 +135,9 @@ def test_failures_name_their_cause(slurm, tmp_path, tiny_data, tiny_teacher):
     text = (tmp_path / "addr" / "job.out").read_text()
     assert "MASTER_ADDR 'no-such-node.invalid'" in text and "does not resolve" in text, text
     assert not (tmp_path / "addr" / "logs").exists()  # failed before srun
+
+    slurm.wait(cancelled, {"CANCELLED"}, 120)
+    wait_for(lambda: "not requeued" in (tmp_path / "cancel" / "job.out").read_text(), 60, "the cancelled job's end")
+    text = (tmp_path / "cancel" / "job.out").read_text()
+    assert "SIGTERM before the ranks started: not starting them" in text, text
+    assert not (tmp_path / "cancel" / "logs").exists()
