@@ -160,14 +160,12 @@ def auto_placement(cfg: RunConfig, world: int, ranks_per_node: int, estimate: Pl
 
 def resolve_placement(cfg: RunConfig, world: int, ranks_per_node: int,
                       estimate: PlacementEstimate | None = None) -> TeacherPlacement:
-    """``teacher.placement`` for this launch (``auto`` decided from ``estimate``): ``node`` with one
-    rank per node is ``replicated``, on a single node it is ``partitioned`` (the same thing, without
-    hpZ's second copy)."""
+    """``teacher.placement`` for this launch (``auto`` decided from ``estimate``, which a run with a
+    teacher always has): ``node`` with one rank per node is ``replicated``, on a single node it is
+    ``partitioned`` (the same thing, without hpZ's second copy)."""
     kind = cfg.teacher.placement
-    if kind == "auto":
-        if estimate is None:
-            raise ValueError("teacher.placement=auto needs the size estimate (placement_estimate)")
-        kind = auto_placement(cfg, world, ranks_per_node, estimate)
+    if kind == "auto":  # no estimate: no teacher to place (stage pretrain), its DeepSpeed JSON is unused
+        kind = auto_placement(cfg, world, ranks_per_node, estimate) if estimate is not None else "partitioned"
     if kind == "node":
         if world % ranks_per_node:
             raise ConfigError(f"teacher.placement=node: {world} ranks are not a whole number of nodes of "

@@ -134,6 +134,12 @@ def test_auto_placement_replicates_what_fits_and_partitions_the_rest(tiny_data, 
     assert "GiB per rank" in estimate.describe(world)
 
 
+def test_a_pretraining_run_has_no_teacher_to_place(tiny_data, tmp_path):
+    """stage pretrain with the default placement (auto): nothing to estimate, no error."""
+    cfg = config_from_dict(tiny_config(tmp_path, tiny_data, None, **{"teacher.placement": "auto"}))
+    assert not cfg.uses_teacher and resolve_placement(cfg, 2, 2).kind == "partitioned"
+
+
 def test_teacher_precision_is_its_own(tiny_data, tmp_path):
     base = tiny_config(tmp_path, tiny_data, tmp_path / "t")
     same = config_from_dict(base)
