@@ -71,6 +71,15 @@ class StopRequest:
         return self.signum != 0
 
 
+def ignore_stop_signals() -> None:
+    """After the run: ignore SIGTERM/SIGUSR1 for good. The launchers may send a stop signal again
+    (train.sbatch repeats its USR1 until the step ends), and while Python exits it gives the
+    signals it handled their default, fatal action back: a late one would turn a finished or
+    cleanly stopped rank into one killed by a signal."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class DebugConfig(Section):
     """Fault injection for tests; leave empty in real runs."""
 

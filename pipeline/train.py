@@ -27,7 +27,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE, StopRequest
+from pipeline.faults import CONFIG_ERROR_EXIT_CODE, StopRequest, ignore_stop_signals
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -141,6 +141,7 @@ if __name__ == "__main__":
     # start-up is recorded here and taken over by the trainer, which saves after its first step.
     StopRequest().install()
     code = main()
+    ignore_stop_signals()  # the run is over: a late stop signal must not kill the exiting process
     try:
         if "pipeline.distributed" in sys.modules:  # not imported (a refused start): no group to close
             from pipeline import distributed

@@ -69,8 +69,11 @@ on_int() {
     forward KILL
   fi
 }
-trap 'echo "[node ${node_rank:-?}] SIGUSR1: forwarding to the ranks" >&2; forward USR1' USR1
-trap 'echo "[node ${node_rank:-?}] SIGTERM: forwarding to the ranks" >&2; forward TERM' TERM
+stop_traps() {
+  trap 'echo "[node ${node_rank:-?}] SIGUSR1: forwarding to the ranks" >&2; forward USR1' USR1
+  trap 'echo "[node ${node_rank:-?}] SIGTERM: forwarding to the ranks" >&2; forward TERM' TERM
+}
+stop_traps
 trap on_int INT
 # From the traps on, builtins where possible: a signal to every process of the step kills an
 # external command and the subshell waiting for it.
@@ -143,21 +146,25 @@ fi
 # what they mean where the launcher was started (the repository root under train.sbatch).
 codes=()      # exit code per local rank, empty while running
 
+# The ranks and their output filters are forked while this shell ignores USR1/TERM, so they
+# inherit that from their first instant (a child that set it itself could die of a step-wide
+# signal before it runs its first command, which on a loaded machine can take a while). A stop
+# signal that comes during these milliseconds is lost on this node: train.sbatch sends its USR1
+# again every 10 s until the step ends.
+trap '' USR1 TERM
 for ((r = 0; r < nproc; r++)); do
   # Each rank's lines are prefixed with its global rank so an 8-rank log stays readable;
-  # $! is python's own pid (the output goes through a process substitution, not a pipe, and the
-  # subshell execs env, which execs python), so signals and exit codes are those of the rank
-  # itself. The rank starts with USR1/TERM ignored until its handler is installed (see the top);
-  # the filter ignores USR1/TERM/INT for good: Slurm signals every process of the step, and a
-  # filter killed by the preemption signal would break the rank's stdout in the middle of its
-  # checkpoint save.
+  # $! is python's own pid (the output goes through a process substitution, not a pipe, and env
+  # execs python), so signals and exit codes are those of the rank itself. The rank ignores USR1/TERM until its handler is installed (see the top); the filter
+  # ignores USR1/TERM/INT for good: Slurm signals every process of the step, and a filter killed
+  # by the preemption signal would break the rank's stdout in the middle of its checkpoint save.
   rank_env "$r"
-  { trap '' USR1 TERM; exec env "${renv[@]}" "${cmd[@]}"; } \
-    > >(trap '' USR1 TERM INT; exec sed -u "s/^/[rank $((node_rank * nproc + r))] /") 2>&1 &
+  env "${renv[@]}" "${cmd[@]}" > >(trap '' INT; exec sed -u "s/^/[rank $((node_rank * nproc + r))] /") 2>&1 &
   pids+=("$!")
   codes+=("")
-  owed[r]="$stop_signal"  # a signal received before this rank started (may be set by a trap above)
+  owed[r]="$stop_signal"  # a signal received before this rank started
 done
+stop_traps
 echo "[node $node_rank] started ranks $((node_rank * nproc))..$((node_rank * nproc + nproc - 1)) of $world" \
      "(pids ${pids[*]}), master $master_addr:$master_port" >&2
 

@@ -142,8 +142,9 @@ up() {
 down() {
   [[ -f "$dir/slurm.conf" ]] || return 0
   export SLURM_CONF="$dir/slurm.conf"
-  # Jobs first: their processes are children of the slurmd's step daemons, not of ours.
-  if scancel --full --quiet --user="$(id -un)" 2>/dev/null; then
+  # Jobs first (a test that failed may leave one running): their processes belong to the step
+  # daemons (slurmstepd) that the slurmd daemons started, not to us.
+  if scancel --full --quiet --signal=KILL --user="$(id -un)" 2>/dev/null; then
     for ((i = 0; i < 100; i++)); do
       [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break
       sleep 0.2
@@ -152,6 +153,11 @@ down() {
   local f p alive pids=()
   for f in "$dir"/slurmd-*.pid "$dir/slurmctld.pid" "$dir/munged.pid"; do
     if [[ -f "$f" ]]; then pids+=("$(cat "$f")"); fi
+  done
+  for p in /proc/[0-9]*; do  # step daemons still there: this cluster's run in its log directory
+    if [[ "$(cat "$p/comm" 2>/dev/null)" == slurmstepd && "$(readlink "$p/cwd")" == "$dir"/* ]]; then
+      pids+=("${p#/proc/}")
+    fi
   done
   ((${#pids[@]})) || return 0
   kill "${pids[@]}" 2>/dev/null || true
