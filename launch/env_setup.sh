@@ -19,7 +19,15 @@ if [ "${SHD_NO_VENV:-0}" != "1" ]; then
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$_shd_root/.venv/torch_extensions}"
 fi
 
-if ! python -c "import torch" >/dev/null 2>&1; then
+# A check killed by a signal (a Slurm scancel or preemption during start-up: status > 128) says
+# nothing about torch: stop rather than install one.
+_shd_torch_rc=0
+python -c "import torch" >/dev/null 2>&1 || _shd_torch_rc=$?
+if [ "$_shd_torch_rc" -gt 128 ]; then
+  echo "[setup] the torch check was killed by signal $((_shd_torch_rc - 128)): stopping" >&2
+  return "$_shd_torch_rc" 2>/dev/null || exit "$_shd_torch_rc"
+fi
+if [ "$_shd_torch_rc" -ne 0 ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] NVIDIA GPU found and no torch installed: the project's requirement will install a CUDA build" >&2
   else
@@ -39,4 +47,4 @@ if [ ! -f "$_shd_stamp" ] || [ "$(cat "$_shd_stamp")" != "$_shd_hash" ] \
   python -m pip install --quiet --disable-pip-version-check -e "$_shd_root[dev]"
   echo "$_shd_hash" > "$_shd_stamp"
 fi
-unset _shd_root _shd_torch_cpu_version _shd_stamp _shd_hash
+unset _shd_root _shd_torch_cpu_version _shd_stamp _shd_hash _shd_torch_rc
