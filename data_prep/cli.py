@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from data_prep.indexed import DiskFull
 from data_prep.manifest import DataError
 from pipeline.settings import Section, setting
 
@@ -120,9 +121,10 @@ def options_from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 
 def run_cli(main: typing.Callable[[], None]) -> None:
-    """Run an entry point, turning DataError into a one-line message and exit status 2."""
+    """Run an entry point, turning DataError and DiskFull (a write ran out of space) into a
+    one-line message and exit status 2."""
     try:
         main()
-    except DataError as exc:
+    except (DataError, DiskFull) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -13,9 +13,13 @@ documents' tokens back to back.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,53 @@ VERSION = 1
 DTYPE_CODES = {np.dtype(np.uint16): 6, np.dtype(np.int32): 4}
 _HEADER = struct.Struct("<9sQBQQ")
 TMP_SUFFIX = ".tmp"
+#: A write that failed with less free space than this is taken for a full disk: torch's file writer
+#: reports a failed write as a bare RuntimeError ("unexpected pos ...") without the errno, and a
+#: write that ran out of space leaves the disk (nearly) full, since it wrote all that fitted.
+NEARLY_FULL_BYTES = 64 << 20
+
+
+class DiskFull(Exception):
+    """A write ran out of space; the message names the directory, its free bytes, what was kept and the fix."""
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem of `path` (of its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(exc: BaseException, path: Path) -> bool:
+    """Whether `exc` is a write under `path` that ran out of space: ENOSPC/EDQUOT in it or in an
+    exception it was raised from (torch and DeepSpeed re-raise an OSError as their own error), the
+    OS's words for them in its text (safetensors' error has no errno), or an error of torch's file
+    writer, which loses the errno, with the disk nearly full."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, DiskFull) or (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        if any(words in str(cause) for words in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    torch_writer = any(words in str(exc) for words in ("unexpected pos", "PytorchStreamWriter", "file write failed"))
+    return torch_writer and free_bytes(path) < NEARLY_FULL_BYTES
+
+
+@contextmanager
+def naming_disk_full(path: Path, consequence: str) -> Iterator[None]:
+    """Run the block; a write in it that ran out of space is raised as :class:`DiskFull`,
+    ``no space left at PATH: N bytes free``, then `consequence` (what was kept and the fix).
+    Nothing is deleted here: what the writer had written is left for its owner to ignore. Nested
+    blocks: the outermost names the directory and the consequence (it knows what was being saved)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 -- re-raised unchanged unless it is a full disk
+        if not is_disk_full(exc, path):
+            raise
+        raise DiskFull(f"no space left at {path}: {free_bytes(path)} bytes free; {consequence}") from exc
 
 
 class IndexFormatError(ValueError):
@@ -116,10 +167,12 @@ def file_digests(directory: Path, *, leave_out: str, hash_max_bytes: int | None 
 def write_atomic(path: Path, data: bytes) -> FileDigest:
     """Write `data` to `path` via a temporary file, fsync and rename, so `path` is never partial."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with naming_disk_full(path.parent, f"{path.name} was not replaced (its previous version is kept): free "
+                                       f"space there and run the command again"):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return FileDigest(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -146,21 +199,30 @@ class ShardWriter:
     def documents(self) -> int:
         return len(self._sizes)
 
+    def _disk_full(self) -> AbstractContextManager[None]:
+        """Where a write of this shard runs out of space: DiskFull, naming what is kept and the fix."""
+        return naming_disk_full(self.prefix.parent, f"shard {self.prefix.name} is not complete (manifest.json "
+                                f"does not list it) and the shards completed before it are kept: "
+                                f"free space (or choose another --out) and run the same command again to resume")
+
     def add(self, tokens: np.ndarray) -> None:
         """Append one document's tokens (already ending in EOS)."""
         data = tokens.astype(self.dtype, copy=False).tobytes()
-        self._file.write(data)
+        with self._disk_full():
+            self._file.write(data)
         self._sha.update(data)
         self._sizes.append(len(tokens))
         self.tokens += len(tokens)
 
     def finish(self) -> tuple[FileDigest, FileDigest]:
         """Make the shard durable and visible; returns the digests of the `.bin` and `.idx` files."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with self._disk_full():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         bin_digest = FileDigest(bytes=self.tokens * self.dtype.itemsize, sha256=self._sha.hexdigest())
         os.replace(self._tmp_path, self._bin_path)
-        idx_digest = write_atomic(self.prefix.with_name(self.prefix.name + ".idx"),
-                                  encode_index(self.dtype, np.array(self._sizes, dtype=np.int64)))
+        with self._disk_full():
+            idx_digest = write_atomic(self.prefix.with_name(self.prefix.name + ".idx"),
+                                      encode_index(self.dtype, np.array(self._sizes, dtype=np.int64)))
         return bin_digest, idx_digest

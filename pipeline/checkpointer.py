@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from pydantic import field_validator, model_validator
 
+from data_prep.indexed import naming_disk_full
 from pipeline import checkpoint as ckpt
 from pipeline import distributed, run_dir
 from pipeline.resume_contract import (CONTENT, IDENTITY, RunIdentity, config_changes, describe, record_changes,
@@ -229,14 +230,20 @@ class Checkpointer:
             elif path.exists():
                 shutil.rmtree(path)  # leftover of this run's save that was killed: start it clean
         dist.barrier()
-        engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-        ckpt.save_rng(path, self.rank)
-        if self.hang_in_save_at_step == step:
-            (root / "SAVE_HANG").write_text(tag)
-            time.sleep(3600)  # a test SIGKILLs the run here
-        dist.barrier()  # every rank's files are on disk before the commit
+        kept = ckpt.complete_checkpoints(root)
+        with naming_disk_full(root, f"checkpoint {tag} is not complete (resume ignores it) and "
+                                    f"{'the previous checkpoint ' + kept[-1].name if kept else 'nothing else'} "
+                                    f"in {root} is kept: free space there (or set checkpoint.dir to a larger disk) "
+                                    f"and continue with --resume auto"):
+            engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+            ckpt.save_rng(path, self.rank)
+            if self.hang_in_save_at_step == step:
+                (root / "SAVE_HANG").write_text(tag)
+                time.sleep(3600)  # a test SIGKILLs the run here
+            dist.barrier()  # every rank's files are on disk before the commit
+            if self.rank == 0:
+                ckpt.commit(root, path, records)
         if self.rank == 0:
-            ckpt.commit(root, path, records)
             run_dir.record_save(self.dirs, step)
             log(f"saved checkpoint {path}")
             for p in ckpt.prune(root, self.cfg.keep_last, self.run_id):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.indexed import file_digests
+from data_prep.indexed import DiskFull, file_digests, naming_disk_full
 from data_prep.manifest import TOKENIZER_FILES, DataError, tokenizer_files_sha256
 from data_prep.safe_remove import MOVED_INFIX, replace_dir
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
@@ -208,7 +208,9 @@ def export(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        write_export(tmp, model, path, tok, state)
+        with naming_disk_full(out.parent, f"the export was not written and --out {out} is as it was: free "
+                                          f"space there (or choose another --out) and export again"):
+            write_export(tmp, model, path, tok, state)
         return out, install(tmp, out, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         out, _ = export(a.checkpoint, a.out, overwrite=a.overwrite, tokenizer=a.tokenizer)  # moves are logged
-    except (ExportRefused, DataError) as e:
+    except (ExportRefused, DataError, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return NONFINITE_EXIT_CODE if isinstance(e, NonFiniteWeights) else CONFIG_ERROR_EXIT_CODE
     print(f"exported student to {out}")

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # torch deprecations triggered inside DeepSpeed's collectives, once per call: noise in the log
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    from data_prep.indexed import DiskFull
     from pipeline.config import ConfigError, help_text, load_config
 
     args = parse_args(argv)
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
         return trainer.fit()
     except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return CONFIG_ERROR_EXIT_CODE
+    except DiskFull as e:  # a save that ran out of space (data_prep.indexed.naming_disk_full)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return CONFIG_ERROR_EXIT_CODE
     except ValueError as e:  # DataError from the reader is a ValueError
