@@ -1,21 +1,84 @@
 """The process group of a run: start-up from the launcher's environment and the few collectives
-the components share (each a no-op in a world of one)."""
+the components share (each a no-op in a world of one).
+
+The ranks meet (rendezvous) as with torch's ``env://`` (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT: rank 0 hosts the TCP store), but under a wait of its own, ``SHD_RENDEZVOUS_TIMEOUT_S``
+(default 600 s), instead of the collectives' timeout, and its two usual failures are one line
+each (exit 2): a MASTER_PORT already in use, and WORLD_SIZE processes that never all start.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import register_rendezvous_handler
+
+from pipeline.settings import ConfigError
 
 T = TypeVar("T")
 
+#: Seconds the ranks wait for each other at start-up; generous, as ranks of a real cluster job
+#: start minutes apart (image pulls, module loads, a slow shared filesystem).
+RENDEZVOUS_TIMEOUT_ENV = "SHD_RENDEZVOUS_TIMEOUT_S"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 600.0
+_SCHEME = "shd"
+
+
+def rendezvous_timeout_s() -> float:
+    """The start-up wait in seconds: ``SHD_RENDEZVOUS_TIMEOUT_S`` or 600."""
+    given = os.environ.get(RENDEZVOUS_TIMEOUT_ENV, "").strip()
+    if not given:
+        return DEFAULT_RENDEZVOUS_TIMEOUT_S
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{RENDEZVOUS_TIMEOUT_ENV}={given!r}: give a number of seconds > 0 "
+                          f"(default {DEFAULT_RENDEZVOUS_TIMEOUT_S:g})")
+    return seconds
+
+
+def _rendezvous(url: str, **_: object) -> Iterator[tuple[dist.Store, int, int]]:
+    """torch rendezvous handler of ``shd://``: ``env://``'s store, with the wait of
+    :func:`rendezvous_timeout_s` (torch sets the collectives' timeout on it afterwards) and a
+    :class:`ConfigError` naming the variable to fix when the port is taken or ranks are missing."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    wait = rendezvous_timeout_s()
+    try:
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timedelta(seconds=wait),
+                              multi_tenant=True)
+    except RuntimeError as e:  # DistNetworkError, DistStoreError
+        text = str(e)
+        if "EADDRINUSE" in text:
+            raise ConfigError(f"MASTER_PORT {port} on {addr} is in use: set MASTER_PORT to a free port "
+                              f"(another run or program listens on it)") from None
+        joined = re.search(r"(\d+)/(\d+) clients joined", text)
+        if joined or "timed out" in text.lower():
+            who = (f"only {joined[1]} of WORLD_SIZE={world} ranks joined" if joined else
+                   f"rank {rank} of WORLD_SIZE={world} could not reach rank 0 at MASTER_ADDR={addr} "
+                   f"MASTER_PORT={port}")
+            raise ConfigError(f"the ranks did not all start within {wait:g} s ({RENDEZVOUS_TIMEOUT_ENV}): {who}. "
+                              f"Start WORLD_SIZE processes (RANK 0 to {world - 1}), or correct WORLD_SIZE/RANK "
+                              f"(and MASTER_ADDR/MASTER_PORT: every rank must name rank 0's)") from None
+        raise
+    yield store, rank, world
+    raise RuntimeError("shd:// cannot rendezvous again (as env://)")
+
+
+register_rendezvous_handler(_SCHEME, _rendezvous)
+
 
 def init_distributed() -> tuple[int, int]:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) from the launcher's environment;
-    (rank, world size)."""
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) from the launcher's environment, through
+    the ``shd://`` rendezvous (:func:`_rendezvous`); (rank, world size)."""
     import deepspeed
 
     if torch.cuda.is_available():  # before NCCL starts: else every rank opens a context on GPU 0
@@ -24,7 +87,10 @@ def init_distributed() -> tuple[int, int]:
         if "RANK" not in os.environ:  # plain `python -m pipeline.train`: a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # torchelastic's agent hosts the store itself: its env:// rendezvous is kept as it is
+        elastic = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   init_method=None if elastic else f"{_SCHEME}://")
     return dist.get_rank(), dist.get_world_size()
 
 

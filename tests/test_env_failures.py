@@ -104,3 +104,46 @@ def test_export_on_a_full_disk_keeps_the_earlier_export(tmp_path, small_disk, ti
     assert f"error: no space left at {disk}: " in err and f"the export was not written and --out {out} is as " \
         "it was" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ---- 2., 3. the rendezvous ------------------------------------------------------------------
+
+def test_busy_master_port_is_refused_at_once(tmp_path, tiny_data):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = tiny_config(tmp_path / "run", tiny_data, None)
+        started = time.monotonic()
+        done = _train(cfg, tmp_path, timeout=60, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert done.returncode == 2, done.stderr
+    assert f"error: MASTER_PORT {port} on 127.0.0.1 is in use: set MASTER_PORT to a free port" in done.stderr
+    assert "Traceback" not in done.stderr and time.monotonic() - started < 30
+
+
+def test_missing_ranks_end_the_wait_with_the_variable_named(tmp_path, tiny_data):
+    """RANK=0 WORLD_SIZE=2 and one process: SHD_RENDEZVOUS_TIMEOUT_S=3 ends the wait in seconds."""
+    from tests.helpers import free_port
+
+    cfg = tiny_config(tmp_path / "run", tiny_data, None)
+    done = _train(cfg, tmp_path, timeout=60, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()), SHD_RENDEZVOUS_TIMEOUT_S="3")
+    assert done.returncode == 2, done.stderr
+    assert "error: the ranks did not all start within 3 s (SHD_RENDEZVOUS_TIMEOUT_S): only 1 of WORLD_SIZE=2 " \
+        "ranks joined. Start WORLD_SIZE processes (RANK 0 to 1), or correct WORLD_SIZE/RANK" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_rendezvous_timeout_setting(monkeypatch):
+    from pipeline import distributed
+    from pipeline.settings import ConfigError
+
+    monkeypatch.delenv(distributed.RENDEZVOUS_TIMEOUT_ENV, raising=False)
+    assert distributed.rendezvous_timeout_s() == 600
+    monkeypatch.setenv(distributed.RENDEZVOUS_TIMEOUT_ENV, "2.5")
+    assert distributed.rendezvous_timeout_s() == 2.5
+    for bad in ("0", "-1", "ten", "inf", "nan"):
+        monkeypatch.setenv(distributed.RENDEZVOUS_TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match="SHD_RENDEZVOUS_TIMEOUT_S"):
+            distributed.rendezvous_timeout_s()
