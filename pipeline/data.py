@@ -91,16 +91,32 @@ def _open_shard(root: Path, shard: ShardRecord, dtype: np.dtype, verify_checksum
 
 
 class _TokenStream:
-    """Several shards' tokens as one indexable stream."""
+    """Several shards' tokens as one indexable stream, checked as they are read: a shard cut short
+    since it was opened (reading its memory map past the end would kill the process with SIGBUS)
+    and a token id outside the vocabulary (an IndexError deep in the model) are DataErrors naming
+    the file and the offset, also with data.verify_checksums=false."""
 
-    def __init__(self, parts: list[np.ndarray]) -> None:
-        self._parts = parts
+    def __init__(self, parts: list[np.ndarray], paths: list[Path], vocab_size: int) -> None:
+        self._parts, self._paths, self._vocab_size = parts, paths, vocab_size
         self._starts = [0]
         for part in parts:
             self._starts.append(self._starts[-1] + len(part))
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    def check_size(self, i: int) -> None:
+        """Part `i`'s file still has the size it had when opened (checked against the manifest)."""
+        path, expected = self._paths[i], self._parts[i].nbytes
+        size = path.stat().st_size if path.is_file() else 0
+        if size != expected:
+            raise DataError(f"{path}: {size} bytes, the manifest says {expected}: the shard changed while "
+                            f"training (truncated?); restore it or prepare the data again, then resume")
+
+    def check_sizes(self) -> None:
+        """Every part's file still has its size (on resume: a shard replaced between runs)."""
+        for i in range(len(self._parts)):
+            self.check_size(i)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens `[start, stop)` as int64, crossing shard boundaries as needed."""
@@ -110,7 +126,16 @@ class _TokenStream:
         while pos < stop:
             take = min(stop, self._starts[i + 1]) - pos
             offset = pos - self._starts[i]
-            out[pos - start:pos - start + take] = self._parts[i][offset:offset + take]
+            self.check_size(i)
+            chunk = out[pos - start:pos - start + take]
+            chunk[:] = self._parts[i][offset:offset + take]
+            bad = np.flatnonzero(chunk >= self._vocab_size)
+            if bad.size:
+                at = offset + int(bad[0])
+                raise DataError(f"{self._paths[i]}: token {int(chunk[bad[0]])} at token offset {at} (byte "
+                                f"{at * self._parts[i].itemsize}) is not below the vocabulary size "
+                                f"{self._vocab_size}: the shard is corrupt; prepare the data again (with "
+                                f"data.verify_checksums=true the start-up check names such a shard)")
             pos += take
             i += 1
         return out
@@ -136,7 +161,8 @@ class PackedSampleReader:
             raise DataError(f"{self.manifest.path}: no {split!r} shards (splits: "
                             f"{', '.join(sorted({s.split for s in self.manifest.shards}))})")
         dtype = np.dtype(self.manifest.dtype)
-        self._stream = _TokenStream([_open_shard(self.manifest.root, s, dtype, verify_checksums) for s in shards])
+        self._stream = _TokenStream([_open_shard(self.manifest.root, s, dtype, verify_checksums) for s in shards],
+                                    [s.bin_path(self.manifest.root) for s in shards], vocab)
         self.num_samples = (len(self._stream) - 1) // seq_len
         if self.num_samples < 1:
             raise DataError(f"{self.manifest.path}: {split!r} has {len(self._stream)} tokens, fewer than one "
@@ -192,7 +218,9 @@ class PackedSampleReader:
                 "split": self.split, "num_samples": self.num_samples, "data_sha256": self._data_sha256}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; refuses a state of another seed, seq_len, split or data."""
+        """Continue from a saved position; refuses a state of another seed, seq_len, split or data,
+        and shards whose size changed since they were opened."""
+        self._stream.check_sizes()
         mine = self.state_dict()
         for key in ("seed", "seq_len", "split", "num_samples", "data_sha256"):
             if state.get(key) != mine[key]:

@@ -147,3 +147,54 @@ def test_rendezvous_timeout_setting(monkeypatch):
         monkeypatch.setenv(distributed.RENDEZVOUS_TIMEOUT_ENV, bad)
         with pytest.raises(ConfigError, match="SHD_RENDEZVOUS_TIMEOUT_S"):
             distributed.rendezvous_timeout_s()
+
+
+# ---- 4. a shard damaged while training ------------------------------------------------------
+
+def _copy_of_data(tiny_data, tmp_path: Path):
+    """A copy of the tiny data (to damage), its manifest and its first train shard's .bin."""
+    from data_prep.manifest import read_manifest
+
+    data = Path(shutil.copytree(tiny_data[1], tmp_path / "data"))
+    manifest = read_manifest(data)
+    return data, manifest, manifest.split_shards("train")[0].bin_path(data)
+
+
+def _read_all(reader) -> None:
+    for _ in range(2 * reader.num_samples):
+        reader.next_batch(1)
+
+
+def test_a_token_outside_the_vocabulary_names_the_shard_and_offset(tmp_path, tiny_data):
+    """data.verify_checksums=false with a corrupted token: was an IndexError in the embedding."""
+    from pipeline.data import DataError, PackedSampleReader
+
+    data, manifest, shard = _copy_of_data(tiny_data, tmp_path)
+    tokens = np.memmap(shard, dtype=np.dtype(manifest.dtype), mode="r+")
+    tokens[5] = manifest.tokenizer.vocab_size + 7
+    tokens.flush()
+    del tokens
+    reader = PackedSampleReader(data, seq_len=32, verify_checksums=False)
+    with pytest.raises(DataError) as refused:
+        _read_all(reader)
+    assert str(refused.value).startswith(f"{shard}: token {manifest.tokenizer.vocab_size + 7} at token offset 5 "
+                                         f"(byte 10) is not below the vocabulary size "
+                                         f"{manifest.tokenizer.vocab_size}: the shard is corrupt")
+
+
+def test_a_shard_truncated_while_training_is_named(tmp_path, tiny_data):
+    """Cut short after the reader opened it: a DataError, not SIGBUS; on resume as well."""
+    from pipeline.data import DataError, PackedSampleReader
+
+    data, manifest, shard = _copy_of_data(tiny_data, tmp_path)
+    reader = PackedSampleReader(data, seq_len=32, verify_checksums=False)
+    state = reader.state_dict()
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    expected = f"{shard}: {size // 2} bytes, the manifest says {size}: the shard changed while training"
+    with pytest.raises(DataError, match="the shard changed while training") as refused:
+        _read_all(reader)
+    assert str(refused.value).startswith(expected)
+    with pytest.raises(DataError, match="the shard changed while training"):
+        reader.load_state_dict(state)
