@@ -29,7 +29,9 @@ class DistillConfig(Section):
     tau_kd: Float = setting(1.0, "Temperature of the logit KD term.")
     kd_chunk_size: int = setting(512, "Positions per chunk of the LM head + CE/KD computation (the "
                                       "logits exist only as float32 [chunk, vocab] buffers).")
-    w_shd: Float = setting(1.0, "Weight of the SHD attention term (mean over distilled layers).")
+    w_shd: Float = setting(0.1, "Weight of the SHD attention term (mean over distilled layers). 0.1: at 1 a real "
+                                "pretrained teacher's attention term left the student far behind KD alone, at 0.1 "
+                                "it was ahead of KD there and on the bench teachers (docs/results.md section 8).")
     tau_shd: Float = setting(1.0, "Temperature of the SHD attention maps.")
     plan: Literal["pairwise", "group", "mean", "select"] = setting(
         "select", "Head-squeezing plan: select = each student head distils the first teacher head of its "

@@ -113,7 +113,7 @@ def test_overrides_and_variant_configs(tmp_path):
             for v in VARIANTS}
     assert cfgs["ce"]["stage"] == "pretrain" and cfgs["ce"]["teacher"]["path"] is None
     assert cfgs["kd"]["distill"]["w_shd"] == 0.0 and cfgs["kd"]["distill"]["w_kd"] == 0.5
-    assert cfgs["shd_only"]["distill"]["w_kd"] == 0.0 and cfgs["shd_only"]["distill"]["w_shd"] == 1.0
+    assert cfgs["shd_only"]["distill"]["w_kd"] == 0.0 and cfgs["shd_only"]["distill"]["w_shd"] == 0.1
     assert {cfgs[v]["distill"]["plan"] for v in ("kd_shd", "kd_group", "kd_mean", "kd_select")} == \
         {"pairwise", "group", "mean", "select"}
     # same student, seed, data order, schedule and evaluation for every variant
