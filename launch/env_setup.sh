@@ -20,14 +20,14 @@ if [ "${SHD_NO_VENV:-0}" != "1" ]; then
 fi
 
 # A check killed by a signal (a Slurm scancel or preemption during start-up: status > 128) says
-# nothing about torch: stop rather than install one.
-_shd_torch_rc=0
-python -c "import torch" >/dev/null 2>&1 || _shd_torch_rc=$?
+# nothing about torch: it is asked again, and never answered by installing one. The caller (a batch
+# script that trapped the signal) then goes on to its own stop handling.
+_shd_torch_check() { _shd_torch_rc=0; python -c "import torch" >/dev/null 2>&1 || _shd_torch_rc=$?; }
+_shd_torch_check
+[ "$_shd_torch_rc" -le 128 ] || _shd_torch_check
 if [ "$_shd_torch_rc" -gt 128 ]; then
-  echo "[setup] the torch check was killed by signal $((_shd_torch_rc - 128)): stopping" >&2
-  return "$_shd_torch_rc" 2>/dev/null || exit "$_shd_torch_rc"
-fi
-if [ "$_shd_torch_rc" -ne 0 ]; then
+  echo "[setup] the torch check was killed by signal $((_shd_torch_rc - 128)) twice: not installing torch" >&2
+elif [ "$_shd_torch_rc" -ne 0 ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] NVIDIA GPU found and no torch installed: the project's requirement will install a CUDA build" >&2
   else
@@ -48,3 +48,4 @@ if [ ! -f "$_shd_stamp" ] || [ "$(cat "$_shd_stamp")" != "$_shd_hash" ] \
   echo "$_shd_hash" > "$_shd_stamp"
 fi
 unset _shd_root _shd_torch_cpu_version _shd_stamp _shd_hash _shd_torch_rc
+unset -f _shd_torch_check
