@@ -75,11 +75,12 @@ def time_limit_job(slurm, tmp_path_factory, tiny_data, tiny_teacher):
     """(job id, work dir) of a job that cannot finish within its 2-minute --time: submitted before
     the module's first test so that it runs while that test drives its own job. SIGUSR1 60 s
     before the limit (the controller checks every 30 s and sends it up to 30 s early: 30-60 s
-    after each start); the start-up plus 10 steps of 5 s take longer than that. No GPU, as on a
-    CPU-only cluster (--gpus-per-node=0 and NPROC_PER_NODE)."""
+    after each start); 10 steps of 8 s take longer than the latest signal even with no start-up
+    time (with 5 s steps an idle machine finished the run first). No GPU, as on a CPU-only cluster
+    (--gpus-per-node=0 and NPROC_PER_NODE)."""
     work = tmp_path_factory.mktemp("time_limit")
     job = _submit(slurm, work, tiny_data, tiny_teacher, "--time=2", "--signal=B:USR1@60", "--gpus-per-node=0",
-                  sleep_per_step=5.0, NPROC_PER_NODE="1", **NO_SETUP)
+                  sleep_per_step=8.0, NPROC_PER_NODE="1", **NO_SETUP)
     return job, work
 
 
