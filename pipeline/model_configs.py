@@ -84,6 +84,9 @@ def teacher_hf_config(cfg: RunConfig):
     from transformers import AutoConfig
 
     p = Path(cfg.teacher.path)
+    if p.suffix == ".gguf":
+        raise ConfigError(f"teacher.path {p} is a GGUF file: convert it once with `python -m pipeline.import_gguf "
+                          f"--gguf {p} --out DIR` and set teacher.path=DIR")
     if not (p / "config.json").is_file():
         raise ConfigError(f"teacher.path {p} is not a Hugging Face model directory (no config.json)")
     return AutoConfig.from_pretrained(p)

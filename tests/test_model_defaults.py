@@ -148,3 +148,10 @@ def test_teacher_precision_is_its_own(tiny_data, tmp_path):
     assert resolve_teacher_dtype(bf16) == torch.bfloat16
     student_ds, teacher_ds = build_ds_configs(bf16, 2)
     assert not student_ds["bf16"]["enabled"] and teacher_ds["bf16"]["enabled"]
+
+
+def test_a_gguf_file_as_teacher_names_the_import_command(tiny_data, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=r"is a GGUF file: convert it once with `python -m pipeline.import_gguf"):
+        Preflight(config_from_dict(tiny_config(tmp_path / "run", tiny_data, gguf)))
