@@ -10,7 +10,7 @@ _shd_torch_cpu_version="2.13.0"
 if [ "${SHD_NO_VENV:-0}" != "1" ]; then
   if [ ! -x "$_shd_root/.venv/bin/python" ]; then
     echo "[setup] creating $_shd_root/.venv" >&2
-    python3 -m venv "$_shd_root/.venv"
+    python3 -m venv "$_shd_root/.venv" || return
   fi
   # shellcheck disable=SC1091
   source "$_shd_root/.venv/bin/activate"
@@ -19,20 +19,17 @@ if [ "${SHD_NO_VENV:-0}" != "1" ]; then
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$_shd_root/.venv/torch_extensions}"
 fi
 
-# A check killed by a signal (a Slurm scancel or preemption during start-up: status > 128) says
-# nothing about torch: it is asked again, and never answered by installing one. The caller (a batch
-# script that trapped the signal) then goes on to its own stop handling.
-_shd_torch_check() { _shd_torch_rc=0; python -c "import torch" >/dev/null 2>&1 || _shd_torch_rc=$?; }
-_shd_torch_check
-[ "$_shd_torch_rc" -le 128 ] || _shd_torch_check
-if [ "$_shd_torch_rc" -gt 128 ]; then
-  echo "[setup] the torch check was killed by signal $((_shd_torch_rc - 128)) twice: not installing torch" >&2
-elif [ "$_shd_torch_rc" -ne 0 ]; then
+# The checks ignore USR1/TERM (as do the python they run): Slurm signals every process of a job
+# (a scancel or preemption during start-up), and a check killed by it would read as "not
+# installed" and start a long install. The batch script that trapped the signal goes on to its own
+# stop handling. A failed install returns non-zero to the caller (`source ... || ...`).
+_shd_imports() { (trap '' USR1 TERM; python -c "import $1") >/dev/null 2>&1; }
+if ! _shd_imports torch; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "[setup] NVIDIA GPU found and no torch installed: the project's requirement will install a CUDA build" >&2
   else
     echo "[setup] no torch and no NVIDIA GPU: installing the CPU build torch==$_shd_torch_cpu_version" >&2
-    python -m pip install --quiet --disable-pip-version-check "torch==$_shd_torch_cpu_version"
+    python -m pip install --quiet --disable-pip-version-check "torch==$_shd_torch_cpu_version" || return
   fi
 fi
 
@@ -40,12 +37,14 @@ fi
 # otherwise re-resolve every dependency on each run, which costs ~20 s offline-ish).
 _shd_stamp="$_shd_root/.venv/.shd-installed"
 [ "${SHD_NO_VENV:-0}" = "1" ] && _shd_stamp="$_shd_root/.shd-installed"
-_shd_hash="$(sha256sum "$_shd_root/pyproject.toml" | cut -d' ' -f1)"
-if [ ! -f "$_shd_stamp" ] || [ "$(cat "$_shd_stamp")" != "$_shd_hash" ] \
-   || ! python -c "import pipeline, data_prep, deepspeed, transformers" >/dev/null 2>&1; then
+_shd_hash="$(trap '' USR1 TERM; sha256sum "$_shd_root/pyproject.toml" | cut -d' ' -f1)"
+_shd_installed=""
+[ -f "$_shd_stamp" ] && read -r _shd_installed < "$_shd_stamp"
+if [ "$_shd_installed" != "$_shd_hash" ] \
+   || ! _shd_imports "pipeline, data_prep, deepspeed, transformers"; then
   echo "[setup] installing the project and its dependencies (pip install -e '.[dev]')" >&2
-  python -m pip install --quiet --disable-pip-version-check -e "$_shd_root[dev]"
+  python -m pip install --quiet --disable-pip-version-check -e "$_shd_root[dev]" || return
   echo "$_shd_hash" > "$_shd_stamp"
 fi
-unset _shd_root _shd_torch_cpu_version _shd_stamp _shd_hash _shd_torch_rc
-unset -f _shd_torch_check
+unset _shd_root _shd_torch_cpu_version _shd_stamp _shd_hash _shd_installed
+unset -f _shd_imports

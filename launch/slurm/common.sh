@@ -22,6 +22,28 @@ shd_read_preempted_exit_code() {
   }
 }
 
+# Source launch/env_setup.sh (.venv and the project, installed once) unless SHD_ENV_SETUP=0. Its
+# checks survive the SIGTERM Slurm sends every process of a job; an install it runs does not. A
+# failed set-up returns its code with the reason said: after a SIGTERM (the caller's got_term is 1,
+# read once the set-up has returned: scancel or preemption) that is the stop the user asked for,
+# otherwise an error to fix.
+shd_env_setup() {
+  local rc=0
+  [[ "${SHD_ENV_SETUP:-1}" == "0" ]] && return 0
+  # shellcheck source=launch/env_setup.sh
+  source launch/env_setup.sh || rc=$?
+  ((rc == 0)) && return 0
+  if [[ "${got_term:-0}" == 1 ]]; then
+    echo "[setup] SIGTERM during launch/env_setup.sh, which stopped (exit $rc): nothing was" \
+         "started, not requeued. After a scancel resubmit the same command (the set-up runs" \
+         "again); a preemption that requeues starts the job again by itself." >&2
+  else
+    echo "error: launch/env_setup.sh failed (exit $rc): see the [setup] lines and pip's output" \
+         "above; fix it and resubmit (or set SHD_ENV_SETUP=0 and provide the environment)." >&2
+  fi
+  return "$rc"
+}
+
 # Does process $1 have a handler for signal $2 (USR1, TERM)? Read from the caught-signals mask
 # (SigCgt) of /proc/$1/status; without /proc, assume it does. A process that does not catch a
 # signal yet dies of it (srun in its first ~0.1 s) or ignores it (a rank before its handler is
