@@ -61,5 +61,5 @@ def calibrated_weights(statistics: Tensor, num_teacher_heads: int, num_student_h
         raise ValueError(f"calibration statistics have {statistics.numel()} values, expected {sum(sizes)} for "
                          f"{num_teacher_heads} -> {num_student_heads} heads under plan {plan!r}")
     grams = [GroupGram.of(group, part.view(1, *(len(group),) * 4))
-             for group, part in zip(structure.groups, statistics.double().split(sizes))]
+             for group, part in zip(structure.groups, torch.split(statistics.double(), sizes))]
     return merge_rounds(structure, grams, objective, selection, torch.float64)[0]

@@ -31,12 +31,23 @@ is skipped when no gradient is needed (evaluation, `torch.no_grad`).
 from __future__ import annotations
 
 import math
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
 
-from .masking import (BlockMask, MapSpec, check_mask, compute_dtype, first_key, is_right_padded, loss_dtype,
-                      normalized_weights, repeat_kv, valid_rows)
+from .masking import (
+    BlockMask,
+    MapSpec,
+    check_mask,
+    compute_dtype,
+    first_key,
+    is_right_padded,
+    loss_dtype,
+    normalized_weights,
+    repeat_kv,
+    valid_rows,
+)
 
 MERGES = ("prob", "logit")
 """How squeezed teacher maps are merged: in probability space (paper) or in score space."""
@@ -110,6 +121,18 @@ def _check_inputs(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teach
         raise ValueError("queries and keys of one model must share their head dim")
 
 
+@overload
+def _blockwise(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, weights: Tensor, tau: float,
+               attention_mask: Tensor | None, block_size: int, merge: str, sharpen: float, teacher_spec: MapSpec,
+               student_spec: MapSpec, divergence: str, with_grad: Literal[True]) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+@overload
+def _blockwise(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, weights: Tensor, tau: float,
+               attention_mask: Tensor | None, block_size: int, merge: str, sharpen: float, teacher_spec: MapSpec,
+               student_spec: MapSpec, divergence: str, with_grad: Literal[False]) -> tuple[Tensor, None, None]: ...
+
+
 def _blockwise(
     student_q: Tensor,
     student_k: Tensor,
@@ -132,6 +155,7 @@ def _blockwise(
     device = student_q.device
     sq = student_q.to(dtype)
     sk = repeat_kv(student_k, num_student).to(dtype)
+    mix: Tensor | None  # None below when every target is one teacher head's map
     mix = normalized_weights(weights, dtype)
     # teacher heads that no target draws on (select, hard selection, weights clipped to 0) are skipped
     used = mix.ne(0).flatten(0, 1).any(dim=0).nonzero().flatten()
@@ -199,18 +223,18 @@ def _blockwise(
         row_scale = block_rows[..., None] * (tau * student_scale) / count if with_grad else None
         if forward:
             row_kl = row_kl.sub_(_row_dot(target, log_student))
-            if with_grad:
+            if row_scale is not None:
                 grad_scores = log_student.exp_().sub_(target).mul_(row_scale)
         else:  # one more [B, N, block, keys] buffer than forward: the student's probabilities
             student = log_student.exp()
             diff = log_student.sub_(log_target)
             del log_target
             row_kl = _row_dot(student, diff)
-            if with_grad:
+            if row_scale is not None:
                 grad_scores = diff.sub_(row_kl[..., None]).mul_(student).mul_(row_scale)
             del student, diff
         total = total + (row_kl * block_rows).sum()
-        if with_grad:
+        if grad_q is not None and grad_k is not None:
             grad_q[:, :, start:end] = grad_scores @ sk[:, :, first:end]
             grad_k[:, :, first:end] += grad_scores.transpose(-1, -2) @ sq[:, :, start:end]
     return total * (tau * tau) / count, grad_q, grad_k
@@ -229,8 +253,9 @@ def _fold_kv_grad(grad_k: Tensor, num_kv: int) -> Tensor:
 
 class _StreamingSHDLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge,
-                sharpen, teacher_spec, student_spec, divergence):
+    def forward(ctx: Any, student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, weights: Tensor,
+                tau: float, attention_mask: Tensor | None, block_size: int, merge: str, sharpen: float,
+                teacher_spec: MapSpec, student_spec: MapSpec, divergence: str) -> Tensor:
         loss, grad_q, grad_k = _blockwise(
             student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
             teacher_spec, student_spec, divergence, with_grad=True,
@@ -243,7 +268,7 @@ class _StreamingSHDLoss(torch.autograd.Function):
         return loss.to(loss_dtype(student_q))
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grad_q, grad_k = ctx.grads
         scale = grad_output.to(grad_q.dtype)
         return grad_q * scale, grad_k * scale, None, None, None, None, None, None, None, None, None, None, None
@@ -285,10 +310,12 @@ are renormalised to sum to 1 in the compute dtype, which bf16 rounding would oth
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     teacher_q, teacher_k, weights = teacher_q.detach(), teacher_k.detach(), weights.detach()
     if torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad):
-        return _StreamingSHDLoss.apply(
+        # torch leaves Function.apply unannotated; it returns what forward returns, the loss
+        loss: Tensor = _StreamingSHDLoss.apply(  # type: ignore[no-untyped-call]
             student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
             teacher_spec, student_spec, divergence,
         )
+        return loss
     loss, _, _ = _blockwise(
         student_q, student_k, teacher_q, teacher_k, weights, tau, attention_mask, block_size, merge, sharpen,
         teacher_spec, student_spec, divergence, with_grad=False,

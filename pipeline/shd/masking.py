@@ -10,6 +10,7 @@ loss by `valid_rows`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -47,15 +48,16 @@ def first_key(row_start: int, window: int | None) -> int:
     return 0 if window is None else max(0, row_start - window + 1)
 
 
-def valid_rows(attention_mask: Tensor | None, batch: int, length: int, dtype: torch.dtype, device) -> Tensor:
+def valid_rows(attention_mask: Tensor | None, batch: int, length: int, dtype: torch.dtype,
+               device: torch.device | str) -> Tensor:
     """[B, T] weights of the query rows that count: 1 for real tokens, 0 for padding."""
     if attention_mask is None:
         return torch.ones(batch, length, dtype=dtype, device=device)
     return attention_mask.to(device=device, dtype=dtype)
 
 
-def allowed_keys(attention_mask: Tensor | None, row_start: int, row_end: int, device, window: int | None = None,
-                 key_start: int = 0) -> Tensor:
+def allowed_keys(attention_mask: Tensor | None, row_start: int, row_end: int, device: torch.device | str,
+                 window: int | None = None, key_start: int = 0) -> Tensor:
     """Boolean [B or 1, 1, rows, row_end - key_start] mask of the keys [key_start, row_end) that each
     query row of the block may see.
 
@@ -83,8 +85,8 @@ class BlockMask:
     the full `allowed_keys` mask of the block is applied (its window too).
     """
 
-    def __init__(self, attention_mask: Tensor | None, right_padded: bool, start: int, end: int, device,
-                 window: int | None = None, key_start: int = 0):
+    def __init__(self, attention_mask: Tensor | None, right_padded: bool, start: int, end: int,
+                 device: torch.device | str, window: int | None = None, key_start: int = 0) -> None:
         if right_padded and window is None:
             self.columns = slice(start - key_start, end - key_start)
             square = torch.arange(end - start, device=device)
@@ -145,3 +147,10 @@ def normalized_weights(weights: Tensor, dtype: torch.dtype) -> Tensor:
 def loss_dtype(student_q: Tensor) -> torch.dtype:
     """A loss keeps float32/float64 inputs' dtype and is float32 for half-precision inputs."""
     return student_q.dtype if student_q.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def tensor_sum(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of (at least one) tensors, computed as the builtin ``sum`` does (0 + t0 + t1 + ...),
+    but typed as a Tensor: for mypy, ``sum`` of tensors may be the int 0."""
+    first, *rest = terms
+    return sum(rest, 0 + first)

@@ -10,13 +10,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .loss import check_variant
-from .loss import check_windows
-from .masking import (MapSpec, allowed_keys, check_mask, compute_dtype, loss_dtype, normalized_weights, repeat_kv,
-                      valid_rows)
+from .loss import check_variant, check_windows
+from .masking import (
+    MapSpec,
+    allowed_keys,
+    check_mask,
+    compute_dtype,
+    loss_dtype,
+    normalized_weights,
+    repeat_kv,
+    tensor_sum,
+    valid_rows,
+)
 from .plan import squeeze_plan
 from .simplex import best_vertex, simplex_least_squares
 from .weights import check_teacher_inputs, constant_weights, needs_maps
+
+# a head of `weights_from_maps`: ({teacher head: weight [B]}, its map [B, T, T], its circuit [B, T, R])
+_Head = tuple[dict[int, Tensor], Tensor, Tensor]
 
 
 def attention_maps(queries: Tensor, keys: Tensor, attention_mask: Tensor | None = None, tau: float = 1.0,
@@ -88,12 +99,12 @@ def weights_from_maps(
     return weights
 
 
-def _merge_explicit(heads: list[tuple], rows: Tensor, objective: str, selection: str) -> tuple:
+def _merge_explicit(heads: list[_Head], rows: Tensor, objective: str, selection: str) -> _Head:
     maps = [h[1] for h in heads]
-    circuit = sum(h[2] for h in heads)
+    circuit = tensor_sum(h[2] for h in heads)
     if objective == "output":  # one merged map on the summed circuit vs the summed outputs
         candidates = [[a @ circuit] for a in maps]
-        targets = [sum(a @ x for a, (_, _, x) in zip(maps, heads))]
+        targets = [tensor_sum(a @ x for a, (_, _, x) in zip(maps, heads))]
     else:  # each head's own output on its own circuit
         candidates = [[a @ x for (_, _, x) in heads] for a in maps]
         targets = [a @ x for a, (_, _, x) in zip(maps, heads)]
@@ -109,7 +120,7 @@ def _merge_explicit(heads: list[tuple], rows: Tensor, objective: str, selection:
     for k, (own, _, _) in enumerate(heads):
         for m, w in own.items():
             members[m] = w * mix[:, k]
-    return members, sum(mix[:, k, None, None] * a for k, a in enumerate(maps)), circuit
+    return members, tensor_sum(mix[:, k, None, None] * a for k, a in enumerate(maps)), circuit
 
 
 def shd_loss_reference(

@@ -17,14 +17,23 @@ d_model to at most (group size x head dim).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking import MapSpec, allowed_keys, check_mask, compute_dtype, first_key, is_right_padded, valid_rows
+from .masking import (
+    MapSpec,
+    allowed_keys,
+    check_mask,
+    compute_dtype,
+    first_key,
+    is_right_padded,
+    tensor_sum,
+    valid_rows,
+)
 from .plan import SqueezePlan, squeeze_plan
 from .simplex import best_vertex, simplex_least_squares
 
@@ -143,7 +152,7 @@ class _MergedHead:
     grows with T.
     """
 
-    gram: "GroupGram"
+    gram: GroupGram
     coef: Tensor  # [B, S], float64
     circuit: Tensor  # [S], float64: which members' circuits it sums
 
@@ -202,7 +211,7 @@ class GroupGram:
         return gram.view(batch, size, size, size, size)
 
     @classmethod
-    def of(cls, group: tuple[int, ...], gram: Tensor) -> "GroupGram":
+    def of(cls, group: tuple[int, ...], gram: Tensor) -> GroupGram:
         """A group's Gram tensor [B, S, S, S, S] given as it is (e.g. summed over a calibration set)."""
         out = cls.__new__(cls)
         out.group, out.gram = tuple(group), gram
@@ -241,11 +250,12 @@ def merge_rounds(plan: SqueezePlan, grams: Sequence[GroupGram], objective: str, 
     """Runs the merge rounds of a "pairwise" or "group" plan on its groups' Gram tensors (batch B
     of them: per sequence, or one summed over a calibration set) and returns W [B, N, M]."""
     batch, device = grams[0].gram.shape[0], grams[0].gram.device
-    heads: list[_MergedHead | None] = [None] * plan.num_teacher_heads
+    teacher_heads: dict[int, _MergedHead] = {}
     for gram in grams:
         one_hot = torch.eye(len(gram.group), dtype=torch.float64, device=device)
-        for i, head in enumerate(gram.group):
-            heads[head] = _MergedHead(gram, one_hot[i].expand(batch, -1), one_hot[i])
+        for i, teacher_head in enumerate(gram.group):
+            teacher_heads[teacher_head] = _MergedHead(gram, one_hot[i].expand(batch, -1), one_hot[i])
+    heads = [teacher_heads[m] for m in range(plan.num_teacher_heads)]
     for round_groups in plan.rounds:
         heads = [
             heads[g[0]] if len(g) == 1 else _merge([heads[i] for i in g], objective, selection, dtype)
@@ -268,7 +278,7 @@ def _merge(heads: list[_MergedHead], objective: str, selection: str, dtype: torc
     gram = heads[0].gram
     coef = torch.stack([h.coef for h in heads], dim=1)  # [B, K, S]
     centred = coef[:, :-1] - coef[:, -1:]
-    circuit = sum(h.circuit for h in heads)
+    circuit = tensor_sum(h.circuit for h in heads)
     if objective == "output":
         between = gram.between(circuit, circuit)
         own = torch.einsum("bkij,bkj->bki", torch.stack([gram.between(circuit, h.circuit) for h in heads], 1), coef)
@@ -277,10 +287,10 @@ def _merge(heads: list[_MergedHead], objective: str, selection: str, dtype: torc
         quadratic = [between]
     else:
         quadratic = [gram.between(h.circuit, h.circuit) for h in heads]
-        cross = sum(torch.einsum("bki,bij,bj->bk", centred, q, coef[:, j] - coef[:, -1])
-                    for j, q in enumerate(quadratic))
-    products = sum(torch.einsum("bki,bij,blj->bkl", centred, q, centred) for q in quadratic)
-    norms = sum(torch.einsum("bki,bij,bkj->bk", coef, q, coef) for q in quadratic)
+        cross = tensor_sum(torch.einsum("bki,bij,bj->bk", centred, q, coef[:, j] - coef[:, -1])
+                           for j, q in enumerate(quadratic))
+    products = tensor_sum(torch.einsum("bki,bij,blj->bkl", centred, q, centred) for q in quadratic)
+    norms = tensor_sum(torch.einsum("bki,bij,bkj->bk", coef, q, coef) for q in quadratic)
     # differences below ~1000 ulps of the candidates' own size are rounding, not signal
     tolerance = (1e3 * torch.finfo(dtype).eps) ** 2 * norms.amax(dim=1)
     solver = best_vertex if selection == "hard" else simplex_least_squares
@@ -288,7 +298,7 @@ def _merge(heads: list[_MergedHead], objective: str, selection: str, dtype: torc
     return _MergedHead(gram, torch.einsum("bk,bki->bi", mix, coef), circuit)
 
 
-def constant_weights(plan: SqueezePlan, batch: int, dtype: torch.dtype, device,
+def constant_weights(plan: SqueezePlan, batch: int, dtype: torch.dtype, device: torch.device | str,
                      selected: Sequence[int] | None = None) -> Tensor:
     """W for plans that need no maps: identity, "mean" (equal weights), "select" (the head of each
     group in `selected`, default the first: `pipeline.shd.plan.selected_heads`)."""
@@ -342,7 +352,7 @@ def circuit_maps(o_proj_weight: Tensor | None, group: tuple[int, ...], head_dim:
     if o_proj_weight is None:
         return torch.eye(head_dim, dtype=dtype, device="cpu").expand(len(group), -1, -1)
     columns = torch.cat([o_proj_weight[:, h * head_dim : (h + 1) * head_dim] for h in group], dim=1)
-    _, r = torch.linalg.qr(columns.to(dtype), mode="reduced")
+    r: Tensor = torch.linalg.qr(columns.to(dtype), mode="reduced").R  # torch.linalg's functions are typed Any
     return r.reshape(r.shape[0], len(group), head_dim).permute(1, 2, 0)
 
 
