@@ -42,9 +42,12 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
+
+from shd_common.cli import command_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("oracle", "shd_loss", "engine", "step_cost", "real_teacher")
@@ -580,9 +583,8 @@ PART_FNS: dict[str, Callable] = {"oracle": part_oracle, "shd_loss": part_shd_los
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = command_parser("python bench/gpu_check.py", __doc__, epilog=__doc__.split("\n\n", 1)[1],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: the dry run that proves every code path")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of NAME[:SECONDS] from {','.join(PARTS)} "

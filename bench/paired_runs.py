@@ -16,9 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.study.report import (aggregate, gap_to_kd, markdown, paired_differences, plot, summarize_run,
-                                   variant_label)
 from pipeline.study.plan import tokens_per_step as tokens_per_step_of
+from pipeline.study.report import aggregate, gap_to_kd, markdown, paired_differences, plot, summarize_run, variant_label
 from pipeline.study.variants import VARIANTS, split_variant
 
 

@@ -38,11 +38,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from data_prep.manifest import load_hf_tokenizer, read_manifest
+from data_prep.documents import InputReport
 from data_prep.merge import merge_tasks
 from data_prep.shard import ShardOptions, build_shards
-from data_prep.sources import InputReport, iter_documents, resolve_inputs
+from data_prep.sources import iter_documents, resolve_inputs
 from data_prep.tokenizer import TokenizerTrainOptions, train_tokenizer
+from shd_common.manifest import load_hf_tokenizer, read_manifest
 
 CORPUS = "python-stdlib"
 TARGET_RATIO = 1.3

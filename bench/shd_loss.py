@@ -135,7 +135,8 @@ def main() -> None:
     rows = []
     print(f"SHD loss, one layer, B=1, M={args.teacher_heads} -> N={args.student_heads} heads, d={args.head_dim}, "
           f"block={args.block}, device={args.device}")
-    header = f"{'T':>6} | {'dense s':>8} {'dense MiB':>10} | {'stream s':>8} {'stream MiB':>10} | {'time x':>6} {'mem /':>6} | {'weights s':>9} {'weights MiB':>11}"
+    header = (f"{'T':>6} | {'dense s':>8} {'dense MiB':>10} | {'stream s':>8} {'stream MiB':>10} | "
+              f"{'time x':>6} {'mem /':>6} | {'weights s':>9} {'weights MiB':>11}")
     print(header)
     print("-" * len(header))
     for length in args.lengths:
@@ -149,14 +150,16 @@ def main() -> None:
             return f"{r[key] / scale:>{width}.{digits}f}" if r else f"{'-':>{width}}"
 
         ratio_t = f"{stream['seconds'] / dense['seconds']:>6.2f}" if dense and stream else f"{'-':>6}"
-        ratio_m = f"{dense['peak_extra_bytes'] / max(stream['peak_extra_bytes'], 1):>6.1f}" if dense and stream else f"{'-':>6}"
+        ratio_m = (f"{dense['peak_extra_bytes'] / max(stream['peak_extra_bytes'], 1):>6.1f}" if dense and stream
+                   else f"{'-':>6}")
         mib = 2**20
         print(f"{length:>6} | {fmt(dense, 'seconds')} {fmt(dense, 'peak_extra_bytes', mib, 10, 1)} | "
               f"{fmt(stream, 'seconds')} {fmt(stream, 'peak_extra_bytes', mib, 10, 1)} | {ratio_t} {ratio_m} | "
               f"{fmt(weights, 'seconds', 1.0, 9)} {fmt(weights, 'peak_extra_bytes', mib, 11, 1)}", flush=True)
         # rewritten after every length: a caller that stops this run early keeps the rows so far
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out" and k != "child"}, "rows": rows}, indent=2))
+        config = {k: v for k, v in vars(args).items() if k != "out" and k != "child"}
+        args.out.write_text(json.dumps({"config": config, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -14,7 +14,7 @@ hardly moves when other jobs share the machine, unlike the wall time.
 Variants:
 - ``kd``: 0.5 CE + 0.5 tau^2 KL (tau 2), the engine's ``DistillObjective`` (chunked CE/KD).
 - ``shd``: the same + SHD (plan pairwise, objective output) exactly as the engine computes it: the
-  engine's ``shd_teacher``/``shd_student`` attention functions and ``ShdChannel`` (mixing weights
+  engine's ``shd_teacher``/``shd_student`` attention functions and ``ShdCapture`` (mixing weights
   from q, k, v and W_O in the teacher's o_proj pre-hook; streaming ``shd_loss`` inside the
   student's attention, computed once per step under checkpointing, no T x T map kept).
 - ``select``: the same with plan ``select`` (the engine's default: one teacher head per student head).
@@ -92,8 +92,9 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
 
     from pipeline import attention as attn
     from pipeline.config import config_from_dict
-    from pipeline.objective import DistillObjective
-    from pipeline.losses import ce_kd_sums_reference
+    from pipeline.data import Batch
+    from pipeline.loss.ce_kd import ce_kd_sums_reference
+    from pipeline.objective import DistillObjective, StepTotals
     from pipeline.shd.plan import layer_map
     from pipeline.shd.reference import weights_from_maps
 
@@ -102,17 +103,6 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
     plan = "select" if variant == "select" else "pairwise"
     captured = variant in ("shd", "select")
     pairs = dict(enumerate(layer_map(ss["layers"], ts["layers"])))
-    capture = None
-    if captured:
-        capture = attn.ShdCapture(attn.ShdChannel(pairs=pairs, num_student_heads=ss["heads"], plan=plan,
-                                                  objective="output", tau=1.0, block_size=128))
-    t_attn, s_attn = {"kd": ("sdpa", "sdpa"), "dense": ("eager", "eager")}.get(
-        variant, (attn.TEACHER_ATTN, attn.STUDENT_ATTN))
-    teacher = _llama(ts, vocab, seq_len, t_attn, 0).to(device).eval().requires_grad_(False)
-    student = _llama(ss, vocab, seq_len, s_attn, 1).to(device).train()
-    # the engine's activation checkpointing (pipeline/builders.py): per layer, non-reentrant
-    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     cfg = config_from_dict({
         "stage": "distill", "teacher": {"path": "unused"}, "data": {"dir": "unused", "seq_len": seq_len},
         "student": {"num_layers": ss["layers"], "num_heads": ss["heads"], "hidden_size": ss["hidden"],
@@ -120,6 +110,15 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         "distill": {"w_ce": 0.5, "w_kd": 0.5, "tau_kd": 2.0, "w_shd": 0.0 if variant == "kd" else 1.0,
                     "plan": plan, "objective": "output", "kd_chunk_size": 512, "shd_block_size": 128},
     }, [])
+    # the run's distill section: plan, objective output, tau_shd 1, block 128 (registers the attention functions)
+    capture = attn.ShdCapture.from_config(cfg.distill, pairs, ss["heads"]) if captured else None
+    t_attn, s_attn = {"kd": ("sdpa", "sdpa"), "dense": ("eager", "eager")}.get(
+        variant, (attn.TEACHER_ATTN, attn.STUDENT_ATTN))
+    teacher = _llama(ts, vocab, seq_len, t_attn, 0).to(device).eval().requires_grad_(False)
+    student = _llama(ss, vocab, seq_len, s_attn, 1).to(device).train()
+    # the engine's activation checkpointing (pipeline/training/builders.py): per layer, non-reentrant
+    student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     if capture is not None:
         capture.attach(student, teacher)
     objective = DistillObjective(cfg, vocab, capture)
@@ -137,6 +136,7 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
     inp, labels = tokens[:, :-1], tokens[:, 1:]
     valid = torch.ones_like(labels, dtype=torch.bool)
     n_tok = float(valid.sum())
+    batch_, totals = Batch(inp, labels, valid, mask=None), StepTotals(tokens=n_tok, rows=float(inp.numel()))
 
     def dense_step():
         with torch.no_grad():
@@ -162,11 +162,10 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
         opt.zero_grad(set_to_none=True)
         if variant == "dense":
             loss = dense_step()
+            loss.backward()
         else:
-            loss, _ = objective(student, teacher, inp, labels, valid, None, n_tok, float(inp.numel()))
-        loss.backward()
-        if capture is not None:
-            capture.end()
+            with objective.micro_batch(student, teacher, batch_, totals) as (loss, _):
+                loss.backward()
         opt.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -235,8 +234,9 @@ def main(argv=None) -> int:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpus": os.cpu_count(), "threads": args.threads, "batch": args.batch, "pairs": PAIRS, "rows": rows,
-                               "note": "plain transformers models, one process, no DeepSpeed; fp32"}, indent=1))
+    out.write_text(json.dumps({"cpus": os.cpu_count(), "threads": args.threads, "batch": args.batch, "pairs": PAIRS,
+                               "rows": rows, "note": "plain transformers models, one process, no DeepSpeed; fp32"},
+                              indent=1))
     print(f"wrote {out}")
     return 0
 
@@ -251,7 +251,10 @@ def report(rows: list[dict]) -> str:
             lines.append(f"| {r['pair']} | {r['seq_len']} | {r['variant']} | {r['error']} | | | | | | |")
             continue
         base = kd.get((r["pair"], r["seq_len"]))
-        ratio = lambda key: f"{r[key] / base[key]:.2f}" if base else "-"  # noqa: E731
+
+        def ratio(key: str, r: dict = r, base: dict | None = base) -> str:
+            return f"{r[key] / base[key]:.2f}" if base else "-"
+
         lines.append(f"| {r['pair']} | {r['seq_len']} | {r['variant']} | {r['step_s'] * 1000:.0f} | {ratio('step_s')} "
                      f"| {r['cpu_s'] * 1000:.0f} | {ratio('cpu_s')} | {r['peak_mib']:.0f} | {ratio('peak_mib')} "
                      f"| {r['step_mem_mib']:.0f} |")

@@ -7,14 +7,13 @@ Computed, not measured: parameter bytes from the counts (bf16 weights, fp32 Adam
 student), traffic from ZeRO-3's all-gathers (each rank receives the whole model but its own share
 per forward) and, for the student, its backward all-gather and gradient reduce-scatter. Activations
 and buffers are left out; they do not depend on the placement. The formulas are
-``pipeline.ds_config.TeacherPlacement``'s, the ones the run log prints.
+``pipeline.training.deepspeed_config.TeacherPlacement``'s, the ones the run log prints.
 """
 
 from __future__ import annotations
 
-import argparse
-
-from pipeline.ds_config import TeacherPlacement
+from pipeline.training.deepspeed_config import TeacherPlacement
+from shd_common.cli import command_parser
 
 BF16 = 2
 STUDENT_BYTES_PER_PARAM = 2 + 2 + 12  # bf16 weights + bf16 grads + fp32 master, m, v (ZeRO-3, partitioned)
@@ -41,7 +40,7 @@ def rows(teacher_params: float, student_params: float, nodes: int, gpus_per_node
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap = command_parser("python bench/teacher_placement.py", __doc__)
     ap.add_argument("--teacher-params", type=float, default=8.03e9, help="teacher parameters (Llama 3 8B)")
     ap.add_argument("--student-params", type=float, default=1.0e9)
     ap.add_argument("--nodes", default="1,8", help="comma-separated node counts")

@@ -22,7 +22,6 @@ numbers are this machine's (2 CPU cores): peaks, not timings, are the point.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -36,7 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.settings import set_dotted  # noqa: E402
+from shd_common.cli import command_parser  # noqa: E402
+from shd_common.settings import set_dotted  # noqa: E402
 
 TINY_DS = ROOT / "ds_configs" / "zero3_tiny_cpu.json"
 
@@ -163,7 +163,7 @@ def vocab(out: Path, chunks: list[int]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap = command_parser("python bench/teacher_scale.py", __doc__)
     ap.add_argument("experiment", choices=("big-teacher", "vocab"))
     ap.add_argument("--nproc", type=int, default=2, help="ranks of the big-teacher runs")
     ap.add_argument("--chunks", default="128,512,2048", help="distill.kd_chunk_size values of the vocab runs")
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = (big_teacher(work, a.nproc) if a.experiment == "big-teacher"
             else vocab(work, [int(c) for c in a.chunks.split(",")]))
     for r in rows:
-        what = r.get("placement") or f"vocab {r['vocab']} ({r['shard_dtype']} shards), kd_chunk_size {r['kd_chunk_size']}"
+        what = r.get("placement") or (f"vocab {r['vocab']} ({r['shard_dtype']} shards), "
+                                      f"kd_chunk_size {r['kd_chunk_size']}")
         print(f"{what}: peak RSS per rank {[round(x) for x in r['peak_rss_mib_per_rank']]} MiB | rank 0 after "
               f"loading: peak {r['rank0_after_loading_mib']:.0f} MiB, anonymous now "
               f"{r['rank0_anon_after_loading_mib']:.0f} MiB; after steps {r['rank0_after_steps_mib']:.0f} MiB | "

@@ -1,6 +1,6 @@
 """Command lines built from typed options sections, so each option has one definition and help text.
 
-Options are :class:`Options` sections (pydantic, ``pipeline.settings``: the mechanism of the run
+Options are :class:`Options` sections (pydantic, ``shd_common.settings``: the mechanism of the run
 config): a field's description (``setting(default, help)``) is its ``--help`` line, ``flag=...``
 overrides the flag name (default ``--field-name``), validation runs once when the options are
 built, and a problem is a :class:`DataError` that names the flag. Tuples become repeatable
@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from data_prep.indexed import DiskFull
-from data_prep.manifest import DataError
-from pipeline.settings import Section, setting
+from shd_common.integrity import DiskFull
+from shd_common.manifest import DataError
+from shd_common.settings import Section, setting
 
 T = TypeVar("T", bound="Options")
 

@@ -14,10 +14,9 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from data_prep.sources import Document, InputReport
+from data_prep.documents import Document, InputReport, decode_text
 
 NAMED_CORPORA = ("python-stdlib",)
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -45,8 +44,6 @@ class NamedCorpus:
 
     def documents(self, text_field: str, report: InputReport) -> Iterator[Document]:
         from pydoc_data.topics import topics
-
-        from data_prep.sources import Document, decode_text
 
         root = Path(sysconfig.get_paths()["stdlib"])
         for path in stdlib_files():

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.indexed import token_dtype
-from data_prep.manifest import id_count, load_hf_tokenizer
-
+from shd_common.manifest import id_count, load_hf_tokenizer
+from shd_common.shards import token_dtype
 
 # End-of-turn tokens of chat templates: an instruct checkpoint's `eos_token` is often one of them,
 # while its pretraining data separated documents with an end-of-text token it still has.
@@ -38,7 +37,7 @@ def document_separator(tokenizer, requested: str | None = None) -> Separator:
     """The document separator of `tokenizer`: `requested` (a token's text or id) when given, else the
     end-of-text token, preferring a pretraining end-of-text token over a chat-turn end (an instruct
     tokenizer's `eos_token`), as the pretraining corpus of such a checkpoint was separated."""
-    from data_prep.manifest import DataError
+    from shd_common.manifest import DataError
 
     vocab = tokenizer.get_vocab()
     if requested is not None:

@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
-from data_prep.manifest import Manifest
+from data_prep.documents import Source
 from data_prep.output_dir import STAGING_NAME, manifest_or_none
-from data_prep.sources import Source
 from data_prep.tasks import WorkUnit, plan_units
+from shd_common.manifest import Manifest
 
 _CHUNK = 1 << 20
 
@@ -107,10 +107,3 @@ def with_content(fresh: Manifest, units: Iterable[WorkUnit]) -> Manifest:
         cache[unit.key] = [stat.st_size, stat.st_mtime_ns, sha]
     return replace(fresh, options={**fresh.options, "content": content},
                    stats={**fresh.stats, "fingerprints": cache})
-
-
-def describe_unit(key: str) -> str:
-    """A unit key (`source:path:kind:start-stop`) as a person reads it: the path, and its part."""
-    _, rest = key.split(":", 1)
-    path, kind, span = rest.rsplit(":", 2)
-    return path if kind == "whole" else f"{path} ({kind.replace('_', ' ')} {span})"

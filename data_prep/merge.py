@@ -15,7 +15,6 @@ problem names each task concerned and the command that reruns it.
 
 from __future__ import annotations
 
-import argparse
 import re
 import shlex
 import sys
@@ -23,8 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from data_prep.manifest import MANIFEST_NAME, DataError, Manifest, load_manifest, write_manifest
 from data_prep.tasks import PARTS_DIR, plan_sha256, task_dir_name
+from shd_common.cli import command_parser
+from shd_common.manifest import MANIFEST_NAME, DataError, Manifest, load_manifest, write_manifest
 
 _TASK_DIR = re.compile(r"task-(\d{5,})")
 # What a task's options["task"] holds that must be the same in every task of one run.
@@ -191,8 +191,7 @@ def merge_tasks(out: Path) -> Manifest:
 
 
 def merge_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.shard merge", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
+    parser = command_parser("python -m data_prep.shard merge", __doc__)
     parser.add_argument("--out", type=Path, required=True, metavar="OUT",
                         help="the --out of the tasks; writes OUT/manifest.json")
     merge_tasks(parser.parse_args(argv).out)

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from data_prep.indexed import TMP_SUFFIX, fsync_dir
-from data_prep.manifest import MANIFEST_NAME, SPLITS, DataError, Manifest, load_manifest, write_manifest
+from data_prep.tasks import describe_unit
+from shd_common.integrity import TMP_SUFFIX, fsync_dir
+from shd_common.manifest import MANIFEST_NAME, SPLITS, DataError, Manifest, load_manifest, write_manifest
 
 # Where --overwrite builds the new output, inside --out (so on the same filesystem), until it is complete.
 STAGING_NAME = ".overwrite-staging"
@@ -49,7 +50,6 @@ def input_changes(old: Manifest, fresh: Manifest) -> list[str]:
     """How the input differs between two manifests, one phrase per work unit (content fingerprints,
     `data_prep.fingerprint`) or for the listing of the inputs. A manifest written before fingerprints
     existed is compared by its listing only (paths and sizes)."""
-    from data_prep.fingerprint import describe_unit  # it imports this module
 
     if "content" not in old.options:
         return [] if old.options.get("inputs") == fresh.options.get("inputs") else ["the input files or their sizes"]

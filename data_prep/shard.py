@@ -28,7 +28,6 @@ built (and, after a kill, resumed) in `OUT/.overwrite-staging`, and only then sw
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import multiprocessing
 import os
@@ -38,24 +37,33 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from pydantic import model_validator
 from tqdm import tqdm
 
 from data_prep.cli import Options, add_options, command_line, option, options_from_args, run_cli
+from data_prep.documents import Document, InputReport, Source
 from data_prep.encode import DocumentEncoder, EncodedBatch, document_separator
-from data_prep.indexed import ShardWriter, token_dtype
 from data_prep.fingerprint import file_units, with_content
-from data_prep.manifest import (MANIFEST_NAME, SPLITS, DataError, Manifest, ShardRecord, load_hf_tokenizer,
-                                tokenizer_identity, write_manifest)
 from data_prep.merge import merge_main
-from data_prep.output_dir import (build_root, differences, manifest_or_none, prepare_dir, remove_staging,
-                                  swap_in)
-from data_prep.sources import TXT_DOCUMENTS, Document, InputReport, Source, iter_documents, resolve_inputs
+from data_prep.output_dir import build_root, differences, manifest_or_none, prepare_dir, remove_staging, swap_in
+from data_prep.sources import TXT_DOCUMENTS, iter_documents, resolve_inputs
 from data_prep.tasks import PARTS_DIR, assign_units, plan_sha256, plan_units, task_dir_name
-from pipeline.settings import Float
+from shd_common.cli import command_parser
+from shd_common.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    DataError,
+    Manifest,
+    ShardRecord,
+    load_hf_tokenizer,
+    tokenizer_identity,
+    write_manifest,
+)
+from shd_common.settings import Float
+from shd_common.shards import ShardWriter, token_dtype
 
 # Test hook: seconds to sleep after each committed shard, so a test can kill the run at a known point.
 SLEEP_AFTER_SHARD_ENV = "DATA_PREP_SLEEP_AFTER_SHARD"
@@ -84,22 +92,22 @@ class ShardOptions(Options):
                                           "100 times its size in memory); split it, or raise this")
     overwrite: bool = option(False, "replace an output directory made differently; the old output stays until "
                                     "the new one is complete (room for both is needed)")
-    task_index: Optional[int] = option(
+    task_index: int | None = option(
         None, "multi-task run (e.g. a Slurm array): this task's index, from 0; it writes OUT/parts/task-NNNNN, "
               "and `python -m data_prep.shard merge --out OUT` joins the tasks (default: $SLURM_ARRAY_TASK_ID)")
-    task_count: Optional[int] = option(
+    task_count: int | None = option(
         None, "multi-task run: the number of tasks; give it explicitly when resubmitting only some tasks "
               "(default: $SLURM_ARRAY_TASK_COUNT)")
-    separator: Optional[str] = option(
+    separator: str | None = option(
         None, "token appended after every document, as its text (e.g. '<|endoftext|>') or its id; default: the "
-              "tokenizer's end-of-text token, a pretraining one (<|endoftext|>, <|end_of_text|>, </s>) preferred over a "
-              "chat-turn end (<|im_end|>, <|eot_id|>) that instruct tokenizers name as EOS")
+              "tokenizer's end-of-text token, a pretraining one (<|endoftext|>, <|end_of_text|>, </s>) preferred "
+              "over a chat-turn end (<|im_end|>, <|eot_id|>) that instruct tokenizers name as EOS")
     unit_bytes: int = option(256 << 20, "multi-task run: .jsonl files larger than this are cut into byte ranges of "
                                         "this size and parquet files into row groups of about this size, which are "
                                         "then divided among the tasks")
 
     @model_validator(mode="after")
-    def _values(self) -> "ShardOptions":
+    def _values(self) -> ShardOptions:
         if not self.inputs:
             raise DataError("--input: give at least one input")
         if self.workers < 1:
@@ -196,7 +204,8 @@ def _encode_batches(batches: Iterator[Batch], options: ShardOptions) -> Iterator
         for batch in batches:
             yield batch, encoder.encode([text for _, _, text in batch])
         return
-    with multiprocessing.get_context().Pool(options.workers, _init_worker, (options.tokenizer, options.separator)) as pool:
+    init_args = (options.tokenizer, options.separator)
+    with multiprocessing.get_context().Pool(options.workers, _init_worker, init_args) as pool:
         window: deque = deque()
         for batch in batches:
             window.append((batch, pool.apply_async(_encode_in_worker, ([text for _, _, text in batch],))))
@@ -399,9 +408,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["merge"]:
         merge_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0],
-                                     epilog="python -m data_prep.shard merge --out OUT: join the parts of a "
-                                            "multi-task run (see `merge --help`)", allow_abbrev=False)
+    parser = command_parser("python -m data_prep.shard", __doc__,
+                            epilog="python -m data_prep.shard merge --out OUT: join the parts of a "
+                                   "multi-task run (see `merge --help`)")
     add_options(parser, ShardOptions)
     args = parser.parse_args(argv)
     for name, variable in SLURM_TASK_DEFAULTS.items():

@@ -6,8 +6,9 @@ belongs to the range its first byte is in, see `sources._jsonl_lines`); a parque
 groups of about `unit_bytes`; a non-file input (named corpus, dataset directory, Hub dataset) whole.
 A `.txt` file read as one document and a `.json` array are never cut. Tasks get contiguous runs of
 units balanced by bytes, so task 0's documents come first, then task 1's, and so on: the tasks'
-outputs, concatenated in task order, hold the documents in the same order as a single run. Both steps depend only on the inputs (file sizes,
-parquet metadata) and the task count, so every task computes the same plan on its own.
+outputs, concatenated in task order, hold the documents in the same order as a single run. Both steps
+depend only on the inputs (file sizes, parquet metadata) and the task count, so every task computes the
+same plan on its own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.sources import Document, FileSource, InputReport, Source, file_kind, non_empty, read_file
+from data_prep.documents import Document, InputReport, Source
+from data_prep.sources import FileSource, file_kind, non_empty, read_file
 
 PARTS_DIR = "parts"
 
@@ -90,6 +92,13 @@ def plan_units(sources: list[Source], unit_bytes: int) -> list[WorkUnit]:
         else:
             units.append(WorkUnit(index, None, "whole", 0, 0, unit_bytes))  # size unknown: count as one unit
     return units
+
+
+def describe_unit(key: str) -> str:
+    """A unit key (`source:path:kind:start-stop`) as a person reads it: the path, and its part."""
+    _, rest = key.split(":", 1)
+    path, kind, span = rest.rsplit(":", 2)
+    return path if kind == "whole" else f"{path} ({kind.replace('_', ' ')} {span})"
 
 
 def plan_sha256(keys: list[str]) -> str:

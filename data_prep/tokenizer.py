@@ -25,7 +25,6 @@ and nothing in it changed since (its `.shd-made.json` marker), else moved aside 
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import json
@@ -39,9 +38,11 @@ from pathlib import Path
 from pydantic import model_validator
 
 from data_prep.cli import Options, add_options, option, options_from_args, run_cli
-from data_prep.manifest import TOKENIZER_FILES, DataError, load_hf_tokenizer
-from data_prep.safe_remove import MOVED_INFIX, clear, mark, marked, replace_dir
-from data_prep.sources import InputReport, iter_documents, resolve_inputs
+from data_prep.documents import InputReport
+from data_prep.sources import iter_documents, resolve_inputs
+from shd_common.cli import command_parser
+from shd_common.manifest import TOKENIZER_FILES, DataError, load_hf_tokenizer
+from shd_common.safe_remove import MOVED_INFIX, clear, mark, marked, replace_dir
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -72,7 +73,7 @@ class TokenizerTrainOptions(Options):
                                     "place, and the old directory is moved aside unless this command made it")
 
     @model_validator(mode="after")
-    def _values(self) -> "TokenizerTrainOptions":
+    def _values(self) -> TokenizerTrainOptions:
         if not self.inputs:
             raise DataError("--input: give at least one input")
         if self.vocab_size < MIN_VOCAB_SIZE:
@@ -209,10 +210,9 @@ def train_tokenizer(options: TokenizerTrainOptions) -> InputReport:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
+    parser = command_parser("python -m data_prep.tokenizer", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    add_options(commands.add_parser("train", help="train a tokenizer", allow_abbrev=False), TokenizerTrainOptions)
+    add_options(commands.add_parser("train", help="train a tokenizer"), TokenizerTrainOptions)
     options = options_from_args(TokenizerTrainOptions, parser.parse_args(argv))
     report = train_tokenizer(options)
     print(f"wrote {options.out}: vocab {options.vocab_size} ({', '.join(sorted(os.listdir(options.out)))})",

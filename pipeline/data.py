@@ -13,49 +13,41 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from typing import Optional
 
 import numpy as np
 import torch
-from pydantic import model_validator
 
-from data_prep.indexed import IndexFormatError, read_index, sha256_file
-from data_prep.manifest import (DataError, Manifest, ShardRecord, TokenizerIdentity, read_manifest,
+from pipeline.config.sections import DataConfig
+from shd_common.integrity import sha256_file
+from shd_common.shards import IndexFormatError, read_index
+from shd_common.manifest import (DataError, Manifest, ShardRecord, TokenizerIdentity, read_manifest,
                                 tokenizer_identity)
-from pipeline.settings import ConfigError, Section, setting
 
-__all__ = ["DataConfig", "DataError", "Manifest", "PackedSampleReader", "TokenizerIdentity", "read_manifest",
-           "split_tokens", "tokenizer_identity"]
-
-
-class DataConfig(Section):
-    dir: str = setting("", "Directory written by data_prep (manifest + shards).")
-    tokenizer_dir: Optional[str] = setting(None, "Tokenizer directory; when set its identity must match the "
-                                                 "manifest's, and export copies it next to the model.")
-    seq_len: int = setting(128, "Tokens per training sample (the reader yields seq_len + 1 for the shift).")
-    micro_batch_size: int = setting(8, "Samples per rank per forward/backward.")
-    verify_checksums: bool = setting(True, "Verify shard checksums when opening the data.")
-    check_model_tokenizers: bool = setting(
-        True, "Refuse a teacher (teacher.path) or a starting student (student.init_from) whose export "
-              "marker or tokenizer files name another tokenizer than the one the data was prepared with "
-              "(its token ids would mean other text). false = you vouch that the ids agree.")
-
-    @model_validator(mode="after")
-    def _values(self) -> "DataConfig":
-        if not self.dir:
-            raise ConfigError("data.dir is required (the directory written by data_prep)")
-        if self.seq_len < 2:
-            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
-        if self.micro_batch_size < 1:
-            raise ConfigError(f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        return self
+__all__ = ["Batch", "DataConfig", "DataError", "Manifest", "PackedSampleReader", "TokenizerIdentity", "open_reader",
+           "read_manifest", "split_tokens", "tokenizer_identity"]
 
 
-def split_tokens(tokens: torch.Tensor, device=None, lengths: torch.Tensor | None = None):
-    """[B, T+1] samples -> (inputs [B, T], labels [B, T], valid labels [B, T] bool, 2-D mask or None).
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch as the models take it (``split_tokens``); all [B, T]."""
+
+    input_ids: torch.Tensor  # the inputs: tokens 0 .. T-1 of each sample
+    labels: torch.Tensor  # the targets: tokens 1 .. T (each input's next token)
+    valid: torch.Tensor  # bool: the label counts (CE, KD, perplexity); False past a padded row's end
+    mask: torch.Tensor | None  # the key (attention) mask, 1 = real token; None = no padding (packed samples)
+
+    def query_rows(self) -> torch.Tensor | float:
+        """The number of real query rows (what a per-row attention loss averages over): a tensor
+        with a mask (no host sync), else B * T."""
+        return self.mask.sum() if self.mask is not None else float(self.input_ids.numel())
+
+
+def split_tokens(tokens: torch.Tensor, device=None, lengths: torch.Tensor | None = None) -> Batch:
+    """[B, T+1] samples -> a ``Batch``: inputs, labels, label validity and key mask (None: no padding).
 
     Packed samples are windows of the token stream and hold no padding: every token, document
     separators included, is an input, a key and a target. Padding is never inferred from a token id
@@ -66,10 +58,21 @@ def split_tokens(tokens: torch.Tensor, device=None, lengths: torch.Tensor | None
         tokens = tokens.to(device)
     inp, labels = tokens[:, :-1], tokens[:, 1:]
     if lengths is None:
-        return inp, labels, torch.ones_like(labels, dtype=torch.bool), None
+        return Batch(inp, labels, valid=torch.ones_like(labels, dtype=torch.bool), mask=None)
     positions = torch.arange(inp.shape[1], device=inp.device)
     lengths = lengths.to(inp.device).view(-1, 1)
-    return inp, labels, positions + 1 < lengths, (positions < lengths).long()
+    return Batch(inp, labels, valid=positions + 1 < lengths, mask=(positions < lengths).long())
+
+
+def open_reader(data: DataConfig, split: str = "train", *, seed: int = 0, rank: int = 0, world: int = 1,
+                model_vocab_size: int | None = None, verify_checksums: bool = False) -> PackedSampleReader:
+    """The reader of one split of the run's data (the ``data`` section: its directory and seq_len)
+    for data-parallel rank ``rank`` of ``world``; the one place a run opens its data. Shard
+    checksums are compared with the manifest only when asked: the training reader asks
+    (data.verify_checksums); the calibration pass, the evaluator and preflight do not."""
+    return PackedSampleReader(data.dir, split=split, seq_len=data.seq_len, seed=seed, dp_rank=rank,
+                              dp_world_size=world, verify_checksums=verify_checksums,
+                              model_vocab_size=model_vocab_size)
 
 
 def _open_shard(root: Path, shard: ShardRecord, dtype: np.dtype, verify_checksums: bool) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import register_rendezvous_handler
 
-from pipeline.settings import ConfigError
+from shd_common.settings import ConfigError
 
 T = TypeVar("T")
 

@@ -2,18 +2,21 @@
 
 One optimizer step (``train_step``)::
 
-    batches  <- grad_accum_steps micro-batches from the reader (this rank's slice of the global batch)
-    N_tok    <- all-reduce(valid tokens of those batches)           # global normaliser, before compute
-    for each micro-batch:
-        loss = objective(student, teacher, batch)   # pipeline.objective: CE + KD + SHD, sums / N_tok
-        all-reduce "is any rank's loss non-finite?"  -> if so the backward is poisoned with NaN
-        engine.backward(loss * world * gas)      # DeepSpeed divides by gas and averages over ranks
-    engine.step()                                # skipped by ZeRO-3 when the grad norm is non-finite
+    batches  <- grad_accum_steps Batches from the reader (this rank's slice of the global batch)
+    totals   <- StepTotals.of(batches)             # one all-reduce of the valid tokens and query rows
+    for each batch:
+        with objective.micro_batch(student, teacher, batch, totals) as (loss, terms):
+            # pipeline.objective: CE + KD + SHD, sums / global counts; the SHD capture lives here
+            all-reduce "is any rank's loss non-finite?"  -> if so the backward is poisoned with NaN
+            engine.backward(loss * world * gas)  # DeepSpeed divides by gas and averages over ranks
+    engine.step()                                  # skipped by ZeRO-3 when the grad norm is non-finite
+    one all-reduce of the logged terms and the stop flag; the objective's step_scalars
 
 The logged loss is the sum over micro-batches and ranks of the ``loss`` tensors that were
 backpropagated, i.e. exactly the optimised objective. Saving and resuming is the checkpointer's
-(``pipeline.checkpointer``), evaluation the evaluator's (``pipeline.evaluator``), building the
-models the builders' (``pipeline.builders``); this module is the loop.
+(``pipeline.checkpoint.checkpointer``), evaluation the evaluator's (``pipeline.evaluator``), building the
+models the builders' (``pipeline.training.builders``), test-only faults the injector's
+(``pipeline.faults.FaultInjector``); this module is the loop.
 """
 
 from __future__ import annotations
@@ -25,27 +28,70 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import architectures, checkpoint, distributed, lm_head, summary
+from pipeline import distributed, summary
+from pipeline.models import architectures
+from pipeline.checkpoint import records as checkpoint
+from pipeline.models import lm_head
 from pipeline.attention import ShdCapture
-from pipeline.builders import build_student_engine, build_student_module, build_teacher
-from pipeline.checkpointer import Checkpointer
+from pipeline.training.builders import build_student_engine, build_student_module, build_teacher
+from pipeline.checkpoint.checkpointer import Checkpointer
 from pipeline.config import Derived, RunConfig, derive, dump_yaml
-from pipeline.data import PackedSampleReader, split_tokens
-from pipeline.ds_config import (build_ds_configs, placement_estimate, resolve_dtype, resolve_placement,
+from pipeline.data import open_reader, split_tokens
+from pipeline.training.deepspeed_config import (build_ds_configs, placement_estimate, resolve_dtype, resolve_placement,
                                 resolve_teacher_dtype)
 from pipeline.evaluator import Evaluator
-from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, StopRequest
-from pipeline.identity import teacher_identity
-from pipeline.metrics import MetricsLogger, peak_memory_mib
-from pipeline.model_configs import model_shape
-from pipeline.objective import DistillObjective
-from pipeline.preflight import Preflight
-from pipeline.universal import is_universal
+from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, FaultInjector, StopRequest
+from pipeline.models.identity import teacher_identity
+from pipeline.training.metrics import MetricsLogger, peak_memory_mib
+from pipeline.models.hf_configs import model_shape
+from pipeline.objective import DistillObjective, StepTotals
+from pipeline.training.preflight import Preflight
+from pipeline.checkpoint.records import is_universal
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside a DeepSpeed engine (the model itself when it has no engine)."""
     return getattr(model, "module", model)
+
+
+def decide_placement(cfg: RunConfig, pre: Preflight, world: int, device: torch.device):
+    """(teacher dtype, placement estimate or None, teacher placement, student DeepSpeed config,
+    teacher DeepSpeed config): ``teacher.placement=auto`` decided from the model configs and a
+    rank's memory, before any weight loads."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    teacher_dtype = resolve_teacher_dtype(cfg)
+    estimate = (placement_estimate(pre.teacher_cfg, pre.student_cfg, teacher_dtype, device, per_node)
+                if cfg.uses_teacher and cfg.teacher.placement == "auto" else None)
+    placement = resolve_placement(cfg, world, per_node, estimate)
+    return (teacher_dtype, estimate, placement, *build_ds_configs(cfg, world, placement))
+
+
+def calibrate(capture: ShdCapture, cfg: RunConfig, teacher, resume, *, rank: int, world: int,
+              model_vocab_size: int, device: torch.device) -> str:
+    """distill.select_heads=reconstruct|contribution or mixing_weights=calibrated: what a resumed
+    run chose, else a calibration pass (teacher forward only) over this rank's first training
+    micro-batches. Returns the run-log line that says which."""
+    what = capture.calibrated_setting
+    if resume is not None and capture.use_calibrated(resume.state):
+        return f"SHD {what}: taken from {resume.path} (not recalibrated)"
+    reader = open_reader(cfg.data, seed=cfg.seed, rank=rank, world=world, model_vocab_size=model_vocab_size)
+    n = cfg.distill.select_calibration_batches
+    batches = (split_tokens(reader.next_batch(cfg.data.micro_batch_size), device) for _ in range(n))
+    t0 = time.perf_counter()
+    capture.calibrate(lambda b: lm_head.teacher_rows(teacher, b.input_ids, b.mask, keep_logits=False),
+                      batches, distributed.all_reduce)
+    return f"SHD {what}: calibrated over {n} micro-batch(es) per rank in {time.perf_counter() - t0:.1f} s"
+
+
+def sum_over_ranks(logged: dict[str, torch.Tensor], stop_requested: bool,
+                   device: torch.device) -> tuple[dict[str, float], bool]:
+    """The logged terms summed over ranks, and whether any rank was asked to stop (the ranks agree
+    at the step boundary), in one all-reduce."""
+    keys = sorted(logged)
+    stop = torch.tensor(float(stop_requested), device=device)
+    vec = torch.stack([logged[k].to(device) for k in keys] + [stop])
+    vec = distributed.all_reduce(vec.to(device, torch.float64)).cpu()
+    return {k: vec[i].item() for i, k in enumerate(keys)}, vec[-1].item() > 0
 
 
 class Trainer:
@@ -60,21 +106,27 @@ class Trainer:
         self.derived: Derived = derive(cfg, self.world)
         pre = Preflight(cfg)  # every check that needs no weights, before anything is built
         self.vocab, self.student_cfg, self.model_notes = pre.vocab, pre.student_cfg, pre.notes()
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        self.teacher_dtype = resolve_teacher_dtype(cfg)
-        self.placement_estimate = (placement_estimate(pre.teacher_cfg, self.student_cfg, self.teacher_dtype,
-                                                      self.device, per_node)
-                                   if cfg.uses_teacher and cfg.teacher.placement == "auto" else None)
-        self.placement = resolve_placement(cfg, self.world, per_node, self.placement_estimate)
-        student_ds, teacher_ds = build_ds_configs(cfg, self.world, self.placement)
+        (self.teacher_dtype, self.placement_estimate, self.placement, student_ds,
+         teacher_ds) = decide_placement(cfg, pre, self.world, self.device)
         self.dtype = resolve_dtype(cfg)
-        self.reader = PackedSampleReader(
-            cfg.data.dir, split="train", seq_len=cfg.data.seq_len, seed=cfg.seed, dp_rank=self.rank,
-            dp_world_size=self.world, verify_checksums=cfg.data.verify_checksums,
-            model_vocab_size=self.student_cfg.vocab_size)
+        self.reader = open_reader(cfg.data, seed=cfg.seed, rank=self.rank, world=self.world,
+                                  model_vocab_size=self.student_cfg.vocab_size,
+                                  verify_checksums=cfg.data.verify_checksums)
+        self._decide_resume(pre, student_ds)  # before the models: a refused resume costs no model loading
+        self._build_models(pre, student_ds, teacher_ds)
+        self.evaluator = (Evaluator.for_run(cfg, model_vocab_size=self.student_cfg.vocab_size, device=self.device)
+                          if cfg.eval.every_steps > 0 or cfg.eval.at_end else None)
+        self.faults = FaultInjector(cfg.debug, self.rank)
+        self.step = self.consumed_tokens = self.skipped_steps = self.consecutive_nonfinite = 0
+        self.stop_agreed = False
+        self.resolved_yaml = dump_yaml(cfg, self.derived)
+        self.log: MetricsLogger | None = None
 
-        # Resume decided before the engines are built: a refused resume costs no model loading. The
-        # output_dir's lock first: the decision and the claim are made by the one live run there.
+    def _decide_resume(self, pre: Preflight, student_ds: dict) -> None:
+        """The output_dir's lock first (the decision and the claim are made by the one live run
+        there), then the checkpoint to resume from, checked against this run's identity, and the
+        directory claimed for this run."""
+        cfg = self.cfg
         self.checkpointer = Checkpointer(cfg, world=self.world, rank=self.rank)
         self.checkpointer.lock_run_dir()
         self.resume = self.checkpointer.choose_resume()
@@ -92,6 +144,10 @@ class Trainer:
                 student_ds["checkpoint"] = {"load_universal": True}
         self.run_id = self.checkpointer.claim_run_dir(self.resume, self.identity)
 
+    def _build_models(self, pre: Preflight, student_ds: dict, teacher_ds: dict) -> None:
+        """The SHD capture and the objective, the student engine and the frozen teacher; then the
+        capture attached to both and, if the config asks, calibrated."""
+        cfg = self.cfg
         self.capture = (ShdCapture.from_config(cfg.distill, pre.pairs, self.student_cfg.num_attention_heads)
                         if cfg.uses_shd else None)
         self.objective = DistillObjective(cfg, self.vocab, self.capture)
@@ -106,71 +162,30 @@ class Trainer:
         if self.capture is not None:  # after deepspeed.initialize: see pipeline/attention.py
             self.capture.attach(self.student.module, unwrapped(self.teacher))
             if self.capture.needs_calibration:
-                self._calibrate()
-        e = cfg.eval
-        self.evaluator = None
-        if e.every_steps > 0 or e.at_end:
-            self.evaluator = Evaluator(cfg.data.dir, split=e.split, seq_len=cfg.data.seq_len,
-                                       micro_batch_size=e.micro_batch_size or cfg.data.micro_batch_size,
-                                       max_batches=e.max_batches, vocab=self.vocab,
-                                       chunk=cfg.distill.kd_chunk_size, seed=cfg.seed,
-                                       model_vocab_size=self.student_cfg.vocab_size, device=self.device)
-        self.step = self.consumed_tokens = self.skipped_steps = self.consecutive_nonfinite = 0
-        self.stop_agreed = False
-        self.resolved_yaml = dump_yaml(cfg, self.derived)
-        self.log: MetricsLogger | None = None
-
-    def _calibrate(self) -> None:
-        """distill.select_heads=reconstruct|contribution or mixing_weights=calibrated: what a resumed
-        run chose, else a calibration pass (teacher forward only) over this rank's first training
-        micro-batches."""
-        what = self.capture.calibrated_setting
-        if self.resume is not None and self.capture.use_calibrated(self.resume.state):
-            self.checkpointer.notices.append(f"SHD {what}: taken from {self.resume.path} (not recalibrated)")
-            return
-        cfg = self.cfg
-        reader = PackedSampleReader(cfg.data.dir, split="train", seq_len=cfg.data.seq_len, seed=cfg.seed,
-                                    dp_rank=self.rank, dp_world_size=self.world, verify_checksums=False,
-                                    model_vocab_size=self.student_cfg.vocab_size)
-        batches = (split_tokens(reader.next_batch(cfg.data.micro_batch_size), self.device)
-                   for _ in range(cfg.distill.select_calibration_batches))
-        t0 = time.perf_counter()
-        self.capture.calibrate(lambda inp, mask: lm_head.teacher_rows(self.teacher, inp, mask, keep_logits=False),
-                               ((inp, mask) for inp, _, _, mask in batches), distributed.all_reduce)
-        self.checkpointer.notices.append(
-            f"SHD {what}: calibrated over {cfg.distill.select_calibration_batches} micro-batch(es) per rank in "
-            f"{time.perf_counter() - t0:.1f} s")
+                self.checkpointer.notices.append(calibrate(
+                    self.capture, cfg, self.teacher, self.resume, rank=self.rank, world=self.world,
+                    model_vocab_size=self.student_cfg.vocab_size, device=self.device))
 
     def train_step(self) -> dict[str, float]:
-        cfg, world = self.cfg, self.world
-        gas, mb = cfg.optim.grad_accum_steps, cfg.data.micro_batch_size
-        t0 = time.perf_counter()
-        batches = [split_tokens(self.reader.next_batch(mb), self.device) for _ in range(gas)]
+        """One optimizer step (the outline in this module's docstring); the step's logged scalars."""
+        t0, gas, step = time.perf_counter(), self.cfg.optim.grad_accum_steps, self.step + 1
+        batches = [split_tokens(self.reader.next_batch(self.cfg.data.micro_batch_size), self.device)
+                   for _ in range(gas)]
         # Global normalisers first: one all-reduce, so every micro-batch loss is a share of the
         # global per-token mean (exact with padding and any number of ranks).
-        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for _, _, valid, mask in batches:
-            counts[0] += valid.sum()
-            counts[1] += mask.sum() if mask is not None else valid.numel()
-        distributed.all_reduce(counts)
-        n_tok, n_rows = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
-
+        totals = StepTotals.of(batches, distributed.all_reduce)
         logged: dict[str, torch.Tensor] = {}
         # 1 from the first micro-batch on which any rank's loss is non-finite: decided on all ranks
         # together, on the device (no host sync per micro-batch); it poisons the gradients so that
         # ZeRO-3's non-finite grad-norm check skips the step on every rank.
         poisoned = torch.zeros(1, device=self.device)
         for i, batch in enumerate(batches):
-            loss, terms = self.objective(self.student, self.teacher, *batch, n_tok, n_rows, step=self.step + 1)
-            if self.step + 1 in cfg.debug.nan_loss_at_steps and self.rank == 0 and i == 0:
-                loss = loss * float("nan")
-                terms["loss/total"] = terms["loss/total"] * float("nan")
-            bad = (~torch.isfinite(loss.detach())).to(poisoned.dtype).reshape(1)
-            poisoned = torch.maximum(poisoned, distributed.all_reduce(bad, op=dist.ReduceOp.MAX))
-            scale = torch.where(poisoned > 0, float("nan"), float(world * gas))
-            self.student.backward(loss * scale.squeeze(0))
-            if self.capture is not None:
-                self.capture.end()
+            with self.objective.micro_batch(self.student, self.teacher, batch, totals, step) as (loss, terms):
+                loss = self.faults.on_loss(step, i, loss, terms)
+                bad = (~torch.isfinite(loss.detach())).to(poisoned.dtype).reshape(1)
+                poisoned = torch.maximum(poisoned, distributed.all_reduce(bad, op=dist.ReduceOp.MAX))
+                scale = torch.where(poisoned > 0, float("nan"), float(self.world * gas))
+                self.student.backward(loss * scale.squeeze(0))  # DeepSpeed divides by gas, averages ranks
             for k, v in terms.items():
                 logged[k] = logged.get(k, 0.0) + v
         lr = self.student.get_lr()[0]  # the rate this step uses (the scheduler advances in step())
@@ -178,21 +193,9 @@ class Trainer:
         applied = self.student.was_step_applied() and not bool(poisoned.item() > 0)
         self.skipped_steps += not applied
         self.consecutive_nonfinite = 0 if applied else self.consecutive_nonfinite + 1
-
-        # One all-reduce for all logged terms and the preemption flag (step-boundary agreement).
-        keys = sorted(logged)
-        stop = torch.tensor(float(self.stop.requested), device=self.device)
-        vec = torch.stack([logged[k].to(self.device) for k in keys] + [stop])
-        vec = distributed.all_reduce(vec.to(self.device, torch.float64)).cpu()
-        self.stop_agreed = vec[-1].item() > 0
-        self.step += 1
-        self.consumed_tokens += self.derived.tokens_per_step
-        if cfg.debug.nonfinite_weights_at_step == self.step and self.rank == 0:
-            with torch.no_grad():
-                next(self.student.module.parameters()).ds_tensor.fill_(float("nan"))
-        step_time = time.perf_counter() - t0
-        gn = self.student.get_global_grad_norm()
-        out = {k: vec[i].item() for i, k in enumerate(keys)}
+        out, self.stop_agreed = sum_over_ranks(logged, self.stop.requested, self.device)
+        self.step, self.consumed_tokens = step, self.consumed_tokens + self.derived.tokens_per_step
+        step_time, gn = time.perf_counter() - t0, self.student.get_global_grad_norm()
         out.update({
             "optim/lr": lr,
             "optim/grad_norm": float(gn) if gn is not None and self.student.was_step_applied() else None,
@@ -203,11 +206,7 @@ class Trainer:
             "perf/peak_mem_mib": peak_memory_mib(),
             "data/consumed_tokens": float(self.consumed_tokens),
         })
-        if self.capture is not None:  # tagged by student layer, as shd/layer_XX (its teacher layer: the run log)
-            out["optim/w_shd"] = self.objective.shd_weight(self.step)  # after the ramp (self.step: just taken)
-            for s, (mean_max, entropy) in self.capture.weight_stats().items():
-                out[f"shd_weights/layer_{s:02d}_mean_max"] = mean_max
-                out[f"shd_weights/layer_{s:02d}_entropy"] = entropy
+        out.update(self.objective.step_scalars(self.step))  # after the step: its SHD weight and mixing weights
         return out
 
     def evaluate(self) -> dict[str, float]:
@@ -253,6 +252,7 @@ class Trainer:
         every_ckpt, every_eval = cfg.checkpoint.every_steps, cfg.eval.every_steps
         while self.step < cfg.optim.max_steps:
             scalars = self.train_step()  # advances self.step: the record is of the step just taken
+            self.faults.after_step(self.step, self.student)
             self.log.log_step(self.step, scalars)
             if self.consecutive_nonfinite:
                 self.log.info(f"step {self.step}: non-finite loss or gradient norm, step skipped "
@@ -274,8 +274,7 @@ class Trainer:
                     return NONFINITE_EXIT_CODE
             if every_eval and self.step % every_eval == 0 and self.step < cfg.optim.max_steps:
                 self.log.log_eval(self.step, self.evaluate())
-            if cfg.debug.sleep_per_step:
-                time.sleep(cfg.debug.sleep_per_step)
+            self.faults.between_steps()
         if cfg.checkpoint.save_at_end and self.save() is None:
             return NONFINITE_EXIT_CODE
         if cfg.eval.at_end:

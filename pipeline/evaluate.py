@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
-from data_prep.manifest import DataError, read_manifest, tokenizer_files_sha256
 from pipeline.config import ConfigError
 from pipeline.export import ExportRefused, NonFiniteWeights
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
-from pipeline.identity import Claim, model_tokenizer_claims
+from pipeline.models.identity import Claim, model_tokenizer_claims
+from shd_common.cli import command_parser
+from shd_common.manifest import DataError, read_manifest, tokenizer_files_sha256
+
 
 def checkpoint_tokenizer_claims(path: Path, state: dict) -> list[Claim]:
     """The tokenizer a training checkpoint was trained with (trainer_state identity)."""
@@ -52,26 +54,20 @@ def check_tokenizer(claims: list[Claim], model: Path, data_dir: str | Path) -> N
                             f"model's tokenizer (python -m data_prep.shard --tokenizer ...)")
 
 
-def _perplexity(model, data_dir: str, seq_len: int, split: str, mb: int, max_batches: int | None,
-                dump: str | None, chunk: int = 512) -> dict:
-    """Perplexity of a plain model over the split (up to max_batches), each rank of the launch
-    taking its data-parallel share, as the trainer's evaluation does; ``dump`` gets rank 0's first
-    batch and its logits (tests)."""
+def _perplexity(model, evaluator, dump: str | None) -> dict:
+    """Perplexity of a plain model over the evaluator's split, each rank of the launch taking its
+    data-parallel share, as the trainer's evaluation does; ``dump`` gets rank 0's first batch and
+    its logits (tests)."""
     from pipeline import distributed
-    from pipeline.evaluator import Evaluator
 
-    tok = read_manifest(data_dir).tokenizer
-    device = distributed.device()
-    model.to(device)
-    evaluator = Evaluator(data_dir, split=split, seq_len=seq_len, micro_batch_size=mb, max_batches=max_batches,
-                          vocab=tok.vocab_size, chunk=chunk, model_vocab_size=model.config.vocab_size, device=device)
+    model.to(evaluator.device)
     batches = evaluator.batches()  # collective: on every rank
     out = evaluator(model, batches)
     if dump and distributed.rank() == 0:
-        inp, _, _, mask = batches[0]
+        first = batches[0]
         with torch.no_grad():
-            logits = model.eval()(input_ids=inp, attention_mask=mask).logits
-        torch.save({"input_ids": inp.cpu(), "logits": logits.cpu()}, dump)
+            logits = model.eval()(input_ids=first.input_ids, attention_mask=first.mask).logits
+        torch.save({"input_ids": first.input_ids.cpu(), "logits": logits.cpu()}, dump)
     return out
 
 
@@ -82,9 +78,10 @@ def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None,
     process. `tokenizer_claims` None: the tokenizer is not checked."""
     import yaml
 
-    from pipeline import checkpoint as ckpt
     from pipeline import distributed
+    from pipeline.checkpoint import records as ckpt
     from pipeline.config import config_from_dict
+    from pipeline.evaluator import Evaluator
     from pipeline.export import load_student
 
     saved = yaml.safe_load((path / "resolved_config.yaml").read_text())
@@ -104,17 +101,15 @@ def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None,
               "this one process", file=sys.stderr)
     if world > 1:
         distributed.init_distributed()
-    e = cfg.eval
-    out = _perplexity(load_student(path), cfg.data.dir, cfg.data.seq_len, e.split,
-                      e.micro_batch_size or cfg.data.micro_batch_size, e.max_batches, dump,
-                      chunk=cfg.distill.kd_chunk_size)
+    model = load_student(path)
+    out = _perplexity(model, Evaluator.for_run(cfg, model_vocab_size=model.config.vocab_size,
+                                               device=distributed.device()), dump)
     distributed.barrier()
     return out
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0],
-                                 allow_abbrev=False)
+    ap = command_parser("python -m pipeline.evaluate", __doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint (tag dir or root) or exported HF dir")
     ap.add_argument("--data", help="data dir (default: the training run's, from the checkpoint's or the "
                                    "export's config)")
@@ -140,7 +135,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _evaluate(a: argparse.Namespace) -> dict | None:
     """The metrics on rank 0 (None on other ranks)."""
-    from pipeline import checkpoint as ckpt
+    from pipeline.checkpoint import records as ckpt
 
     path = Path(a.checkpoint)
     user_claims = [] if a.tokenizer is None else [(f"--tokenizer {a.tokenizer}",
@@ -154,9 +149,18 @@ def _evaluate(a: argparse.Namespace) -> dict | None:
             check_tokenizer(model_tokenizer_claims(path) + user_claims, path, data)
         from transformers import AutoModelForCausalLM
 
+        from pipeline import distributed
+        from pipeline.data import PackedSampleReader
+        from pipeline.evaluator import Evaluator
+
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return _perplexity(model, data, seq_len, a.split or "val", a.micro_batch_size or 4, a.max_batches,
-                           a.dump_logits)
+        # no run config here: the flags (or the export's training_config.yaml) name the data
+        reader = PackedSampleReader(data, split=a.split or "val", seq_len=seq_len, dp_rank=distributed.rank(),
+                                    dp_world_size=distributed.world(), verify_checksums=False,
+                                    model_vocab_size=model.config.vocab_size)
+        evaluator = Evaluator(reader, micro_batch_size=a.micro_batch_size or 4, max_batches=a.max_batches,
+                              vocab=reader.manifest.tokenizer.vocab_size, chunk=512, device=distributed.device())
+        return _perplexity(model, evaluator, a.dump_logits)
     out = _checkpoint_perplexity(ckpt.resolve(path), _checkpoint_overrides(a), a.dump_logits,
                                  None if a.skip_tokenizer_check else user_claims)
     import torch.distributed as dist

@@ -21,7 +21,6 @@ is kept). A checkpoint with NaN/inf weights is refused with exit 3 and nothing w
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -32,14 +31,12 @@ from pathlib import Path
 
 import torch
 
-from data_prep.indexed import DiskFull, file_digests, naming_disk_full
-from data_prep.manifest import TOKENIZER_FILES, DataError, tokenizer_files_sha256
-from data_prep.safe_remove import MOVED_INFIX, replace_dir
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
-
-#: The marker file of an export written by this module (its presence makes a directory "ours").
-MARKER = "shd_export.json"
-MARKER_FORMAT = "shd-pipeline export"
+from pipeline.models.identity import MARKER, MARKER_FORMAT, read_marker
+from shd_common.cli import command_parser
+from shd_common.integrity import DiskFull, file_digests, naming_disk_full
+from shd_common.manifest import TOKENIZER_FILES, DataError, tokenizer_files_sha256
+from shd_common.safe_remove import MOVED_INFIX, replace_dir
 
 
 class ExportRefused(ValueError):
@@ -68,15 +65,6 @@ def check_finite(state: Mapping[str, torch.Tensor], checkpoint: Path) -> None:
         raise NonFiniteWeights(f"checkpoint {checkpoint} has non-finite weights (NaN/inf) in "
                                f"{', '.join(bad[:3])}{more}: it is not usable; export an earlier "
                                f"checkpoint (--checkpoint {checkpoint.parent}/step_...)")
-
-
-def read_marker(directory: str | Path) -> dict | None:
-    """The marker of an export written by this module in `directory`, or None (absent or not ours)."""
-    try:
-        body = json.loads((Path(directory) / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return body if isinstance(body, dict) and body.get("format") == MARKER_FORMAT else None
 
 
 def _is_empty(path: Path) -> bool:
@@ -183,7 +171,7 @@ def _is_unchanged_export(directory: Path, checkpoint: Path) -> bool:
 
 
 def install(tmp: Path, out: Path, checkpoint: Path) -> Path | None:
-    """Move the finished export `tmp` to `out` (`data_prep.safe_remove.replace_dir`). Whatever was at
+    """Move the finished export `tmp` to `out` (`shd_common.safe_remove.replace_dir`). Whatever was at
     `out` is moved aside to ``OUT.moved-<time>`` and kept, unless it is an unchanged earlier export of
     `checkpoint`'s run, which is deleted. Returns the kept copy."""
     return replace_dir(tmp, out, ours=lambda old: _is_unchanged_export(old, checkpoint),
@@ -195,7 +183,7 @@ def export(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False,
     """Export the student of `checkpoint` to `out`; returns (out, where the previous contents went)."""
     import yaml
 
-    from pipeline import checkpoint as ckpt
+    from pipeline.checkpoint import records as ckpt
 
     path = ckpt.resolve(checkpoint)
     out = Path(out)
@@ -217,8 +205,7 @@ def export(checkpoint: str | Path, out: str | Path, *, overwrite: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0],
-                                 allow_abbrev=False)
+    ap = command_parser("python -m pipeline.export", __doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint tag dir, or the checkpoint root (newest)")
     ap.add_argument("--out", required=True,
                     help="output Hugging Face directory: new, empty, or an earlier export (replaced)")

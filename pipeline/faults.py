@@ -17,11 +17,11 @@ starts each rank with these signals ignored and forwards a signal only once the 
 from __future__ import annotations
 
 import signal
-from typing import Optional
+from typing import TYPE_CHECKING
 
-from pydantic import model_validator
+if TYPE_CHECKING:
+    from pipeline.config import DebugConfig
 
-from pipeline.settings import ConfigError, Float, Section, setting
 
 #: Exit code of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint (EX_TEMPFAIL:
 #: "temporary failure, retry"). Requeue on it; ``--resume auto`` continues from that checkpoint.
@@ -80,25 +80,36 @@ def ignore_stop_signals() -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-class DebugConfig(Section):
-    """Fault injection for tests; leave empty in real runs."""
 
-    nan_loss_at_steps: list[int] = setting([], "Make the loss NaN on rank 0 at these (1-based) steps.")
-    sleep_per_step: Float = setting(0.0, "Seconds to sleep after each step (lets a test signal mid-run).")
-    hang_in_save_at_step: Optional[int] = setting(None, "During this step's save, after the DeepSpeed files are "
-                                                        "written and before the commit, touch <ckpt>/SAVE_HANG "
-                                                        "and sleep (a test SIGKILLs it).")
-    nonfinite_weights_at_step: Optional[int] = setting(None, "After this optimizer step, overwrite rank 0's share of "
-                                                             "the student's weights with NaN (tests that no "
-                                                             "checkpoint or export is written from non-finite "
-                                                             "weights).")
 
-    @model_validator(mode="after")
-    def _one_based(self) -> "DebugConfig":
-        # steps are 1-based: a step 0 would never fire and the test would pass vacuously
-        for k in ("hang_in_save_at_step", "nonfinite_weights_at_step"):
-            if getattr(self, k) is not None and getattr(self, k) < 1:
-                raise ConfigError(f"debug.{k} must be >= 1 (a 1-based step) or empty, got {getattr(self, k)}")
-        if not all(s >= 1 for s in self.nan_loss_at_steps):
-            raise ConfigError(f"debug.nan_loss_at_steps must hold 1-based steps (>= 1), got {self.nan_loss_at_steps}")
-        return self
+class FaultInjector:
+    """The test-only faults of the ``debug`` config section, each a hook the training loop calls at a
+    named point; in a real run (the section left empty) every hook does nothing."""
+
+    def __init__(self, debug: DebugConfig, rank: int) -> None:
+        self.debug, self.rank = debug, rank
+
+    def on_loss(self, step: int, micro_batch: int, loss, terms: dict):
+        """Before the non-finite check of a micro-batch's loss: debug.nan_loss_at_steps makes rank 0's
+        first loss of those (1-based) steps NaN, its logged total too. Returns the loss to use."""
+        if step in self.debug.nan_loss_at_steps and self.rank == 0 and micro_batch == 0:
+            terms["loss/total"] = terms["loss/total"] * float("nan")
+            return loss * float("nan")
+        return loss
+
+    def after_step(self, step: int, student) -> None:
+        """After optimizer step ``step``, before its save: debug.nonfinite_weights_at_step overwrites
+        rank 0's partition of the student's first parameter (a ZeRO-3 engine's) with NaN."""
+        if self.debug.nonfinite_weights_at_step == step and self.rank == 0:
+            import torch
+
+            with torch.no_grad():
+                next(student.module.parameters()).ds_tensor.fill_(float("nan"))
+
+    def between_steps(self) -> None:
+        """At the end of a loop iteration (after the step's save and evaluation): debug.sleep_per_step
+        seconds of sleep, so that a test can signal a run mid-way."""
+        if self.debug.sleep_per_step:
+            import time
+
+            time.sleep(self.debug.sleep_per_step)

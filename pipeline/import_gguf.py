@@ -11,14 +11,14 @@ quantised model, exactly: a Q4 file gives a Q4-quality teacher in full precision
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from data_prep.indexed import sha256_file
+from shd_common.cli import command_parser
+from shd_common.integrity import sha256_file
 
 MARKER = "gguf_import.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -59,7 +59,7 @@ def import_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.import_gguf", description=__doc__.split("\n\n")[0])
+    parser = command_parser("python -m pipeline.import_gguf", __doc__)
     parser.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
     parser.add_argument("--out", type=Path, required=True, help="the Hugging Face directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype on disk")

@@ -3,115 +3,54 @@
     total = w_ce CE + w_kd tau_kd^2 KL(teacher || student) + w_shd mean over distilled layers of SHD
 
 CE and KD come from the student's LM head run in chunks inside its own forward
-(``pipeline.lm_head``: no [B, T, vocab] logits); SHD comes from the attention capture
+(``pipeline.models.lm_head``: no [B, T, vocab] logits); SHD comes from the attention capture
 (``pipeline.attention.ShdCapture``), computed inside each distilled student layer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import model_validator
 
-from pipeline import lm_head
-from pipeline.losses import head_ce_kd
-from pipeline.settings import ConfigError, Float, Section, setting
+from pipeline.models import lm_head
+from pipeline.loss.ce_kd import head_ce_kd
 
 if TYPE_CHECKING:
     from pipeline.attention import ShdCapture
+    from pipeline.data import Batch
     from pipeline.config import RunConfig
 
 
-class DistillConfig(Section):
-    w_ce: Float = setting(1.0, "Weight of the cross-entropy term.")
-    w_kd: Float = setting(1.0, "Weight of the logit KD term (multiplied by tau_kd^2).")
-    tau_kd: Float = setting(1.0, "Temperature of the logit KD term.")
-    kd_chunk_size: int = setting(512, "Positions per chunk of the LM head + CE/KD computation (the "
-                                      "logits exist only as float32 [chunk, vocab] buffers).")
-    w_shd: Float = setting(0.1, "Weight of the SHD attention term (mean over distilled layers). 0.1: at 1 a real "
-                                "pretrained teacher's attention term left the student far behind KD alone, at 0.1 "
-                                "it was ahead of KD there and on the bench teachers (docs/results.md section 8).")
-    tau_shd: Float = setting(1.0, "Temperature of the SHD attention maps.")
-    plan: Literal["pairwise", "group", "mean", "select"] = setting(
-        "select", "Head-squeezing plan: select = each student head distils the first teacher head of its "
-                  "group (the default: it beat every merged target at 8->4 and 16->4 heads in "
-                  "docs/results.md section 5); pairwise = the paper's SHD; group; mean.")
-    objective: Literal["output", "per_head"] = setting("output", "Objective that chooses the mixing weights.")
-    selection: Literal["soft", "hard"] = setting("soft", "soft = optimal mixing weights; hard = each merge "
-                                                         "snapped to its best single head (dynamic selection).")
-    merge: Literal["prob", "logit"] = setting("prob", "Merge squeezed teacher maps in probability space "
-                                                      "(paper) or in score space (product of experts, stays "
-                                                      "sharp).")
-    sharpen: Float = setting(1.0, "Target temperature applied after merging (< 1 sharpens; 1 = off).")
-    shd_divergence: Literal["forward", "reverse"] = setting(
-        "forward", "Direction of the attention-map KL: forward = KL(target || student), the paper's "
-                   "(mass-covering); reverse = KL(student || target), mode-seeking: a student head may "
-                   "match one member of a merged target instead of its blur.")
-    select_heads: Literal["first", "random", "reconstruct", "contribution"] = setting(
-        "first", "plan=select: which teacher head of its group each student head distils; first = the group's "
-                 "first head; random = one per group and layer drawn with distill.select_seed (a control: does the "
-                 "choice matter?); reconstruct = the head whose map alone best reproduces the group's output "
-                 "(SHD's objective) over a calibration pass; contribution = the head with the largest output "
-                 "||A_m X_m|| over that pass. Fixed for the whole run (kept in checkpoints) and logged at start.")
-    select_seed: int = setting(0, "Seed of select_heads=random.")
-    mixing_weights: Literal["per_sequence", "calibrated"] = setting(
-        "per_sequence", "plan=pairwise|group: per_sequence = the mixing weights (the paper's alpha) solved for "
-                        "every sequence; calibrated = solved once by the same objective summed over a "
-                        "calibration pass, then fixed for the whole run (static alphas; kept in checkpoints, "
-                        "logged at start).")
-    select_calibration_batches: int = setting(8, "select_heads=reconstruct|contribution and "
-                                                 "mixing_weights=calibrated: training micro-batches per rank of "
-                                                 "the calibration pass (the first ones of the data order, teacher "
-                                                 "forward only, before step 1).")
-    shd_warmup_steps: int = setting(0, "Linear ramp of w_shd over the first S optimizer steps (step s uses "
-                                       "w_shd * min(1, s / S)); 0 = the full weight from step 1.")
-    student_layers: Optional[list[int]] = setting(None, "Student layers that get the SHD term; empty = all.")
-    layer_map: Optional[list[int]] = setting(None, "Teacher layer for each student layer (length = student "
-                                                   "layers); empty = uniform g(l) = round((l+1) Lt/Ls) - 1.")
-    shd_block_size: int = setting(128, "Query rows per block of the streaming SHD loss.")
-    allow_padded_vocab: bool = setting(False, "Allow model vocab sizes larger than the tokenizer's (padded "
-                                              "embeddings); KD then uses the tokenizer's first V logits.")
+@dataclass(frozen=True)
+class StepTotals:
+    """The global counts of one optimizer step that every micro-batch's loss is divided by: valid
+    tokens (CE, KD) and real query rows (SHD) of all its micro-batches on all ranks. The losses of
+    the step's micro-batches, summed over micro-batches and ranks, are then the global per-token
+    mean, exactly, with padding and with any number of ranks."""
 
-    @model_validator(mode="after")
-    def _ranges(self) -> "DistillConfig":
-        checks = [(getattr(self, k) >= 0, f"distill.{k} must be >= 0, got {getattr(self, k)}")
-                  for k in ("w_ce", "w_kd", "w_shd")]
-        checks += [
-            (self.tau_kd > 0, f"distill.tau_kd must be > 0, got {self.tau_kd}"),
-            (self.tau_shd > 0, f"distill.tau_shd must be > 0, got {self.tau_shd}"),
-            (self.sharpen > 0, f"distill.sharpen must be > 0 (1 = off, < 1 sharpens), got {self.sharpen}"),
-            (self.kd_chunk_size >= 1, f"distill.kd_chunk_size must be >= 1, got {self.kd_chunk_size}"),
-            (self.shd_block_size >= 1, f"distill.shd_block_size must be >= 1, got {self.shd_block_size}"),
-            (self.select_calibration_batches >= 1, f"distill.select_calibration_batches must be >= 1, got "
-                                                   f"{self.select_calibration_batches}"),
-            (self.shd_warmup_steps >= 0, f"distill.shd_warmup_steps must be >= 0 (0 = no ramp), got "
-                                         f"{self.shd_warmup_steps}"),
-        ]
-        checks.append((self.select_heads == "first" or self.plan == "select",
-                       f"distill.select_heads={self.select_heads} only applies to distill.plan=select (plan is "
-                       f"{self.plan}): set distill.plan=select, or leave select_heads at first"))
-        checks.append((self.mixing_weights == "per_sequence" or self.plan in ("pairwise", "group"),
-                       f"distill.mixing_weights=calibrated only applies to distill.plan=pairwise or group (plan is "
-                       f"{self.plan}, whose weights are fixed already): set distill.plan=pairwise, or leave "
-                       "mixing_weights at per_sequence"))
-        layers = self.student_layers
-        if layers is not None:
-            checks += [(len(layers) > 0, "distill.student_layers is an empty list: leave it empty (null) for all "
-                                         "layers or set distill.w_shd=0 to turn SHD off"),
-                       (len(set(layers)) == len(layers), f"distill.student_layers has duplicates: {layers}")]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        return self
+    tokens: float
+    rows: float
+
+    @classmethod
+    def of(cls, batches: list[Batch], all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> "StepTotals":
+        """This rank's counts of ``batches``, summed over ranks by one ``all_reduce`` (before any compute)."""
+        counts = torch.zeros(2, dtype=torch.float64, device=batches[0].valid.device)
+        for batch in batches:
+            counts[0] += batch.valid.sum()
+            counts[1] += batch.query_rows()
+        all_reduce(counts)
+        return cls(tokens=max(counts[0].item(), 1.0), rows=max(counts[1].item(), 1.0))
 
 
 class DistillObjective:
-    """The loss of one micro-batch and its logged terms.
+    """The loss of one micro-batch, its logged terms, and the step's other logged values.
 
     Works on any callables of the HF model interface (DeepSpeed engines in training, plain modules
-    in tests). ``n_tok`` / ``n_rows`` are the *global* counts of valid tokens / query rows of the
-    step, so the per-step sum of the returned losses over micro-batches and ranks is the global mean.
+    in tests). It owns the SHD attention capture's per-micro-batch lifecycle (``micro_batch``).
     """
 
     def __init__(self, cfg: RunConfig, vocab: int, capture: ShdCapture | None) -> None:
@@ -125,33 +64,52 @@ class DistillObjective:
             return self.d.w_shd
         return self.d.w_shd * max(step, 0) / ramp
 
-    def __call__(self, student, teacher, inp, labels, valid, mask, n_tok: float, n_rows: float,
-                 step: int | None = None):
-        cfg, d, capture = self.cfg, self.d, self.capture
-        if capture is not None:
-            capture.begin(mask)
+    @contextmanager
+    def micro_batch(self, student, teacher, batch: Batch, totals: StepTotals,
+                    step: int | None = None) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """``with objective.micro_batch(student, teacher, batch, totals, step) as (loss, terms):``
+        then the backward of ``loss``, inside the block.
+
+        ``loss`` is this micro-batch's share of the step's global mean (``totals``), ``terms`` its
+        logged terms (detached, float32; ``loss/total`` is ``loss``). ``step`` (1-based) sets the
+        w_shd ramp; None = the full weight.
+
+        The block is the lifetime of the SHD capture of the micro-batch: opened before the
+        teacher's forward, closed after the backward. With activation checkpointing the backward
+        runs the student layers' forwards again; they run with this micro-batch's capture still
+        open and its recording off (stopped when the SHD terms were taken, before the block's
+        body), so they skip the SHD loss, whose gradient is already on the graph. Closing it drops
+        the teacher's captured q, k and mixing weights and keeps the weights' statistics for
+        ``step_scalars``.
+        """
+        with self.capture.micro_batch(batch.mask) if self.capture is not None else nullcontext():
+            yield self._loss(student, teacher, batch, totals, step)
+
+    def _loss(self, student, teacher, batch: Batch, totals: StepTotals, step: int | None):
+        cfg, d, n_tok = self.cfg, self.d, totals.tokens
         teacher_rows = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_rows = lm_head.teacher_rows(teacher, inp, mask, keep_logits=cfg.uses_kd)
+                teacher_rows = lm_head.teacher_rows(teacher, batch.input_ids, batch.mask, keep_logits=cfg.uses_kd)
         w_kl = d.w_kd * d.tau_kd ** 2 / n_tok if cfg.uses_kd else 0.0
 
         def student_loss(head, hidden):
-            return torch.stack(head_ce_kd(hidden, head.weight, labels, valid, teacher_rows, tau=d.tau_kd,
+            return torch.stack(head_ce_kd(hidden, head.weight, batch.labels, batch.valid, teacher_rows, tau=d.tau_kd,
                                           chunk=d.kd_chunk_size, vocab=self.vocab, w_ce=d.w_ce / n_tok,
                                           w_kl=w_kl))
 
         with lm_head.intercept(student, student_loss):
-            ce_kd, ce_sum, kl_sum = student(input_ids=inp, attention_mask=mask, use_cache=False).logits
+            ce_kd, ce_sum, kl_sum = student(input_ids=batch.input_ids, attention_mask=batch.mask,
+                                            use_cache=False).logits
         del teacher_rows
         loss = ce_kd
         terms: dict[str, torch.Tensor] = {"loss/ce": ce_sum / n_tok}
         if cfg.uses_kd:
             terms["loss/kd"] = kl_sum / n_tok
-        if capture is not None:
-            rows = mask.sum() if mask is not None else float(inp.numel())  # a tensor: no host sync
+        if self.capture is not None:
+            rows = batch.query_rows()  # a tensor when masked: no host sync
             # each layer's loss is a mean over this micro-batch's valid rows: reweight to the global mean
-            per_layer = {l: v * (rows / n_rows) for l, v in capture.layer_losses().items()}
+            per_layer = {l: v * (rows / totals.rows) for l, v in self.capture.layer_losses().items()}
             shd = torch.stack(list(per_layer.values())).mean()
             loss = loss + self.shd_weight(step) * shd
             terms["loss/shd"] = shd
@@ -159,3 +117,16 @@ class DistillObjective:
                 terms[f"shd/layer_{l:02d}"] = v
         terms["loss/total"] = loss
         return loss, {k: v.detach().float() for k, v in terms.items()}
+
+    def step_scalars(self, step: int) -> dict[str, float]:
+        """The values the log records beside the summed terms after optimizer step ``step``: the SHD
+        weight it used (after the ramp), and per distilled student layer (``shd_weights/layer_XX``;
+        its teacher layer is in the run log) the mean max and the mean entropy of the mixing weights
+        of the step's last micro-batch. Empty without SHD."""
+        if self.capture is None:
+            return {}
+        out = {"optim/w_shd": self.shd_weight(step)}
+        for s, (mean_max, entropy) in self.capture.weight_stats().items():
+            out[f"shd_weights/layer_{s:02d}_mean_max"] = mean_max
+            out[f"shd_weights/layer_{s:02d}_entropy"] = entropy
+        return out

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.architectures import plain_attn_implementation
 from pipeline.config import ConfigError
 from pipeline.evaluate import check_tokenizer
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE
-from pipeline.identity import model_tokenizer_claims, teacher_identity
+from pipeline.models.architectures import plain_attn_implementation
+from pipeline.models.identity import model_tokenizer_claims, teacher_identity
 from pipeline.pruning import (
     PruneChoice,
     StudentShape,
@@ -49,6 +49,7 @@ from pipeline.pruning import (
 from pipeline.pruning.record import RECORD_NAME, make_record, write_record
 from pipeline.pruning.shape import check_family, head_dim
 from pipeline.pruning.summary import summary_lines
+from shd_common.cli import command_parser
 from shd_common.integrity import DiskFull, naming_disk_full
 from shd_common.manifest import TOKENIZER_FILES, DataError, read_manifest
 from shd_common.safe_remove import replace_dir
@@ -61,8 +62,7 @@ PRUNING_OPTIONS = ("layers", "heads", "kv_heads", "intermediate_size", "hidden_s
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.prune", description=__doc__.split("\n\n")[0],
-                                 allow_abbrev=False)
+    ap = command_parser("python -m pipeline.prune", __doc__)
     ap.add_argument("--teacher", required=True, metavar="DIR", help="the teacher's Hugging Face model directory")
     ap.add_argument("--data", required=True, metavar="DIR",
                     help="shard directory (python -m data_prep.shard) whose train split calibrates")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.metrics import memory_now_mib, peak_memory_mib
+from pipeline.training.metrics import memory_now_mib, peak_memory_mib
 
 if TYPE_CHECKING:
     from pipeline.engine import Trainer

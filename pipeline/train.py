@@ -28,6 +28,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, StopRequest, ignore_stop_signals
+from shd_common.cli import command_parser
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -51,8 +52,7 @@ class _Once(argparse.Action):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0],
-                                 allow_abbrev=False)  # `--resum none` must not become `--resume none`
+    ap = command_parser("python -m pipeline.train", __doc__)
     ap.add_argument("--config", action=_Once, help="YAML run config")
     ap.add_argument("--resume", action=_Once, default=None, help="auto (default) | none | CHECKPOINT_DIR "
                                                                  "(a step_N directory; same as checkpoint.resume=...)")
@@ -94,7 +94,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def check(cfg: RunConfig, config_path: str | None) -> int:
     """``--check``: the start-up checks that need no weights and no process group, one OK line."""
-    from pipeline.preflight import Preflight
+    from pipeline.training.preflight import Preflight
 
     pre = Preflight(cfg)
     s = pre.student_cfg
@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # torch deprecations triggered inside DeepSpeed's collectives, once per call: noise in the log
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    from data_prep.indexed import DiskFull
     from pipeline.config import ConfigError, help_text, load_config
+    from shd_common.integrity import DiskFull
+    from shd_common.manifest import DataError
 
     args = parse_args(argv)
     if args.help_config:
@@ -130,14 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return CONFIG_ERROR_EXIT_CODE
-    except DiskFull as e:  # a save that ran out of space (data_prep.indexed.naming_disk_full)
+    except DiskFull as e:  # a save that ran out of space (shd_common.integrity.naming_disk_full)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return CONFIG_ERROR_EXIT_CODE
-    except ValueError as e:  # DataError from the reader is a ValueError
-        if type(e).__name__ == "DataError":
-            print(f"data error: {e}", file=sys.stderr, flush=True)
-            return CONFIG_ERROR_EXIT_CODE
-        raise
+    except DataError as e:  # the data directory (manifest, shards) refused by the reader
+        print(f"data error: {e}", file=sys.stderr, flush=True)
+        return CONFIG_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -11,25 +11,15 @@ position is a global sample count, so it carries over; per-rank RNG states are r
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from data_prep.safe_remove import clear, replace_dir
-from pipeline import checkpoint as ckpt
-
-SUFFIX = "_universal"
-MARKER = "UNIVERSAL"
-
-
-def universal_path(path: Path) -> Path:
-    return path.with_name(path.name + SUFFIX)
-
-
-def is_universal(path: Path) -> bool:
-    return (path / MARKER).is_file()
+from pipeline.checkpoint import records as ckpt
+from pipeline.checkpoint.records import UNIVERSAL_MARKER, is_universal, universal_path
+from shd_common.cli import command_parser
+from shd_common.safe_remove import clear, replace_dir
 
 
 def convert(checkpoint: str | Path, workers: int = 1) -> Path:
@@ -42,15 +32,14 @@ def convert(checkpoint: str | Path, workers: int = 1) -> Path:
                     "--num_merge_workers", str(workers)], check=True)
     for f in ckpt.RECORD_FILES:
         shutil.copy2(path / f, tmp / f)
-    (tmp / MARKER).write_text(path.name + "\n")
+    (tmp / UNIVERSAL_MARKER).write_text(path.name + "\n")
     ckpt.write_complete(tmp)
     replace_dir(tmp, out, ours=is_universal, reason=f"replaced by a new conversion of {path}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.universal", description=__doc__.split("\n\n")[0],
-                                 allow_abbrev=False)
+    ap = command_parser("python -m pipeline.universal", __doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint tag dir, or the checkpoint root (newest)")
     ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)

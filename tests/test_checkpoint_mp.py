@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import COMPLETE, POINTER, complete_checkpoints, tag_for
+from pipeline.checkpoint.records import COMPLETE, POINTER, complete_checkpoints, tag_for
 from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from tests.helpers import (REF_STEPS, REPO, rank_env, launch_ranks, logs, read_metrics, ref_config, run_ranks,
                             step_losses, wait_for, wait_ranks, write_config)

@@ -26,13 +26,12 @@ from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIn
 from transformers import AutoTokenizer
 
 from data_prep.corpora import stdlib_files
-from data_prep.indexed import ShardWriter, token_dtype
-from data_prep.manifest import DataError, load_manifest, read_manifest, write_manifest
-from data_prep import shard as shard_cli
-from data_prep import tokenizer as tokenizer_cli
+from shd_common.shards import ShardWriter, token_dtype
+from shd_common.manifest import DataError, load_manifest, read_manifest, write_manifest
 from data_prep.merge import merge_tasks
 from data_prep.shard import SLEEP_AFTER_SHARD_ENV, ShardOptions, build_shards, split_of
-from data_prep.sources import InputReport, resolve_input
+from data_prep.documents import InputReport
+from data_prep.sources import resolve_input
 from data_prep.tokenizer import TokenizerTrainOptions, train_tokenizer
 from pipeline.data import PackedSampleReader, tokenizer_identity
 
@@ -406,20 +405,8 @@ def test_cli_errors_are_one_clear_line(tmp_path: Path, tokenizer_dir: Path, inpu
         assert not json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
 
 
-@pytest.mark.parametrize("main, argv, flag", [
-    (shard_cli.main, ["--input", "x", "--tokenizer", "t", "--out", "o", "--overwr"], "--overwr"),
-    (shard_cli.main, ["--input", "x", "--tokenizer", "t", "--out", "o", "--work=2"], "--work=2"),
-    (tokenizer_cli.main, ["train", "--input", "x", "--out", "o", "--overwr"], "--overwr"),
-])
-def test_abbreviated_flags_are_refused(main, argv: list[str], flag: str, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert f"error: unrecognized arguments: {flag}" in capsys.readouterr().err
-
-
 def test_options_are_validated_once_naming_the_flag(tmp_path: Path) -> None:
-    """The options sections (pipeline.settings, as the run config): a wrong type, a bad value, an
+    """The options sections (shd_common.settings, as the run config): a wrong type, a bad value, an
     unknown or missing option is a DataError naming the flag, from Python as from the command line;
     `replace` validates the copy; the optional ints of a multi-task run parse as ints."""
     base = {"inputs": ("x",), "tokenizer": tmp_path, "out": tmp_path / "out"}
@@ -452,7 +439,7 @@ def test_tokenizer_overwrite_with_unusable_input_keeps_the_old_one(tmp_path: Pat
 # --- issue 24, mechanism 6: tokenizer --overwrite is crash-safe (case 5) ---------------------------------------
 
 def _tokenizer_sha(directory: Path) -> str:
-    from data_prep.manifest import tokenizer_files_sha256
+    from shd_common.manifest import tokenizer_files_sha256
 
     return tokenizer_files_sha256(directory)
 
@@ -463,7 +450,7 @@ def test_tokenizer_overwrite_killed_at_any_step_keeps_a_tokenizer(tmp_path: Path
     holds the old or the new tokenizer (the old code deleted the old files first: none), and the same
     command run again leaves exactly the new tokenizer with nothing beside it. A tokenizer directory
     this project did not make (no marker) is moved aside, not deleted."""
-    from data_prep import safe_remove
+    from shd_common import safe_remove
 
     out = tmp_path / "tok"
     corpus = write_jsonl(tmp_path / "new.jsonl", DOCS[::-1] + ["zz qq xx " * 20])

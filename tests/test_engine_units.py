@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import attention as attn
-from pipeline.builders import build_student_module, lr_lambda
+from pipeline.training.builders import build_student_module, lr_lambda
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.data import split_tokens
-from pipeline.objective import DistillObjective
-from pipeline.preflight import Preflight
-from pipeline.losses import TeacherRows, ce_kd_sums_reference, head_ce_kd
+from pipeline.objective import DistillObjective, StepTotals
+from pipeline.training.preflight import Preflight
+from pipeline.loss.ce_kd import TeacherRows, ce_kd_sums_reference, head_ce_kd
 from pipeline.shd import shd_loss_reference, squeeze_weights
 from tests.helpers import tiny_config
 
@@ -56,7 +56,7 @@ def test_chunked_head_ce_kd_matches_dense(teacher_as):
 def test_lm_head_intercept_is_one_shot_and_leaves_the_head_a_linear_layer():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline import lm_head
+    from pipeline.models import lm_head
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
@@ -84,16 +84,16 @@ def test_lm_head_intercept_is_one_shot_and_leaves_the_head_a_linear_layer():
 def _setup(tiny_data, teacher_dir, tmp_path, **over):
     cfg = config_from_dict(tiny_config(tmp_path / "run", tiny_data, teacher_dir, **over))
     pre = Preflight(cfg)
-    chan = attn.ShdCapture.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads).chan
+    capture = attn.ShdCapture.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads)
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32,
                                                    attn_implementation=attn.TEACHER_ATTN).eval()
     teacher.requires_grad_(False)
     student = build_student_module(cfg, pre.student_cfg, attn.STUDENT_ATTN)
-    attn.attach_teacher(teacher, chan)
-    attn.attach_student(student, chan)
-    return cfg, pre, chan, teacher, student
+    attn.attach_teacher(teacher, capture.chan)
+    attn.attach_student(student, capture.chan)
+    return cfg, pre, capture, teacher, student
 
 
 def _batch(pre, B=2, T=32, pad_last=0):
@@ -133,37 +133,36 @@ def _rebuilt_qkv(model, layers, inp, mask):
     return out
 
 
-def _reference_shd(cfg, pre, chan, teacher, student, inp, mask):
+def _reference_shd(cfg, pre, capture, teacher, student, inp, mask):
     """Mean over distilled layers of shd_loss_reference on maps rebuilt from the models."""
-    pairs = pre.pairs
+    pairs, chosen = pre.pairs, capture.chosen
     t = _rebuilt_qkv(teacher, sorted(set(pairs.values())), inp, mask)
     s = _rebuilt_qkv(student, sorted(pairs), inp, mask)
     per = {}
     for sl, tl in pairs.items():
         tq, tk, tv, wo = t[tl]
         d = cfg.distill
-        if tl in chan.static_weights:  # distill.mixing_weights=calibrated: the fixed W of the run
-            w = chan.static_weights[tl].to(tq.dtype).expand(tq.shape[0], -1, -1)
+        if tl in chosen.static_weights:  # distill.mixing_weights=calibrated: the fixed W of the run
+            w = chosen.static_weights[tl].to(tq.dtype).expand(tq.shape[0], -1, -1)
         else:
             w = squeeze_weights(tq, tk, tv, wo, pre.student_cfg.num_attention_heads, plan=d.plan,
                                 objective=d.objective, attention_mask=mask, selection=d.selection,
-                                selected=chan.selected.get(tl))
+                                selected=chosen.selected.get(tl))
         per[sl] = shd_loss_reference(s[sl][0], s[sl][1], tq, tk, w, tau=d.tau_shd, attention_mask=mask,
                                      merge=d.merge, sharpen=d.sharpen, divergence=d.shd_divergence)
     return per
 
 
-def _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask):
+def _engine_shd_matches_reference(cfg, pre, capture, teacher, student, inp, mask):
     """The SHD losses the engine's attention functions record for one batch, checked against
     `_reference_shd` on maps rebuilt from the models; returns them."""
-    chan.begin(mask)
-    with torch.no_grad():
-        teacher(input_ids=inp, attention_mask=mask)
-    assert set(chan.captures) == set(pre.pairs.values()) and not chan.pending  # only distilled teacher layers
-    student(input_ids=inp, attention_mask=mask)
-    got = {l: v.detach() for l, v in chan.losses.items()}
-    chan.clear()
-    ref = _reference_shd(cfg, pre, chan, teacher, student, inp, mask)
+    with capture.micro_batch(mask) as state:
+        with torch.no_grad():
+            teacher(input_ids=inp, attention_mask=mask)
+        assert set(state.captures) == set(pre.pairs.values()) and not state.pending  # only distilled teacher layers
+        student(input_ids=inp, attention_mask=mask)
+        got = {l: v.detach() for l, v in state.losses.items()}
+    ref = _reference_shd(cfg, pre, capture, teacher, student, inp, mask)
     for l in ref:
         # atol: a row's KL is a difference of terms of size ~ the entropy (log T ~ 3.5) summed in fp32,
         # so ~1e-7 * 3.5 per row of absolute error is expected (seen: 1.2e-7 with transformers 5.25)
@@ -183,31 +182,31 @@ def _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask):
 ])
 def test_shd_in_engine_equals_reference_on_rebuilt_maps(tiny_data, tiny_teacher, tmp_path, heads, kv, plan,
                                                          objective, pad, variant):
-    cfg, pre, chan, teacher, student = _setup(
+    cfg, pre, capture, teacher, student = _setup(
         tiny_data, tiny_teacher, tmp_path, **{"student.num_heads": heads, "student.num_kv_heads": kv,
                                               "distill.plan": plan, "distill.objective": objective,
                                               "distill.layer_map": [0, 2], "distill.tau_shd": 1.5, **variant})
     assert pre.pairs == {0: 0, 1: 2}
-    inp, labels, valid, mask = _batch(pre, pad_last=pad)
+    batch = _batch(pre, pad_last=pad)
+    inp, mask = batch.input_ids, batch.mask
     assert (mask is not None) == bool(pad)
-    got = _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask)
+    got = _engine_shd_matches_reference(cfg, pre, capture, teacher, student, inp, mask)
     assert all(v > 0 for v in got.values())
 
 
 def test_shd_weight_ramps_linearly_over_the_warmup_steps(tiny_data, tiny_teacher, tmp_path):
     """distill.shd_warmup_steps = S: step s's total uses w_shd * min(1, s / S) on the same SHD term
     (logged unweighted as loss/shd); outside the loop (no step) the full weight."""
-    cfg, pre, chan, teacher, student = _setup(tiny_data, tiny_teacher, tmp_path,
-                                              **{"distill.w_shd": 2.0, "distill.shd_warmup_steps": 4})
-    obj = DistillObjective(cfg, pre.vocab, attn.ShdCapture(chan))
+    cfg, pre, capture, teacher, student = _setup(tiny_data, tiny_teacher, tmp_path,
+                                                 **{"distill.w_shd": 2.0, "distill.shd_warmup_steps": 4})
+    obj = DistillObjective(cfg, pre.vocab, capture)
     assert [obj.shd_weight(s) for s in (1, 2, 3, 4, 9, None)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
-    inp, labels, valid, mask = _batch(pre, pad_last=3)
+    batch = _batch(pre, pad_last=3)
+    step_totals = StepTotals(tokens=float(batch.valid.sum()), rows=float(batch.mask.sum()))
     d, totals = cfg.distill, {}
     for step in (1, 3, 4):
-        with torch.no_grad():
-            loss, terms = obj(student, teacher, inp, labels, valid, mask, float(valid.sum()), float(mask.sum()),
-                              step=step)
-        chan.clear()
+        with torch.no_grad(), obj.micro_batch(student, teacher, batch, step_totals, step=step) as (loss, terms):
+            pass
         rest = d.w_ce * terms["loss/ce"] + d.w_kd * d.tau_kd ** 2 * terms["loss/kd"]
         torch.testing.assert_close(loss, rest + obj.shd_weight(step) * terms["loss/shd"], rtol=1e-6, atol=1e-7)
         assert terms["loss/shd"] > 0
@@ -215,19 +214,16 @@ def test_shd_weight_ramps_linearly_over_the_warmup_steps(tiny_data, tiny_teacher
     assert totals[1] < totals[3] < totals[4]
 
 
-def _calibration_pass(chan, pre, teacher, refusal: str):
+def _calibration_pass(capture, pre, teacher, refusal: str):
     """A capture that needs calibration: the teacher forward is refused before the pass (``refusal``),
     then the pass over two batches (one padded). Returns (capture, batches, what the pass chose)."""
-    capture = attn.ShdCapture(chan)
     assert capture.needs_calibration
     batches = [_batch(pre, pad_last=pad) for pad in (0, 5)]
-    mask = batches[1][3]
-    chan.begin(mask)
-    with pytest.raises(RuntimeError, match=refusal), torch.no_grad():
-        teacher(input_ids=batches[1][0], attention_mask=mask)
-    chan.clear()
-    chosen = capture.calibrate(lambda i, m: teacher(input_ids=i, attention_mask=m),
-                               [(b[0], b[3]) for b in batches], lambda t: t)
+    mask = batches[1].mask
+    with capture.micro_batch(mask), pytest.raises(RuntimeError, match=refusal), torch.no_grad():
+        teacher(input_ids=batches[1].input_ids, attention_mask=mask)
+    chosen = capture.calibrate(lambda b: teacher(input_ids=b.input_ids, attention_mask=b.mask), batches,
+                               lambda t: t)
     return capture, batches, chosen
 
 
@@ -240,23 +236,24 @@ def test_calibration_picks_the_least_cost_heads_and_the_loss_distils_them(tiny_d
     from pipeline.shd import squeeze_plan
     from pipeline.shd.selection import pick_heads, selection_costs
 
-    cfg, pre, chan, teacher, student = _setup(
+    cfg, pre, capture, teacher, student = _setup(
         tiny_data, tiny_teacher, tmp_path, **{"student.num_heads": 2, "student.num_kv_heads": 2,
                                               "distill.plan": "select", "distill.select_heads": criterion,
                                               "distill.layer_map": [0, 2]})
-    assert not chan.selected
-    capture, batches, chosen = _calibration_pass(chan, pre, teacher, "needs the calibration pass")
-    inp, mask = batches[1][0], batches[1][3]
+    chan = capture.chan
+    assert not chan.chosen.selected
+    capture, batches, chosen = _calibration_pass(capture, pre, teacher, "needs the calibration pass")
+    inp, mask = batches[1].input_ids, batches[1].mask
     want = {}
     for layer in (0, 2):
-        costs = sum(selection_costs(*_rebuilt_qkv(teacher, [layer], b[0], b[3])[layer], 2, criterion=criterion,
-                                    attention_mask=b[3]) for b in batches)
+        costs = sum(selection_costs(*_rebuilt_qkv(teacher, [layer], b.input_ids, b.mask)[layer], 2,
+                                    criterion=criterion, attention_mask=b.mask) for b in batches)
         want[layer] = pick_heads(squeeze_plan(8, 2, "select"), costs)
-    assert want == chan.selected and chan.calibration is None
+    assert want == chan.chosen.selected and chan.calibration is None
     assert chosen == {"shd_selected_heads": {str(layer): list(heads) for layer, heads in want.items()}}
     assert "teacher head per student head (" + criterion in capture.describe()
 
-    _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask)
+    _engine_shd_matches_reference(cfg, pre, capture, teacher, student, inp, mask)
 
 
 def test_calibrated_mixing_weights_are_solved_once_and_the_loss_uses_them(tiny_data, tiny_teacher, tmp_path):
@@ -265,40 +262,40 @@ def test_calibrated_mixing_weights_are_solved_once_and_the_loss_uses_them(tiny_d
     q, k, v), the same for every sequence; the SHD loss equals the dense oracle's with that W."""
     from pipeline.shd.calibrated import calibrated_weights, gram_statistics
 
-    cfg, pre, chan, teacher, student = _setup(
+    cfg, pre, capture, teacher, student = _setup(
         tiny_data, tiny_teacher, tmp_path, **{"student.num_heads": 3, "student.num_kv_heads": 3,
                                               "distill.plan": "pairwise", "distill.mixing_weights": "calibrated",
                                               "distill.layer_map": [0, 2]})
-    assert not chan.static_weights
-    capture, batches, chosen = _calibration_pass(chan, pre, teacher,
+    chan = capture.chan
+    assert not chan.chosen.static_weights
+    capture, batches, chosen = _calibration_pass(capture, pre, teacher,
                                                  "mixing_weights=calibrated needs the calibration pass")
-    inp, mask = batches[1][0], batches[1][3]
+    inp, mask = batches[1].input_ids, batches[1].mask
     assert set(chosen) == {"shd_static_weights"} and chan.calibration is None
     for layer in (0, 2):
-        stats = sum(gram_statistics(*_rebuilt_qkv(teacher, [layer], b[0], b[3])[layer], 3, plan="pairwise",
-                                    attention_mask=b[3]) for b in batches)
+        stats = sum(gram_statistics(*_rebuilt_qkv(teacher, [layer], b.input_ids, b.mask)[layer], 3,
+                                    plan="pairwise", attention_mask=b.mask) for b in batches)
         want = calibrated_weights(stats, 8, 3, plan="pairwise")
-        torch.testing.assert_close(chan.static_weights[layer].double(), want, rtol=1e-5, atol=1e-6)
-        assert chosen["shd_static_weights"][str(layer)] == chan.static_weights[layer].tolist()
+        torch.testing.assert_close(chan.chosen.static_weights[layer].double(), want, rtol=1e-5, atol=1e-6)
+        assert chosen["shd_static_weights"][str(layer)] == chan.chosen.static_weights[layer].tolist()
     assert "calibrated mixing weights per student head" in capture.describe()
 
-    _engine_shd_matches_reference(cfg, pre, chan, teacher, student, inp, mask)
-    w = chan.weight_stats  # the logged statistics are those of the fixed W
+    _engine_shd_matches_reference(cfg, pre, capture, teacher, student, inp, mask)
+    w = capture.last_weight_stats  # the logged statistics are those of the fixed W
     assert set(w) == {0, 2}
     # a resumed run takes the stored weights instead of calibrating
-    fresh = attn.ShdCapture(attn.ShdChannel.from_config(cfg.distill, chan.pairs, 3))
+    fresh = attn.ShdCapture.from_config(cfg.distill, chan.pairs, 3)
     assert fresh.use_calibrated(chosen) and fresh.calibrated_state() == chosen
     assert not fresh.use_calibrated({"shd_selected_heads": {"0": [0, 3, 6]}})
 
 
-def _objective_loss_and_grads(cfg, pre, chan, teacher, student, batch):
-    obj = DistillObjective(cfg, pre.vocab, attn.ShdCapture(chan))
-    inp, labels, valid, mask = batch
-    n_rows = float(mask.sum()) if mask is not None else float(inp.numel())
-    loss, terms = obj(student, teacher, inp, labels, valid, mask, float(valid.sum()), n_rows)
-    student.zero_grad(set_to_none=True)
-    loss.backward()
-    chan.clear()
+def _objective_loss_and_grads(cfg, pre, capture, teacher, student, batch):
+    obj = DistillObjective(cfg, pre.vocab, capture)
+    n_rows = float(batch.mask.sum()) if batch.mask is not None else float(batch.input_ids.numel())
+    with obj.micro_batch(student, teacher, batch, StepTotals(tokens=float(batch.valid.sum()), rows=n_rows)) as (
+            loss, terms):
+        student.zero_grad(set_to_none=True)
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters()}
     return loss.detach(), terms, grads
 
@@ -306,15 +303,15 @@ def _objective_loss_and_grads(cfg, pre, chan, teacher, student, batch):
 def test_logged_loss_is_the_optimised_loss(tiny_data, tiny_teacher, tmp_path):
     """The objective's value equals an independent dense computation of the documented formula,
     and so does its gradient (what the optimizer applies)."""
-    cfg, pre, chan, teacher, student = _setup(tiny_data, tiny_teacher, tmp_path,
-                                              **{"distill.w_kd": 0.7, "distill.w_shd": 2.0})
+    cfg, pre, capture, teacher, student = _setup(tiny_data, tiny_teacher, tmp_path,
+                                                 **{"distill.w_kd": 0.7, "distill.w_shd": 2.0})
     batch = _batch(pre, pad_last=4)
-    loss, terms, grads = _objective_loss_and_grads(cfg, pre, chan, teacher, student, batch)
+    loss, terms, grads = _objective_loss_and_grads(cfg, pre, capture, teacher, student, batch)
     assert terms["loss/total"] == loss  # what is logged is the tensor that was backpropagated
 
     # independent dense reference: HF logits, F.cross_entropy, full softmaxes, shd_loss_reference
     d = cfg.distill
-    inp, labels, valid, mask = batch
+    inp, labels, valid, mask = batch.input_ids, batch.labels, batch.valid, batch.mask
     ref_student = copy.deepcopy(student)
     for m in attn.attention_modules(ref_student).values():
         m.shd_channel = None
@@ -370,12 +367,12 @@ def test_activation_checkpointing_same_loss_and_grads(tiny_data, tiny_teacher, t
     monkeypatch.setattr(shd_loss_module, "_blockwise", lambda *a, **k: passes.append(1) or blockwise(*a, **k))
     results = []
     for ac in (False, True):
-        cfg, pre, chan, teacher, student = _setup(tiny_data, tiny_teacher, tmp_path / str(ac),
-                                                  **{"student.activation_checkpointing": ac})
+        cfg, pre, capture, teacher, student = _setup(tiny_data, tiny_teacher, tmp_path / str(ac),
+                                                     **{"student.activation_checkpointing": ac})
         assert student.model.layers[0].gradient_checkpointing is ac
         passes.clear()
-        results.append(_objective_loss_and_grads(cfg, pre, chan, teacher, student, _batch(pre)))
-        assert len(passes) == len(chan.pairs), (ac, len(passes))
+        results.append(_objective_loss_and_grads(cfg, pre, capture, teacher, student, _batch(pre)))
+        assert len(passes) == len(capture.pairs), (ac, len(passes))
     (l0, t0, g0), (l1, t1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=0, atol=1e-7)
     for k in t0:
@@ -428,7 +425,7 @@ def test_model_trained_with_another_tokenizer_fails(tiny_data, tiny_teacher, tmp
     """Same vocabulary size, another tokenizer: only the recorded tokenizer can tell them apart."""
     import shutil
 
-    from data_prep.manifest import TOKENIZER_FILES
+    from shd_common.manifest import TOKENIZER_FILES
     from pipeline.data import read_manifest
     from tests.data_fixtures import make_tokenizer, tiny_documents
 

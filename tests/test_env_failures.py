@@ -52,7 +52,7 @@ def _train(cfg: dict, work: Path, timeout: float = 120, **env: str) -> subproces
 
 def test_checkpoint_save_on_a_full_disk(tmp_path, small_disk, tiny_data):
     """Step 2's checkpoint (~1.1 MB) fits, step 4's does not: one line, exit 2, step 2 intact."""
-    from pipeline import checkpoint as ckpt
+    from pipeline.checkpoint import records as ckpt
 
     ck = small_disk("1600k") / "ck"
     cfg = tiny_config(tmp_path / "run", tiny_data, None, **{"optim.max_steps": 4, "checkpoint.every_steps": 2,
@@ -137,7 +137,7 @@ def test_missing_ranks_end_the_wait_with_the_variable_named(tmp_path, tiny_data)
 
 def test_rendezvous_timeout_setting(monkeypatch):
     from pipeline import distributed
-    from pipeline.settings import ConfigError
+    from shd_common.settings import ConfigError
 
     monkeypatch.delenv(distributed.RENDEZVOUS_TIMEOUT_ENV, raising=False)
     assert distributed.rendezvous_timeout_s() == 600
@@ -153,7 +153,7 @@ def test_rendezvous_timeout_setting(monkeypatch):
 
 def _copy_of_data(tiny_data, tmp_path: Path):
     """A copy of the tiny data (to damage), its manifest and its first train shard's .bin."""
-    from data_prep.manifest import read_manifest
+    from shd_common.manifest import read_manifest
 
     data = Path(shutil.copytree(tiny_data[1], tmp_path / "data"))
     manifest = read_manifest(data)

@@ -32,7 +32,7 @@ def test_export_round_trip_and_evaluate(ref_run, tmp_path, tiny_data):
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     # the export carries the training data's tokenizer, and says so in its marker
-    from data_prep.manifest import read_manifest, tokenizer_files_sha256
+    from shd_common.manifest import read_manifest, tokenizer_files_sha256
     from pipeline.export import read_marker
 
     data_tokenizer = read_manifest(tiny_data[1]).tokenizer.files_sha256

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.manifest import TOKENIZER_FILES, read_manifest
+from shd_common.manifest import TOKENIZER_FILES, read_manifest
 from data_prep.shard import ShardOptions, build_shards
 from pipeline import evaluate, export
 from tests.data_fixtures import make_tokenizer, tiny_documents, write_jsonl
@@ -71,17 +71,6 @@ def test_nonfinite_weights_are_named(tmp_path):
     with pytest.raises(export.NonFiniteWeights, match=r"non-finite weights \(NaN/inf\) in b, c: it is not usable"):
         export.check_finite(state, tmp_path / "step_00000010")
     export.check_finite({"a": torch.ones(3)}, tmp_path)  # finite: no error
-
-
-@pytest.mark.parametrize("module, argv", [
-    (export, ["--check", "C", "--out", "O"]),
-    (evaluate, ["--check", "C", "--data", "D"]),
-])
-def test_abbreviated_flags_are_refused(module, argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        module.main(argv)
-    assert e.value.code == 2
-    assert "usage:" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_data_of_another_tokenizer(tiny_data, other_data, tmp_path, capsys):

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from data_prep.encode import document_separator
-from data_prep.manifest import DataError
+from shd_common.manifest import DataError
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.data import split_tokens
-from pipeline.ds_config import (PlacementEstimate, build_ds_configs, resolve_placement, resolve_teacher_dtype)
-from pipeline.model_configs import derived_student_fields, student_hf_config
-from pipeline.preflight import Preflight
+from pipeline.training.deepspeed_config import (PlacementEstimate, build_ds_configs, resolve_placement, resolve_teacher_dtype)
+from pipeline.models.hf_configs import derived_student_fields, student_hf_config
+from pipeline.training.preflight import Preflight
 from tests.helpers import tiny_config
 
 
@@ -58,15 +58,15 @@ def test_shards_made_with_pad_equal_to_eos_keep_every_boundary(tmp_path):
     assert manifest.options["separator"] == {"id": tok.eos_token_id, "token": "</s>"}
     batch = PackedSampleReader(tmp_path / "d", seq_len=8).next_batch(4)
     assert int((batch == tok.eos_token_id).sum()) >= 4
-    _, labels, valid, mask = split_tokens(batch)
-    assert mask is None and bool(valid.all()) and bool((labels == tok.eos_token_id).any())
+    split = split_tokens(batch)
+    assert split.mask is None and bool(split.valid.all()) and bool((split.labels == tok.eos_token_id).any())
 
 
 def test_right_padding_is_given_by_lengths_never_by_token_id():
     tokens = torch.tensor([[5, 2, 7, 2, 9], [5, 6, 2, 2, 2]])  # id 2 is both a separator and the pad here
-    inp, labels, valid, mask = split_tokens(tokens, lengths=torch.tensor([5, 3]))
-    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert valid.tolist() == [[True] * 4, [True, True, False, False]]
+    batch = split_tokens(tokens, lengths=torch.tensor([5, 3]))
+    assert batch.mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch.valid.tolist() == [[True] * 4, [True, True, False, False]]
 
 
 def _teacher_config(tmp_path, **fields):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pipeline import attention as attn
+from pipeline.config import DistillConfig
 from pipeline.shd import attention_maps
 from tests.helpers import REPO, rank_env, run_ranks, tiny_config
 from tests.real_teacher import smollm2_teacher
@@ -88,13 +89,13 @@ def test_documents_end_with_the_pretraining_separator_and_nothing_is_padding(smo
     reader = PackedSampleReader(smollm2_data, seq_len=SEQ_LEN, seed=0)
     batch = torch.cat([reader.next_batch(8) for _ in range(4)])
     assert (batch[:, :-1] == 0).any()  # samples cross document boundaries
-    inp, labels, valid, mask = split_tokens(batch)
-    assert mask is None and bool(valid.all())
+    split = split_tokens(batch)
+    assert split.mask is None and bool(split.valid.all())
 
 
 def _documents(manifest) -> list[list[int]]:
     """Every document of every shard of the manifest, as token lists (its separator included)."""
-    from data_prep.indexed import read_index
+    from shd_common.shards import read_index
 
     out = []
     for shard in manifest.shards:
@@ -113,20 +114,20 @@ def test_shd_maps_are_the_real_teachers_own_with_left_and_right_padding(smollm2)
     mask[1, -7:] = 0  # right padding
     mask[2, :6] = 0  # left padding
     want = eager(input_ids=tokens, attention_mask=mask, output_attentions=True).attentions
-    chan = attn.ShdChannel(pairs={l: l for l in range(4)}, num_student_heads=3, plan="select")
-    chan.selected = {l: [0, 3, 6] for l in range(4)}
-    attn.attach_teacher(teacher, chan)
-    chan.begin(mask)
-    teacher(input_ids=tokens, attention_mask=mask)
+    capture = attn.ShdCapture.from_config(DistillConfig(plan="select"), {l: l for l in range(4)}, 3)
+    capture.chosen.selected = {l: [0, 3, 6] for l in range(4)}
+    attn.attach_teacher(teacher, capture.chan)
+    with capture.micro_batch(mask) as state:
+        teacher(input_ids=tokens, attention_mask=mask)
     rows = mask.bool()[:, None, :].expand(-1, 9, -1)
     for layer in range(4):
-        q, k, _, spec = chan.captures[layer]
+        q, k, _, spec = state.captures[layer]
         got = attention_maps(q.double(), k.double(), mask, spec=spec)
         torch.testing.assert_close(got[rows], want[layer][rows].double(), rtol=0, atol=2e-5)
 
 
 def test_kd_rebuilds_the_real_teachers_logits_through_its_tied_head(smollm2):
-    from pipeline import lm_head
+    from pipeline.models import lm_head
 
     teacher = _load(smollm2, "sdpa", layers=2)
     assert teacher.config.tie_word_embeddings

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint as ckpt
-from pipeline.identity import teacher_identity
-from pipeline.preflight import Preflight
+from pipeline.checkpoint import records as ckpt
+from pipeline.models.identity import teacher_identity
+from pipeline.training.preflight import Preflight
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.resume_contract import RunIdentity
-from pipeline.run_dir import RUN_FILE, RunDirRefused, RunDirs, claim, record_save
-from pipeline.run_lock import LOCK_FILE, RunDirLocked, RunLock
+from pipeline.checkpoint.resume_contract import RunIdentity
+from pipeline.checkpoint.run_dir import RUN_FILE, RunDirRefused, RunDirs, claim, record_save
+from pipeline.checkpoint.run_lock import LOCK_FILE, RunDirLocked, RunLock
 from tests.helpers import tiny_config
 
 
@@ -203,7 +203,7 @@ def test_a_second_start_is_refused_naming_the_live_holder(tmp_path):
 def test_a_dead_holders_lock_is_free(tmp_path):
     """The kernel drops the flock of a killed process: no stale lock to remove by hand."""
     out = tmp_path / "run"
-    code = (f"from pathlib import Path; from pipeline.run_lock import RunLock; lock = RunLock(Path({str(out)!r})); "
+    code = (f"from pathlib import Path; from pipeline.checkpoint.run_lock import RunLock; lock = RunLock(Path({str(out)!r})); "
             f"print('held', flush=True); import time; time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint as ckpt
+from pipeline.checkpoint import records as ckpt
 from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
-from pipeline.run_lock import LOCK_FILE
+from pipeline.checkpoint.run_lock import LOCK_FILE
 from tests.helpers import launch_ranks, logs, read_metrics, run_ranks, tiny_config, wait_for, write_config
 
 pytestmark = pytest.mark.multiprocess

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import config_from_dict
-from pipeline.ds_config import resolve_placement
+from pipeline.training.deepspeed_config import resolve_placement
 from tests.helpers import run_ranks, step_losses, tiny_config
 
 STEPS = 3

@@ -1,6 +1,6 @@
 """Teacher (and student) architectures: SHD's maps are the model's own maps, or the model is refused.
 
-The oracle is the model itself: for every family in `pipeline.architectures.SUPPORTED`, a tiny
+The oracle is the model itself: for every family in `pipeline.models.architectures.SUPPORTED`, a tiny
 random model built from transformers' config class and saved with save_pretrained is run with
 attn_implementation="eager" and output_attentions=True; the maps SHD recomputes from the queries
 and keys its attention function captured (with the module's own scale and sliding window) must
@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import architectures
+from pipeline.models import architectures
 from pipeline import attention as attn
-from pipeline.builders import build_student_module
-from pipeline.config import ConfigError, config_from_dict
-from pipeline.preflight import Preflight
+from pipeline.training.builders import build_student_module
+from pipeline.config import ConfigError, DistillConfig, config_from_dict
+from pipeline.training.preflight import Preflight
 from pipeline.shd import MapSpec, attention_maps, shd_loss, squeeze_plan
 from pipeline.shd.reference import weights_from_maps
 from tests.helpers import tiny_config
@@ -112,20 +112,19 @@ def test_shd_maps_targets_and_weights_are_the_models_own(family, tmp_path):
     teacher = _load(path, attn.TEACHER_ATTN, dtype)
     layers = list(range(cfg.num_hidden_layers))
     heads = cfg.num_attention_heads
-    chan = attn.ShdChannel(pairs={l: l for l in layers}, num_student_heads=heads // 2, plan="pairwise")
-    attn.attach_teacher(teacher, chan)
+    capture = attn.ShdCapture.from_config(DistillConfig(plan="pairwise"), {l: l for l in layers}, heads // 2)
+    attn.attach_teacher(teacher, capture.chan)
     values = {}
     mods = attn.attention_modules(teacher)
     for l in layers:  # the value heads, for the weights oracle
         mods[l].v_proj.register_forward_hook(lambda m, a, out, l=l: values.__setitem__(l, out))
-    chan.begin(mask)
-    with torch.no_grad():
+    with capture.micro_batch(mask) as state, torch.no_grad():
         teacher(input_ids=tokens, attention_mask=mask)
-    assert set(chan.captures) == set(layers)
+    assert set(state.captures) == set(layers)
 
     g = torch.Generator().manual_seed(3)
     for l in layers:
-        q, k, w, spec = chan.captures[l]
+        q, k, w, spec = state.captures[l]
         q, k = q.double(), k.double()
         # the spec is the module's: its scaling, and the window transformers' config gives the layer
         assert spec == MapSpec(scale=mods[l].scaling, window=architectures.layer_window(cfg, l))
@@ -156,7 +155,7 @@ def test_shd_maps_targets_and_weights_are_the_models_own(family, tmp_path):
 def test_kd_rebuilds_the_models_own_logits_from_its_head_input(family, tmp_path):
     """Logit KD never holds a teacher's [B, T, V] logits: it rebuilds them chunk by chunk from the
     head's input and weight. That must give the model's own logits (granite's logits_scaling included)."""
-    from pipeline import lm_head
+    from pipeline.models import lm_head
 
     path, cfg = save_model(family, tmp_path / family)
     teacher = _load(path, "sdpa")
@@ -187,12 +186,12 @@ def _engine_pieces(tiny_data, teacher_dir, tmp_path, **over):
     architectures.check_distillable("teacher", pre.teacher_cfg)
     architectures.check_distillable("student", pre.student_cfg)
     architectures.check_windows(pre.student_cfg, pre.teacher_cfg, pre.pairs, cfg.data.seq_len)
-    chan = attn.ShdCapture.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads).chan
+    capture = attn.ShdCapture.from_config(cfg.distill, pre.pairs, pre.student_cfg.num_attention_heads)
     teacher = _load(teacher_dir, attn.TEACHER_ATTN, torch.float32)
     student = build_student_module(cfg, pre.student_cfg, attn.STUDENT_ATTN)
-    attn.attach_teacher(teacher, chan)
-    attn.attach_student(student, chan)
-    return cfg, pre, chan, teacher, student
+    attn.attach_teacher(teacher, capture.chan)
+    attn.attach_student(student, capture.chan)
+    return cfg, pre, capture, teacher, student
 
 
 def _eager_attentions(model, tokens, mask):
@@ -210,8 +209,8 @@ def _eager_attentions(model, tokens, mask):
     ("qwen3_qk_norm", None),  # q/k norms and head_dim != hidden / heads
 ])
 def test_engine_shd_loss_is_the_kl_of_the_models_eager_maps(tiny_data, tmp_path, teacher_family, student_family):
-    from pipeline.data import read_manifest
-    from pipeline.objective import DistillObjective
+    from pipeline.data import Batch, read_manifest
+    from pipeline.objective import DistillObjective, StepTotals
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     length = 64
@@ -225,7 +224,7 @@ def test_engine_shd_loss_is_the_kl_of_the_models_eager_maps(tiny_data, tmp_path,
         student_dir, _ = save_model(student_family, tmp_path / "student", vocab, num_attention_heads=4,
                                     num_key_value_heads=2, sliding_window=32, seed=5)
         over["student.init_from"] = str(student_dir)
-    cfg, pre, chan, teacher, student = _engine_pieces(tiny_data, teacher_dir, tmp_path, **over)
+    cfg, pre, capture, teacher, student = _engine_pieces(tiny_data, teacher_dir, tmp_path, **over)
     if student_family:
         assert type(student).__name__ == "Qwen2ForCausalLM"
         assert student.model.layers[0].self_attn.q_proj.bias is not None
@@ -233,9 +232,9 @@ def test_engine_shd_loss_is_the_kl_of_the_models_eager_maps(tiny_data, tmp_path,
     tokens = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(4))
     inp, labels = tokens, tokens
     valid = torch.ones_like(tokens, dtype=torch.bool)
-    loss, terms = DistillObjective(cfg, vocab, attn.ShdCapture(chan))(student, teacher, inp, labels, valid, None, float(length),
-                                                      float(length))
-    chan.clear()
+    with DistillObjective(cfg, vocab, capture).micro_batch(student, teacher, Batch(inp, labels, valid, mask=None),
+                                                           StepTotals(float(length), float(length))) as (loss, terms):
+        pass
 
     # the oracle: both models' own eager maps; "select" takes the first teacher head of each group
     teacher_maps = _eager_attentions(teacher, inp, None)
@@ -259,13 +258,11 @@ def test_engine_shd_loss_is_the_kl_of_the_models_eager_maps(tiny_data, tmp_path,
 
 def _captured_qk(teacher, layer, inp):
     """The teacher layer's q, k as the attention function receives them (float64)."""
-    chan = attn.ShdChannel(pairs={0: layer}, num_student_heads=1, plan="select")
-    handles = attn.attach_teacher(teacher, chan)
-    chan.begin(None)
-    with torch.no_grad():
+    capture = attn.ShdCapture.from_config(DistillConfig(plan="select"), {0: layer}, 1)
+    handles = attn.attach_teacher(teacher, capture.chan)
+    with capture.micro_batch(None) as state, torch.no_grad():
         teacher(input_ids=inp)
-    q, k, _, _ = chan.captures[layer]
-    chan.clear()
+    q, k, _, _ = state.captures[layer]
     for h in handles:
         h.remove()
     return q.double(), k.double()
@@ -279,8 +276,8 @@ def _captured_qk(teacher, layer, inp):
 def test_gemma2_is_refused_for_shd_from_its_config_and_runs_logit_kd_in_eager(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config
 
-    from pipeline import lm_head
-    from pipeline.losses import ce_kd_sums_reference, head_ce_kd
+    from pipeline.models import lm_head
+    from pipeline.loss.ce_kd import ce_kd_sums_reference, head_ce_kd
 
     cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -313,10 +310,9 @@ def test_gemma2_is_refused_for_shd_from_its_config_and_runs_logit_kd_in_eager(tm
 
     # and the attention function's last line of defence, should such a teacher reach it anyway
     shd = _load(tmp_path / "gemma2", attn.TEACHER_ATTN, torch.float32)
-    chan = attn.ShdChannel(pairs={0: 0}, num_student_heads=2)
-    attn.attach_teacher(shd, chan)
-    chan.begin(None)
-    with pytest.raises(RuntimeError, match="softcap"):
+    capture = attn.ShdCapture.from_config(DistillConfig(plan="pairwise"), {0: 0}, 2)
+    attn.attach_teacher(shd, capture.chan)
+    with capture.micro_batch(None), pytest.raises(RuntimeError, match="softcap"):
         shd(input_ids=tokens)
 
 
@@ -373,7 +369,7 @@ def test_a_student_window_narrower_than_its_teacher_layer_is_refused():
 def test_padded_teacher_vocab_is_distilled_on_the_shared_vocab(tiny_data, tmp_path):
     from pipeline.data import read_manifest
     from pipeline.data import split_tokens
-    from pipeline.objective import DistillObjective
+    from pipeline.objective import DistillObjective, StepTotals
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     teacher_dir, _ = save_model("llama3_rope_tied", tmp_path / "teacher", vocab + 8)  # 8 padding rows
@@ -387,9 +383,12 @@ def test_padded_teacher_vocab_is_distilled_on_the_shared_vocab(tiny_data, tmp_pa
     assert teacher.model.embed_tokens.weight.shape[0] == vocab + 8
     student = build_student_module(cfg, pre.student_cfg, "sdpa")
     tokens = torch.randint(4, vocab, (2, 17), generator=torch.Generator().manual_seed(5))
-    inp, labels, valid, mask = split_tokens(tokens)
-    loss, terms = DistillObjective(cfg, pre.vocab, None)(student, teacher, inp, labels, valid, mask,
-                                                        float(valid.sum()), float(inp.numel()))
+    batch = split_tokens(tokens)
+    inp, valid = batch.input_ids, batch.valid
+    with DistillObjective(cfg, pre.vocab, None).micro_batch(student, teacher, batch,
+                                                            StepTotals(float(valid.sum()), float(inp.numel()))) as (
+            loss, terms):
+        pass
     with torch.no_grad():
         teacher_logits = teacher(input_ids=inp).logits
         student_logits = student(input_ids=inp).logits

@@ -17,13 +17,13 @@ validates once, in this order, and nothing is built before it passes:
              naming the key and the fix.
 
 What needs the models and the data (vocabularies, head counts, layer maps, the eval split, the
-DeepSpeed JSON) is checked next by ``pipeline.preflight``, still before any weights load.
+DeepSpeed JSON) is checked next by ``pipeline.training.preflight``, still before any weights load.
 Derived values (global batch, tokens per step, total tokens) depend on the number of
 data-parallel ranks, so they are computed once at start-up by :func:`derive` and logged; the
 resolved config (with the derived values) is saved beside every checkpoint.
 
 Every key also has a class that says what changing it on resume means (:data:`RESUME_CLASSES`:
-identity, identity-by-content, schedule, free; ``pipeline.resume_contract`` applies it), checked
+identity, identity-by-content, schedule, free; ``pipeline.checkpoint.resume_contract`` applies it), checked
 complete when this module is imported. ``~`` in a path key is the home directory (a shell leaves
 it alone after ``key=``); where the run lives (output, checkpoint and TensorBoard directories) is
 used as an absolute path (:attr:`RunConfig.output_path`, ...), relative to the working directory.
@@ -68,7 +68,7 @@ from shd_common.settings import (
     setting,
 )
 
-#: The classes of a key on resume (``pipeline.resume_contract`` applies them): identity (refused),
+#: The classes of a key on resume (``pipeline.checkpoint.resume_contract`` applies them): identity (refused),
 #: identity by content (compared by content), schedule (applied from the next step), free (as given).
 IDENTITY, CONTENT, SCHEDULE, FREE = "identity", "identity-by-content", "schedule", "free"
 
@@ -162,7 +162,7 @@ class RunConfig(Section):
         return self
 
 
-#: What changing each key means when a run resumes (``pipeline.resume_contract``): every leaf
+#: What changing each key means when a run resumes (``pipeline.checkpoint.resume_contract``): every leaf
 #: key in exactly one class (``section.*``: every key of the section), checked at import.
 RESUME_CLASSES: dict[str, tuple[str, ...]] = {
     IDENTITY: ("stage", "seed", "student.max_position_embeddings", "student.rope_theta", "student.rms_norm_eps",

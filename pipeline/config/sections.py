@@ -17,7 +17,7 @@ from pydantic import field_validator, model_validator
 from shd_common.settings import ConfigError, Float, Section, setting
 
 
-# ---- TeacherConfig: used by pipeline/model_configs.py ----------------------
+# ---- TeacherConfig (read by pipeline/models/hf_configs.py)
 class TeacherConfig(Section):
     path: str | None = setting(None, "Hugging Face LLaMA-family model directory of the frozen teacher "
                                         "(required for stage 'distill', must be empty for stage 'pretrain').")
@@ -45,7 +45,7 @@ class TeacherConfig(Section):
                               f"avoid gathers; offloading it would move it over PCIe every step instead")
         return self
 
-# ---- StudentConfig: used by pipeline/model_configs.py ----------------------
+# ---- StudentConfig (read by pipeline/models/hf_configs.py)
 class StudentConfig(Section):
     init_from: str | None = setting(None, "Hugging Face directory to start the student from; when set, "
                                              "the shape fields below are ignored and taken from it.")
@@ -82,7 +82,7 @@ class StudentConfig(Section):
                               f"({kv})")
         return self
 
-# ---- DataConfig: used by pipeline/data.py ----------------------------------
+# ---- DataConfig (read by pipeline/data.py)
 class DataConfig(Section):
     dir: str = setting("", "Directory written by data_prep (manifest + shards).")
     tokenizer_dir: str | None = setting(None, "Tokenizer directory; when set its identity must match the "
@@ -105,7 +105,7 @@ class DataConfig(Section):
             raise ConfigError(f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         return self
 
-# ---- DistillConfig: used by pipeline/objective.py --------------------------
+# ---- DistillConfig (read by pipeline/objective.py)
 class DistillConfig(Section):
     w_ce: Float = setting(1.0, "Weight of the cross-entropy term.")
     w_kd: Float = setting(1.0, "Weight of the logit KD term (multiplied by tau_kd^2).")
@@ -188,7 +188,7 @@ class DistillConfig(Section):
                 raise ConfigError(message)
         return self
 
-# ---- OptimConfig: used by pipeline/builders.py -----------------------------
+# ---- OptimConfig (read by pipeline/training/builders.py)
 class OptimConfig(Section):
     lr: Float = setting(3e-4, "Peak learning rate (AdamW).")
     min_lr: Float = setting(3e-5, "Learning rate at the end of the cosine decay.")
@@ -220,7 +220,7 @@ class OptimConfig(Section):
                 raise ConfigError(message)
         return self
 
-# ---- DeepSpeedSection: used by pipeline/ds_config.py -----------------------
+# ---- DeepSpeedSection (read by pipeline/training/deepspeed_config.py)
 class DeepSpeedSection(Section):
     config: str = setting("ds_configs/zero3.json", "DeepSpeed JSON of the student engine (ZeRO-3). Batch, "
                                                    "precision, clipping and optimizer fields are filled from "
@@ -240,7 +240,7 @@ class DeepSpeedSection(Section):
 _NONE_WORDS = ("none", "no", "off", "false", "null")
 
 
-# ---- CheckpointConfig: used by pipeline/checkpointer.py --------------------
+# ---- CheckpointConfig (read by pipeline/checkpoint/checkpointer.py)
 class CheckpointConfig(Section):
     dir: str | None = setting(None, "Checkpoint directory; empty = <output_dir>/checkpoints.")
     every_steps: int = setting(500, "Save every this many steps (0 = only at the end and on preemption).")
@@ -279,7 +279,7 @@ class CheckpointConfig(Section):
             raise ConfigError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
         return self
 
-# ---- LoggingConfig: used by pipeline/metrics.py ----------------------------
+# ---- LoggingConfig (read by pipeline/training/metrics.py)
 class LoggingConfig(Section):
     tb_dir: str | None = setting(None, "TensorBoard directory; empty = <output_dir>/tb.")
     every_steps: int = setting(10, "Console line every this many steps (TensorBoard gets every step).")
@@ -291,7 +291,7 @@ class LoggingConfig(Section):
             raise ConfigError(f"logging.every_steps must be >= 1, got {self.every_steps}")
         return self
 
-# ---- EvalConfig: used by pipeline/evaluator.py -----------------------------
+# ---- EvalConfig (read by pipeline/evaluator.py)
 class EvalConfig(Section):
     every_steps: int = setting(500, "Held-out perplexity every this many steps (0 = off during training).")
     at_end: bool = setting(True, "Evaluate at the end of the run.")
@@ -307,7 +307,7 @@ class EvalConfig(Section):
             raise ConfigError(f"eval.every_steps must be >= 0, got {self.every_steps}")
         return self
 
-# ---- DebugConfig: used by pipeline/faults.py -------------------------------
+# ---- DebugConfig (read by pipeline/faults.py)
 class DebugConfig(Section):
     """Fault injection for tests; leave empty in real runs."""
 

@@ -3,7 +3,7 @@
 Distillation of a pruned student reads it to pair every student layer with the teacher layer it was
 cut from, and every student head with its source teacher head (instead of a uniform layer map and
 squeezed head groups). It also says what the student was made from (the teacher's path and content
-hash, `pipeline.identity.teacher_identity`; the calibration data's identity as a training run
+hash, `pipeline.models.identity.teacher_identity`; the calibration data's identity as a training run
 records it, the train shards' `data_sha256` and the manifest's `tokenizer_sha256`, and how it was
 read) and with which options, so a student
 can be traced and remade. Written atomically (`write_atomic`: temporary file, fsync, rename).

@@ -20,20 +20,19 @@ import yaml
 
 import pipeline.study
 from pipeline.config import ConfigError
+from shd_common.cli import command_parser
 
 from .plan import StudyOptions, apply_overrides, build_plan, load_yaml, validate_plan
 from .report import write_setting_report, write_sweep_report
 from .runner import DEFAULT_LAUNCHER, REPO_ROOT, Runner, log
 from .teacher_eval import evaluate_given_teacher
-from .variants import BUDGETS, DEFAULT_VARIANTS, DEMO_VARIANTS, VARIANTS, check_variant, expand_variants, \
-    variant_label
+from .variants import BUDGETS, DEFAULT_VARIANTS, DEMO_VARIANTS, VARIANTS, check_variant, expand_variants, variant_label
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The study's flags (the package docstring is the --help epilog)."""
     doc = pipeline.study.__doc__ or ""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.study", description=doc.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    ap = command_parser("python -m pipeline.study", doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
     ap.add_argument("--preset", choices=["bench", "demo"], default="bench",
                     help=f"demo: what launch/demo.sh runs (variants {','.join(DEMO_VARIANTS)}, 1 seed, budget demo, "
                          "--out runs/demo, summary.md + curves.png)")

@@ -29,9 +29,9 @@ from typing import Any
 import yaml
 
 from data_prep.tokenizer import TRAINING_RECIPE
-from pipeline import settings
+from shd_common import settings
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.settings import set_dotted
+from shd_common.settings import set_dotted
 
 from .inputs import data_identity, recorded_inputs
 from .variants import VARIANTS, Budget, split_variant
@@ -56,7 +56,7 @@ def with_values(cfg: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
 
 def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict:
     """A copy of cfg with ``key.sub=value`` overrides applied by the run config's parser
-    (``pipeline.settings``: YAML values, the same key twice refused)."""
+    (``shd_common.settings``: YAML values, the same key twice refused)."""
     return settings.apply_overrides(copy.deepcopy(dict(cfg)), list(overrides))
 
 

@@ -1,6 +1,6 @@
 """Reading the study's training runs and reporting the comparison.
 
-Functions over the files the engine writes (``<run>/metrics.jsonl``, see pipeline/metrics.py):
+Functions over the files the engine writes (``<run>/metrics.jsonl``, see pipeline/training/metrics.py):
 no training, no DeepSpeed, so the report can be tested and regenerated on its own.
 
 A run's record (``summarize_run``):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.safe_remove import clear, made_here, mark
+from shd_common.safe_remove import clear, made_here, mark
 
 from .inputs import RunInputs, record_inputs, recorded_inputs
 from .plan import CommandStage, StudentRun, TeacherPlan, load_yaml, tokens_per_step
@@ -87,11 +87,11 @@ class Runner:
         start over; an interrupted run with a complete checkpoint is resumed by the engine (--resume
         auto); without one, it restarts.
 
-        Starting over clears run_dir and its TensorBoard dir through `data_prep.safe_remove`, logged:
+        Starting over clears run_dir and its TensorBoard dir through `shd_common.safe_remove`, logged:
         deleted only when the study made them (its marker) and they hold no result; a finished or
         checkpointed run, or a directory the study did not make (a --teacher-root that is a user's
         model), is moved aside to NAME.moved-<time>."""
-        from pipeline import checkpoint as ckpt  # torch: only when a run really starts
+        from pipeline.checkpoint import records as ckpt  # torch: only when a run really starts
 
         saved = run_dir / "config.yaml"
         ckdir = Path(cfg.get("checkpoint", {}).get("dir") or run_dir / "checkpoints")

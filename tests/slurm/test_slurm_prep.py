@@ -13,7 +13,7 @@ import re
 import pytest
 from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIndexedDataset
 
-from data_prep.manifest import read_manifest
+from shd_common.manifest import read_manifest
 from data_prep.shard import ShardOptions, build_shards
 from tests.helpers import wait_for
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from data_prep.indexed import file_digests, sha256_file, write_atomic
+from shd_common.integrity import file_digests, sha256_file, write_atomic
 
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.json"
@@ -50,6 +50,22 @@ _TAG_RE = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+#: A universal copy (``python -m pipeline.universal``) of checkpoint ``step_N`` is ``step_N_universal``,
+#: recognised by its marker file.
+UNIVERSAL_SUFFIX = "_universal"
+UNIVERSAL_MARKER = "UNIVERSAL"
+
+
+def universal_path(path: Path) -> Path:
+    """Where the universal copy of checkpoint `path` is (or will be) written."""
+    return path.with_name(path.name + UNIVERSAL_SUFFIX)
+
+
+def is_universal(path: Path) -> bool:
+    """Whether checkpoint `path` is a universal copy (it resumes on any number of ranks)."""
+    return (path / UNIVERSAL_MARKER).is_file()
 
 
 def tag_for(step: int) -> str:

@@ -3,7 +3,7 @@
 A Hugging Face causal LM ends with ``logits = lm_head(hidden)``. ``intercept(model, fn)`` makes the
 next call of that head return ``fn(head, hidden)`` instead, once, inside the model's own forward:
 under ZeRO-3 that is where the head's weight is gathered (and where the gradient flowing back into
-it is reduce-scattered), so the chunked loss of `pipeline.losses.head_ce_kd` sees the full weight
+it is reduce-scattered), so the chunked loss of `pipeline.loss.ce_kd.head_ce_kd` sees the full weight
 without a second gather. Outside ``intercept`` the head is the plain linear layer it was, so
 exports, generation and tests that read ``.logits`` see no change.
 
@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import TeacherRows, head_ce_kd
+from pipeline.loss.ce_kd import TeacherRows, head_ce_kd
 
 LINEAR_HEAD_FAMILIES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "granite"})
 """model_types whose forward turns the head's output into logits linearly (granite: / logits_scaling)."""

@@ -72,7 +72,7 @@ def check_distillable(role: str, hf_config) -> None:
         raise ConfigError(
             f"the {role}'s model_type {model_type!r} is not in SHD's table of supported architectures "
             f"({', '.join(sorted(SUPPORTED))}), so its attention maps are not known to be reproduced: "
-            f"{_FIX.format(role=role)}; to add the family, list it in SUPPORTED in pipeline/architectures.py "
+            f"{_FIX.format(role=role)}; to add the family, list it in SUPPORTED in pipeline/models/architectures.py "
             "and in FAMILIES in tests/test_teachers.py, and make that test pass")
 
 

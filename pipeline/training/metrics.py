@@ -14,24 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from typing import Literal, Optional
 
 import torch
-from pydantic import model_validator
 
-from pipeline.settings import ConfigError, Section, setting
-
-
-class LoggingConfig(Section):
-    tb_dir: Optional[str] = setting(None, "TensorBoard directory; empty = <output_dir>/tb.")
-    every_steps: int = setting(10, "Console line every this many steps (TensorBoard gets every step).")
-    progress_bar: Literal["auto", "on", "off"] = setting("auto", "auto = when stderr is a terminal.")
-
-    @model_validator(mode="after")
-    def _values(self) -> "LoggingConfig":
-        if self.every_steps < 1:
-            raise ConfigError(f"logging.every_steps must be >= 1, got {self.every_steps}")
-        return self
 
 
 def peak_memory_mib() -> float:

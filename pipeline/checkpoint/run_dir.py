@@ -1,7 +1,7 @@
 """A run directory belongs to one run: ``<output_dir>/run.json`` says which, and where it lives.
 
 ``run.json`` holds the run's id, the absolute output and checkpoint directories, the run's identity
-(``pipeline.resume_contract.RunIdentity``: the config keys and content that define it) and the
+(``pipeline.checkpoint.resume_contract.RunIdentity``: the config keys and content that define it) and the
 step of its newest checkpoint. Every checkpoint records the run id too, so a start can tell "the
 same run again" (a requeue, a resume) from "a different run pointed at a used directory". The
 second is refused before anything is written, because continuing would mix the two runs'
@@ -16,7 +16,7 @@ The way out is a new ``output_dir``, or ``--move-aside``, which renames the old 
 - resuming a checkpoint older than the run's newest is refused unless ``--rollback``, which moves
   the newer ones aside (``step_N.rolled-back-<time>``) so that no save overwrites them.
 
-Decided on rank 0 under the output_dir's lock (``pipeline.run_lock``) and broadcast, so every rank
+Decided on rank 0 under the output_dir's lock (``pipeline.checkpoint.run_lock``) and broadcast, so every rank
 takes the same decision from the same files.
 """
 
@@ -28,9 +28,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import checkpoint as ckpt
-from pipeline.resume_contract import RunIdentity, identity_changes, refusal
-from pipeline.universal import universal_path
+from pipeline.checkpoint import records as ckpt
+from pipeline.checkpoint.resume_contract import RunIdentity, identity_changes, refusal
+from pipeline.checkpoint.records import universal_path
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

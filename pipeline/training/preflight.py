@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline import architectures
-from pipeline.ds_config import build_ds_configs
-from pipeline.model_configs import (check_compatibility, check_model_tokenizers, check_tokenizer,
+from pipeline.models import architectures
+from pipeline.training.deepspeed_config import build_ds_configs
+from pipeline.models.hf_configs import (check_compatibility, check_model_tokenizers, check_tokenizer,
                                     derived_student_fields, differences_from_teacher, distill_pairs,
                                     student_hf_config, teacher_hf_config)
-from pipeline.settings import ConfigError
+from shd_common.settings import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -20,14 +20,13 @@ if TYPE_CHECKING:
 
 def check_eval_split(cfg: RunConfig, model_vocab_size: int) -> None:
     """When the run evaluates, its split must be readable now, not at the first evaluation."""
-    from pipeline.data import DataError, PackedSampleReader
+    from pipeline.data import DataError, open_reader
 
     e = cfg.eval
     if not (e.every_steps > 0 or e.at_end):
         return
     try:
-        PackedSampleReader(cfg.data.dir, split=e.split, seq_len=cfg.data.seq_len, verify_checksums=False,
-                           model_vocab_size=model_vocab_size)
+        open_reader(cfg.data, e.split, model_vocab_size=model_vocab_size)
     except DataError as err:
         raise ConfigError(f"evaluation is on (eval.every_steps={e.every_steps}, eval.at_end={e.at_end}) but "
                           f"eval.split={e.split!r} cannot be read: {err}. Re-shard with a val split "

@@ -5,7 +5,7 @@ releases it when the holder dies, however it dies (SIGKILL, OOM, a node reboot o
 there are no stale locks: a lock file left behind by a dead run is simply taken again. While it is
 held, the file names the holder (host, pid, run id, start time), which is what a second start is
 refused with. The lock says only "a process is running here"; whether a start may continue the
-run whose files it finds is ``pipeline.run_dir.claim``'s question, asked under the lock.
+run whose files it finds is ``pipeline.checkpoint.run_dir.claim``'s question, asked under the lock.
 
 ``flock`` is per open file: two starts in one process also exclude each other. On network file
 systems it is as reliable as their lock support (NFSv4 and Lustre with ``flock`` mounts honour it).
@@ -20,7 +20,7 @@ import socket
 import time
 from pathlib import Path
 
-from pipeline.settings import ConfigError
+from shd_common.settings import ConfigError
 
 LOCK_FILE = "run.lock"
 

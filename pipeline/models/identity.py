@@ -4,10 +4,11 @@ changes), and the tokenizer a model directory says it was trained with."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
-from data_prep.indexed import sha256_file
-from data_prep.manifest import TOKENIZER_FILES, tokenizer_files_sha256
+from shd_common.integrity import sha256_file
+from shd_common.manifest import TOKENIZER_FILES, tokenizer_files_sha256
 
 #: (where a tokenizer identity comes from, its tokenizer files sha256)
 Claim = tuple[str, str]
@@ -38,10 +39,22 @@ def teacher_identity(path: str | Path, known: dict | None = None) -> tuple[dict,
     return {"path": str(p.resolve()), "content_sha256": h.hexdigest()}, records
 
 
+#: The marker file of an export written by `python -m pipeline.export` (its presence makes a directory "ours").
+MARKER = "shd_export.json"
+MARKER_FORMAT = "shd-pipeline export"
+
+
+def read_marker(directory: str | Path) -> dict | None:
+    """The marker of an export written by `python -m pipeline.export` in `directory`, or None (absent or not ours)."""
+    try:
+        body = json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) and body.get("format") == MARKER_FORMAT else None
+
+
 def model_tokenizer_claims(model_dir: Path) -> list[Claim]:
     """What an exported/HF directory says its tokenizer is: its export marker, its tokenizer files."""
-    from pipeline.export import MARKER, read_marker
-
     claims = []
     marker = read_marker(model_dir)
     if marker is not None and marker.get("tokenizer_sha256"):

@@ -5,79 +5,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING
 
-from pydantic import model_validator
 
-from pipeline.settings import ConfigError, Float, Section, setting
+from pipeline.config.sections import StudentConfig
+from shd_common.settings import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-
-
-class TeacherConfig(Section):
-    path: Optional[str] = setting(None, "Hugging Face LLaMA-family model directory of the frozen teacher "
-                                        "(required for stage 'distill', must be empty for stage 'pretrain').")
-    placement: Literal["auto", "partitioned", "replicated", "node"] = setting(
-        "auto", "Where the frozen teacher's weights live. auto = replicated when the whole teacher fits beside "
-                "the student's share on every rank (by an estimate the log prints), else node when it fits "
-                "a node's ranks in a multi-node job, else partitioned. partitioned = ZeRO-3 over all ranks (fits "
-                       "any size; every micro-batch all-gathers the whole teacher, across nodes too); "
-                       "replicated = the whole teacher on every rank (no gathers: fastest when it fits one "
-                       "GPU); node = ZeRO-3 within each node only (ZeRO++ hpZ: a copy of the teacher per node, "
-                       "gathers never cross the network; on one node it is 'partitioned', with one rank per "
-                       "node 'replicated'). docs/teacher-placement.md compares them.")
-    offload_params: bool = setting(False, "Keep the teacher's ZeRO-3 parameter partitions in CPU memory "
-                                          "(placement 'partitioned' only).")
-    dtype: Literal["same", "fp32", "bf16"] = setting(
-        "same", "The teacher's inference precision: same = the student's (deepspeed.precision); bf16 halves "
-                "its memory and, on GPUs and CPUs with bf16 units, its forward time (the losses it gives "
-                "change little: docs/results.md section 8).")
-
-    @model_validator(mode="after")
-    def _offload_needs_partitioned(self) -> "TeacherConfig":
-        if self.offload_params and self.placement not in ("partitioned", "auto"):
-            raise ConfigError(f"teacher.offload_params=true needs teacher.placement=partitioned (got "
-                              f"{self.placement!r}): a replicated or per-node teacher is kept on the GPU to "
-                              f"avoid gathers; offloading it would move it over PCIe every step instead")
-        return self
-
-
-class StudentConfig(Section):
-    init_from: Optional[str] = setting(None, "Hugging Face directory to start the student from; when set, "
-                                             "the shape fields below are ignored and taken from it.")
-    num_layers: int = setting(4, "Decoder layers.")
-    hidden_size: int = setting(256, "Model width.")
-    num_heads: int = setting(4, "Attention (query) heads.")
-    num_kv_heads: Optional[int] = setting(None, "Key/value heads (grouped-query attention); empty = num_heads.")
-    intermediate_size: Optional[int] = setting(None, "FFN width; empty = 8/3 * hidden rounded up to a multiple "
-                                                     "of 64.")
-    vocab_size: Optional[int] = setting(None, "Empty = the tokenizer's vocabulary size (from the data manifest).")
-    max_position_embeddings: Optional[int] = setting(
-        None, "Largest sequence length the student supports; empty = the teacher's (2048 without a teacher).")
-    rope_theta: Optional[Float] = setting(
-        None, "RoPE base; empty = the teacher's RoPE (base and scaling; 10000 without a teacher).")
-    rms_norm_eps: Float = setting(1e-5, "RMSNorm epsilon.")
-    tie_word_embeddings: Optional[bool] = setting(
-        None, "Share input embedding and LM head; empty = as the teacher does (untied without a teacher).")
-    init_std: Float = setting(0.02, "Std of the normal initialisation of a student built from config.")
-    activation_checkpointing: bool = setting(False, "Recompute each decoder layer in backward (non-reentrant).")
-
-    @model_validator(mode="after")
-    def _shape(self) -> "StudentConfig":
-        if self.init_from is not None:
-            return self
-        for k in ("num_layers", "hidden_size", "num_heads", "max_position_embeddings"):
-            if getattr(self, k) is not None and getattr(self, k) < 1:
-                raise ConfigError(f"student.{k} must be >= 1, got {getattr(self, k)}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"student.hidden_size ({self.hidden_size}) must be divisible by student.num_heads "
-                              f"({self.num_heads})")
-        kv = self.num_kv_heads or self.num_heads
-        if kv < 1 or self.num_heads % kv:
-            raise ConfigError(f"student.num_heads ({self.num_heads}) must be a multiple of student.num_kv_heads "
-                              f"({kv})")
-        return self
 
 
 def teacher_hf_config(cfg: RunConfig):
@@ -229,7 +164,7 @@ def check_model_tokenizers(cfg: RunConfig, manifest) -> None:
     and train on ids that mean other text. Directories that record no tokenizer are not checked."""
     if not cfg.data.check_model_tokenizers:
         return
-    from pipeline.identity import model_tokenizer_claims
+    from pipeline.models.identity import model_tokenizer_claims
 
     want = manifest.tokenizer.files_sha256
     models = [("teacher.path", cfg.teacher.path if cfg.uses_teacher else None),

@@ -19,7 +19,7 @@ Every leaf key of the run config has one class, declared next to the config
 - ``free``: logging, evaluation, checkpoint cadence, placement, paths. Take effect as given.
 
 The same identity decides whether a start may adopt a run directory whose run died before its
-first checkpoint (``run.json`` records it: ``pipeline.run_dir``).
+first checkpoint (``run.json`` records it: ``pipeline.checkpoint.run_dir``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from pipeline.settings import flatten
+from pipeline.config.run import CONTENT, FREE, IDENTITY, SCHEDULE
+from shd_common.settings import flatten
 
-IDENTITY, CONTENT, SCHEDULE, FREE = "identity", "identity-by-content", "schedule", "free"
 #: What a change of each class does on resume (printed beside it).
 EFFECT = {IDENTITY: "refused", CONTENT: "compared by content", SCHEDULE: "applied from the next step",
           FREE: "as given"}

@@ -1,10 +1,10 @@
 """Saving and resuming a run, and the ``checkpoint`` config section.
 
-The checkpointer owns the policy around the on-disk format of ``pipeline.checkpoint``: the
-output_dir's lock (``pipeline.run_lock``: one live run per directory), which checkpoint a start
+The checkpointer owns the policy around the on-disk format of ``pipeline.checkpoint.records``: the
+output_dir's lock (``pipeline.checkpoint.run_lock``: one live run per directory), which checkpoint a start
 resumes (``auto`` passes over damaged ones, a universal copy when the world size changed), the
-resume contract (``pipeline.resume_contract``: identity changes refused before any model loads,
-schedule changes applied, the diff printed), whose directory a run may write (``pipeline.run_dir``:
+resume contract (``pipeline.checkpoint.resume_contract``: identity changes refused before any model loads,
+schedule changes applied, the diff printed), whose directory a run may write (``pipeline.checkpoint.run_dir``:
 no second run, no silent restart, no rollback over newer checkpoints), and the save itself: never
 from non-finite weights, never over another run's checkpoint, never skipped because a checkpoint
 of that step exists (it is moved aside), committed only when every rank's files are on disk, then
@@ -19,67 +19,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from pydantic import field_validator, model_validator
 
-from data_prep.indexed import naming_disk_full
-from pipeline import checkpoint as ckpt
-from pipeline import distributed, run_dir
-from pipeline.resume_contract import (CONTENT, IDENTITY, RunIdentity, config_changes, describe, record_changes,
+from shd_common.integrity import naming_disk_full
+from pipeline.checkpoint import records as ckpt
+from pipeline import distributed
+from pipeline.checkpoint import run_dir
+from pipeline.checkpoint.resume_contract import (CONTENT, IDENTITY, RunIdentity, config_changes, describe, record_changes,
                                       refusal, refused)
-from pipeline.run_dir import RunDirRefused, RunDirs
-from pipeline.run_lock import RunLock
-from pipeline.settings import ConfigError, Section, setting
-from pipeline.universal import is_universal, universal_path
+from pipeline.checkpoint.run_dir import RunDirRefused, RunDirs
+from pipeline.checkpoint.run_lock import RunLock
+from shd_common.settings import ConfigError
+from pipeline.checkpoint.records import is_universal, universal_path
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-
-#: Ways of writing "none" that YAML or a tired hand produce (``no``/``off``/``false`` are YAML
-#: booleans, ``null``/``~`` YAML's null).
-_NONE_WORDS = ("none", "no", "off", "false", "null")
-
-
-class CheckpointConfig(Section):
-    dir: Optional[str] = setting(None, "Checkpoint directory; empty = <output_dir>/checkpoints.")
-    every_steps: int = setting(500, "Save every this many steps (0 = only at the end and on preemption).")
-    keep_last: int = setting(3, "Complete checkpoints kept (>= 2).")
-    resume: str = setting("auto", "'auto' = newest complete checkpoint if any, 'none' = start fresh, "
-                                  "or a checkpoint directory (a step_N directory).")
-    force_resume: bool = setting(False, "Resume although the teacher changed (its content); other identity "
-                                        "changes (tokenizer, data, student shape, seq_len, seed, ...) are "
-                                        "always refused: they cannot continue a run.")
-    rollback: bool = setting(False, "Resuming a checkpoint older than the run's newest: rename the newer ones "
-                                    "to <name>.rolled-back-<timestamp> (nothing is deleted) and continue "
-                                    "from it; without it such a resume is refused.")
-    move_aside: bool = setting(False, "When output_dir (or checkpoint.dir) already holds another run and this "
-                                      "run starts fresh, rename the old run's directories to "
-                                      "<dir>.moved-<timestamp> first (nothing is deleted); without it such a "
-                                      "start is refused.")
-    save_at_end: bool = setting(True, "Save when the run reaches max_steps.")
-
-    @field_validator("resume", mode="before")
-    @classmethod
-    def _resume_words(cls, value: Any) -> Any:
-        """'none' however it was written (None, no, off, false, null: YAML turns some into booleans);
-        any other non-string is refused naming the choices."""
-        if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
-            return "none"
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"got {value!r}: give auto, none or a checkpoint directory (step_N)")
-        return "auto" if value.strip().lower() == "auto" else value
-
-    @model_validator(mode="after")
-    def _values(self) -> "CheckpointConfig":
-        if self.keep_last < 2:
-            raise ConfigError(f"checkpoint.keep_last must be >= 2 (a save interrupted mid-way must leave a "
-                              f"complete one behind), got {self.keep_last}")
-        if self.every_steps < 0:
-            raise ConfigError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
-        return self
 
 
 class ResumeRefused(ConfigError):
@@ -146,7 +103,7 @@ class Checkpointer:
         return self.resume
 
     def check_resume(self, resume: Resume, identity: dict) -> None:
-        """The resume contract (``pipeline.resume_contract``), before any model loads: refuse a
+        """The resume contract (``pipeline.checkpoint.resume_contract``), before any model loads: refuse a
         changed identity (a config key of class identity, or another teacher, tokenizer, data or
         student shape; ``force_resume`` lets a teacher change through, recorded in
         ``resume.changes``), a max_steps the checkpoint has passed, then a checkpoint saved by

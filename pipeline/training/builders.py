@@ -16,45 +16,11 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-from pydantic import model_validator
 
-from pipeline.settings import ConfigError, Float, Section, setting
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-    from pipeline.ds_config import TeacherPlacement
-
-
-class OptimConfig(Section):
-    lr: Float = setting(3e-4, "Peak learning rate (AdamW).")
-    min_lr: Float = setting(3e-5, "Learning rate at the end of the cosine decay.")
-    warmup_steps: int = setting(100, "Linear warmup steps.")
-    max_steps: int = setting(1000, "Optimizer steps of the run.")
-    weight_decay: Float = setting(0.1, "AdamW weight decay (not applied to norms and biases).")
-    beta1: Float = setting(0.9, "AdamW beta1.")
-    beta2: Float = setting(0.95, "AdamW beta2.")
-    eps: Float = setting(1e-8, "AdamW epsilon.")
-    grad_clip: Float = setting(1.0, "Global gradient-norm clip (0 = off).")
-    grad_accum_steps: int = setting(1, "Micro-batches per optimizer step on each rank.")
-    max_consecutive_nonfinite: int = setting(5, "Stop after this many consecutive skipped (non-finite) steps.")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "OptimConfig":
-        checks = [
-            (self.max_steps >= 1, f"optim.max_steps must be >= 1, got {self.max_steps}"),
-            (self.lr > 0, f"optim.lr must be > 0, got {self.lr}"),
-            (0 <= self.min_lr <= self.lr, f"optim.min_lr ({self.min_lr}) must be in [0, optim.lr={self.lr}]"),
-            (0 <= self.warmup_steps <= self.max_steps,
-             f"optim.warmup_steps ({self.warmup_steps}) must be in [0, optim.max_steps={self.max_steps}]"),
-            (self.grad_accum_steps >= 1, f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}"),
-            (self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}"),
-            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
-            (self.max_consecutive_nonfinite >= 1, "optim.max_consecutive_nonfinite must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        return self
+    from pipeline.training.deepspeed_config import TeacherPlacement
 
 
 def build_student_module(cfg: RunConfig, student_cfg, attn_impl: str):

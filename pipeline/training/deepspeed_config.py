@@ -12,30 +12,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import model_validator
 
-from pipeline.settings import ConfigError, Section, setting
+from shd_common.settings import ConfigError
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
-
-
-class DeepSpeedSection(Section):
-    config: str = setting("ds_configs/zero3.json", "DeepSpeed JSON of the student engine (ZeRO-3). Batch, "
-                                                   "precision, clipping and optimizer fields are filled from "
-                                                   "this config; the JSON may leave them out or 'auto'.")
-    precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto = bf16 on a CUDA GPU that supports it, "
-                                                                "else fp32.")
-
-    @model_validator(mode="after")
-    def _json_file(self) -> "DeepSpeedSection":
-        suffix = Path(self.config).suffix
-        if suffix and suffix != ".json":
-            raise ConfigError(f"deepspeed.config must be a .json file, got {self.config}")
-        return self
 
 
 # Keys of the DeepSpeed JSON that this config owns: the JSON may omit them or say "auto".
