@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -137,14 +138,50 @@ def on_rank0(fn: Callable[[], T]) -> T:
     return value
 
 
-def shut_down(agreed: bool) -> None:
+def shut_down(agreed: bool, exit_code: int | None = None) -> None:
     """Close the process group, if one was started (``python -m`` entry points, at exit). After
     an exit every rank agreed on (the loop's decisions are all-reduced), the ranks first meet at a
-    barrier, so that none tears down its communicator while a peer still uses it (gloo aborts
-    that peer: "terminate called without an active exception"); after an error on some ranks only
-    there is nothing to wait for."""
+    barrier, so that none tears down its communicator while a peer still uses it; after an error
+    on some ranks only there is nothing to wait for.
+
+    With ``exit_code`` (the training entry point) the process then ends here, with that code, by
+    :func:`exit_without_finalizing`. ``destroy_process_group`` does not stop gloo: DeepSpeed keeps
+    the groups (ZeRO-3's ``param.ds_process_group``, ``deepspeed.utils.groups``, its module-level
+    ``FWD_MODULE_STACK``), so gloo's worker threads outlive it, and a worker that releases a
+    finished collective's tensors takes the GIL (torch decrefs the tensor's Python object). If that
+    happens while Python finalizes the interpreter, CPython ends the thread with ``pthread_exit``
+    inside that noexcept destructor and the rank aborts: "terminate called without an active
+    exception" (docs/bad-inputs.md, mechanism 10)."""
     if not dist.is_initialized():
         return
     if agreed and world() > 1:
         dist.barrier()
     dist.destroy_process_group()
+    if exit_code is not None:
+        exit_without_finalizing(exit_code)
+
+
+def exit_without_finalizing(code: int) -> NoReturn:
+    """End the process as ``sys.exit(code)`` from the main thread would, less the interpreter's
+    finalization: non-daemon threads joined, atexit handlers run (logging's flush among them),
+    Python's and C's standard streams flushed, then ``os._exit(code)``. Threads that C++ libraries
+    started (gloo's) are ended by the exit itself, never by CPython's finalization."""
+    import atexit
+    import ctypes
+    import threading
+
+    main = threading.main_thread()
+    for t in threading.enumerate():
+        if t is not main and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed or replaced streams
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers (extensions that printf to a redirected stdout)
+    except (OSError, AttributeError):
+        pass
+    os._exit(code)

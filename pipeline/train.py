@@ -150,6 +150,6 @@ if __name__ == "__main__":
             from pipeline import distributed
             from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 
-            distributed.shut_down(agreed=code in (0, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE))
+            distributed.shut_down(agreed=code in (0, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE), exit_code=code)
     finally:
         sys.exit(code)
