@@ -337,7 +337,7 @@ def make_engine_inputs(work: Path, e: dict) -> None:
 
     from data_prep.shard import ShardOptions, build_shards
     from data_prep.tokenizer import TokenizerTrainOptions, train_tokenizer
-    from pipeline.data import read_manifest
+    from pipeline.data.reader import read_manifest
 
     rng = random.Random(0)
     corpus = work / "corpus.jsonl"

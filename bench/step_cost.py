@@ -90,11 +90,11 @@ def run_one(pair: str, seq_len: int, variant: str, batch: int, steps: int, warmu
     """One configuration in this process; returns its measurements."""
     import torch
 
-    from pipeline import attention as attn
     from pipeline.config import config_from_dict
-    from pipeline.data import Batch
+    from pipeline.data.reader import Batch
+    from pipeline.loss import capture as attn
     from pipeline.loss.ce_kd import ce_kd_sums_reference
-    from pipeline.objective import DistillObjective, StepTotals
+    from pipeline.loss.objective import DistillObjective, StepTotals
     from pipeline.shd.plan import layer_map
     from pipeline.shd.reference import weights_from_maps
 

@@ -32,7 +32,7 @@ def head_statistics(maps: torch.Tensor) -> dict[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
-    from pipeline.data import PackedSampleReader
+    from pipeline.data.reader import PackedSampleReader
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", type=Path, required=True)

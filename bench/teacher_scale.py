@@ -146,7 +146,7 @@ def big_teacher(out: Path, nproc: int) -> list[dict]:
 
 
 def vocab(out: Path, chunks: list[int]) -> list[dict]:
-    from pipeline.data import read_manifest
+    from pipeline.data.reader import read_manifest
 
     size = 131072
     tok = build_tokenizer(out / "tokenizer", size)

@@ -12,7 +12,7 @@
 #
 # The processes are started by launch/slurm/node_launch.sh as a one-node job, the same code path
 # as the Slurm script. Exit code: the training's (0 done, 75 stopped after saving a checkpoint,
-# 3 non-finite loss, 2 bad config: pipeline/faults.py). Ctrl-C once: every rank saves a
+# 3 non-finite loss, 2 bad config: pipeline/runtime/faults.py). Ctrl-C once: every rank saves a
 # checkpoint and stops (exit 75; run the same command again to continue); twice: kill.
 set -euo pipefail
 

@@ -28,8 +28,8 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.export import ExportRefused, NonFiniteWeights
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 from pipeline.models.identity import Claim, model_tokenizer_claims
+from pipeline.runtime.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 from shd_common.cli import command_parser
 from shd_common.manifest import DataError, read_manifest, tokenizer_files_sha256
 
@@ -58,7 +58,7 @@ def _perplexity(model, evaluator, dump: str | None) -> dict:
     """Perplexity of a plain model over the evaluator's split, each rank of the launch taking its
     data-parallel share, as the trainer's evaluation does; ``dump`` gets rank 0's first batch and
     its logits (tests)."""
-    from pipeline import distributed
+    from pipeline.runtime import distributed
 
     model.to(evaluator.device)
     batches = evaluator.batches()  # collective: on every rank
@@ -78,11 +78,11 @@ def _checkpoint_perplexity(path: Path, overrides: list[str], dump: str | None,
     process. `tokenizer_claims` None: the tokenizer is not checked."""
     import yaml
 
-    from pipeline import distributed
     from pipeline.checkpoint import records as ckpt
     from pipeline.config import config_from_dict
-    from pipeline.evaluator import Evaluator
     from pipeline.export import load_student
+    from pipeline.runtime import distributed
+    from pipeline.training.evaluator import Evaluator
 
     saved = yaml.safe_load((path / "resolved_config.yaml").read_text())
     saved.pop("derived", None)
@@ -149,9 +149,9 @@ def _evaluate(a: argparse.Namespace) -> dict | None:
             check_tokenizer(model_tokenizer_claims(path) + user_claims, path, data)
         from transformers import AutoModelForCausalLM
 
-        from pipeline import distributed
-        from pipeline.data import PackedSampleReader
-        from pipeline.evaluator import Evaluator
+        from pipeline.data.reader import PackedSampleReader
+        from pipeline.runtime import distributed
+        from pipeline.training.evaluator import Evaluator
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         # no run config here: the flags (or the export's training_config.yaml) name the data
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    from pipeline import distributed
+    from pipeline.runtime import distributed
 
     distributed.shut_down(agreed=code == 0)
     sys.exit(code)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 from pipeline.models.identity import MARKER, MARKER_FORMAT, read_marker
+from pipeline.runtime.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 from shd_common.cli import command_parser
 from shd_common.integrity import DiskFull, file_digests, naming_disk_full
 from shd_common.manifest import TOKENIZER_FILES, DataError, tokenizer_files_sha256

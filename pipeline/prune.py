@@ -31,7 +31,6 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.evaluate import check_tokenizer
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE
 from pipeline.models.architectures import plain_attn_implementation
 from pipeline.models.identity import model_tokenizer_claims, teacher_identity
 from pipeline.pruning import (
@@ -49,6 +48,7 @@ from pipeline.pruning import (
 from pipeline.pruning.record import RECORD_NAME, make_record, write_record
 from pipeline.pruning.shape import check_family, head_dim
 from pipeline.pruning.summary import summary_lines
+from pipeline.runtime.faults import CONFIG_ERROR_EXIT_CODE
 from shd_common.cli import command_parser
 from shd_common.integrity import DiskFull, naming_disk_full
 from shd_common.manifest import TOKENIZER_FILES, DataError, read_manifest

@@ -17,7 +17,7 @@ process group), prints one line and exits: what a login node can check before a 
 Options are never abbreviated (``--resum none`` is an error, not ``--resume none``), and a flag
 given together with its config key (``--resume`` and ``checkpoint.resume=``) is refused.
 Exit codes: 0 done, 75 preempted after saving (requeue), 3 too many non-finite steps,
-2 refused at start-up (see pipeline/faults.py).
+2 refused at start-up (see pipeline/runtime/faults.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE, StopRequest, ignore_stop_signals
+from pipeline.runtime.faults import CONFIG_ERROR_EXIT_CODE, StopRequest, ignore_stop_signals
 from shd_common.cli import command_parser
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ def check(cfg: RunConfig, config_path: str | None) -> int:
     from pipeline.training.preflight import Preflight
 
     pre = Preflight(cfg)
+    pre.check_teacher_content()  # a pruned student's record names its teacher (hashes the teacher's files)
     s = pre.student_cfg
     teacher = (f"teacher {pre.teacher_cfg.num_hidden_layers} layers x {pre.teacher_cfg.num_attention_heads} heads"
                if pre.teacher_cfg is not None else "no teacher")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, flag_overrides(args))
         if args.check:
             return check(cfg, args.config)
-        from pipeline.engine import Trainer
+        from pipeline.training.trainer import Trainer
 
         trainer = Trainer(cfg)
         return trainer.fit()
@@ -146,9 +147,9 @@ if __name__ == "__main__":
     code = main()
     ignore_stop_signals()  # the run is over: a late stop signal must not kill the exiting process
     try:
-        if "pipeline.distributed" in sys.modules:  # not imported (a refused start): no group to close
-            from pipeline import distributed
-            from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+        if "pipeline.runtime.distributed" in sys.modules:  # not imported (a refused start): no group to close
+            from pipeline.runtime import distributed
+            from pipeline.runtime.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 
             distributed.shut_down(agreed=code in (0, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE), exit_code=code)
     finally:

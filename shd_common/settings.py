@@ -1,7 +1,7 @@
 """Typed settings on pydantic v2: the base of every config section, YAML reading, dotted overrides.
 
 Each component owns a section (a :class:`Section` subclass next to its code: ``CheckpointConfig``
-in ``pipeline.checkpoint.checkpointer``, ``EvalConfig`` in ``pipeline.evaluator``, ...); ``pipeline.config``
+in ``pipeline.checkpoint.checkpointer``, ``EvalConfig`` in ``pipeline.training.evaluator``, ...); ``pipeline.config``
 composes them into the run config and ``data_prep`` builds its command lines from its own. What
 this module adds to pydantic is only what the project promises its users:
 

@@ -20,7 +20,7 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, tiny_data):
-    from pipeline.data import read_manifest
+    from pipeline.data.reader import read_manifest
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher", vocab)

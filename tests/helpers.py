@@ -114,7 +114,7 @@ def wait_ranks(procs: list[subprocess.Popen], log_dir: Path, timeout: float = 30
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError("ranks timed out:\n" + logs(log_dir))
+            raise AssertionError("ranks timed out:\n" + logs(log_dir)) from None
     return codes
 
 

@@ -17,7 +17,7 @@ class LayerCase:
     student_k: torch.Tensor
     attention_mask: torch.Tensor | None
 
-    def rows(self, rows: slice) -> "LayerCase":
+    def rows(self, rows: slice) -> LayerCase:
         """The same layer over a slice of the batch (the weights unchanged): statistics that add
         over batches are checked on the parts against the whole."""
         return LayerCase(self.teacher_q[rows], self.teacher_k[rows], self.teacher_v[rows], self.o_proj_weight,

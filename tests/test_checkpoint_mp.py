@@ -13,9 +13,21 @@ import pytest
 import torch
 
 from pipeline.checkpoint.records import COMPLETE, POINTER, complete_checkpoints, tag_for
-from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
-from tests.helpers import (REF_STEPS, REPO, rank_env, launch_ranks, logs, read_metrics, ref_config, run_ranks,
-                            step_losses, wait_for, wait_ranks, write_config)
+from pipeline.runtime.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from tests.helpers import (
+    REF_STEPS,
+    REPO,
+    launch_ranks,
+    logs,
+    rank_env,
+    read_metrics,
+    ref_config,
+    run_ranks,
+    step_losses,
+    wait_for,
+    wait_ranks,
+    write_config,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -95,8 +107,8 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_data, tiny_teacher
 
 def test_resume_refused_when_teacher_changed(ref_run, tmp_path, tiny_data):
     """A different teacher refuses to resume (fast, before building models), listing the change."""
+    from pipeline.data.reader import read_manifest
     from tests.helpers import make_teacher
-    from pipeline.data import read_manifest
 
     work, cfg, _ = ref_run
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, config_from_dict, config_from_saved, derive, dump_yaml, load_config
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE
-from pipeline.training.deepspeed_config import build_ds_configs
+from pipeline.runtime.faults import CONFIG_ERROR_EXIT_CODE
 from pipeline.train import flag_overrides, main, parse_args
+from pipeline.training.deepspeed_config import build_ds_configs
 from tests.helpers import tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,14 +26,14 @@ from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIn
 from transformers import AutoTokenizer
 
 from data_prep.corpora import stdlib_files
-from shd_common.shards import ShardWriter, token_dtype
-from shd_common.manifest import DataError, load_manifest, read_manifest, write_manifest
+from data_prep.documents import InputReport
 from data_prep.merge import merge_tasks
 from data_prep.shard import SLEEP_AFTER_SHARD_ENV, ShardOptions, build_shards, split_of
-from data_prep.documents import InputReport
 from data_prep.sources import resolve_input
 from data_prep.tokenizer import TokenizerTrainOptions, train_tokenizer
-from pipeline.data import PackedSampleReader, tokenizer_identity
+from pipeline.data.reader import PackedSampleReader, tokenizer_identity
+from shd_common.manifest import DataError, load_manifest, read_manifest, write_manifest
+from shd_common.shards import ShardWriter, token_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = tiny_documents(80)
@@ -468,7 +468,7 @@ def test_tokenizer_overwrite_killed_at_any_step_keeps_a_tokenizer(tmp_path: Path
         shutil.copytree(pristine, out)
         calls = [0]
 
-        def dies(real):
+        def dies(real, calls=calls, step=step):
             def call(*args, **kwargs):
                 calls[0] += 1
                 if calls[0] > step:

@@ -22,13 +22,13 @@ from data_fixtures import make_tokenizer, tiny_documents, write_jsonl
 from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIndexedDataset
 
 from data_prep import shard as shard_cli
-from shd_common.manifest import DataError, load_manifest, read_manifest, write_manifest
+from data_prep.documents import InputReport
 from data_prep.merge import merge_tasks
 from data_prep.shard import ShardOptions, build_shards, split_of
-from data_prep.documents import InputReport
 from data_prep.sources import resolve_inputs
 from data_prep.tasks import assign_units, plan_units
-from pipeline.data import PackedSampleReader
+from pipeline.data.reader import PackedSampleReader
+from shd_common.manifest import DataError, load_manifest, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = tiny_documents(150)
@@ -341,8 +341,8 @@ def merged_data(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path,
 
 
 def test_trainer_accepts_merged_data(tmp_path: Path, tokenizer_dir: Path, merged_data: Path) -> None:
-    from pipeline.training.preflight import Preflight
     from pipeline.config import config_from_dict
+    from pipeline.training.preflight import Preflight
     from tests.helpers import tiny_config
 
     reader = PackedSampleReader(merged_data, split="train", seq_len=32)  # checks every shard's sha256

@@ -16,14 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import attention as attn
-from pipeline.training.builders import build_student_module, lr_lambda
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.data import split_tokens
-from pipeline.objective import DistillObjective, StepTotals
-from pipeline.training.preflight import Preflight
+from pipeline.data.reader import split_tokens
+from pipeline.loss import capture as attn
 from pipeline.loss.ce_kd import TeacherRows, ce_kd_sums_reference, head_ce_kd
+from pipeline.loss.objective import DistillObjective, StepTotals
 from pipeline.shd import shd_loss_reference, squeeze_weights
+from pipeline.training.builders import build_student_module, lr_lambda
+from pipeline.training.preflight import Preflight
 from tests.helpers import tiny_config
 
 
@@ -56,7 +56,7 @@ def test_chunked_head_ce_kd_matches_dense(teacher_as):
 def test_lm_head_intercept_is_one_shot_and_leaves_the_head_a_linear_layer():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.models import lm_head
+    from pipeline.loss import lm_head
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
@@ -395,8 +395,9 @@ def test_activation_checkpointing_same_loss_and_grads(tiny_data, tiny_teacher, t
     ({}, {"student.vocab_size": 500}, "student vocab size (500) differs from the tokenizer's"),
 ])
 def test_incompatible_models_fail_before_compute(tiny_data, tmp_path, teacher_kw, over, fragment):
-    from pipeline.data import read_manifest
     from transformers import LlamaConfig
+
+    from pipeline.data.reader import read_manifest
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     heads = teacher_kw.get("heads", 8)
@@ -425,8 +426,8 @@ def test_model_trained_with_another_tokenizer_fails(tiny_data, tiny_teacher, tmp
     """Same vocabulary size, another tokenizer: only the recorded tokenizer can tell them apart."""
     import shutil
 
+    from pipeline.data.reader import read_manifest
     from shd_common.manifest import TOKENIZER_FILES
-    from pipeline.data import read_manifest
     from tests.data_fixtures import make_tokenizer, tiny_documents
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size

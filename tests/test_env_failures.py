@@ -136,7 +136,7 @@ def test_missing_ranks_end_the_wait_with_the_variable_named(tmp_path, tiny_data)
 
 
 def test_rendezvous_timeout_setting(monkeypatch):
-    from pipeline import distributed
+    from pipeline.runtime import distributed
     from shd_common.settings import ConfigError
 
     monkeypatch.delenv(distributed.RENDEZVOUS_TIMEOUT_ENV, raising=False)
@@ -167,7 +167,7 @@ def _read_all(reader) -> None:
 
 def test_a_token_outside_the_vocabulary_names_the_shard_and_offset(tmp_path, tiny_data):
     """data.verify_checksums=false with a corrupted token: was an IndexError in the embedding."""
-    from pipeline.data import DataError, PackedSampleReader
+    from pipeline.data.reader import DataError, PackedSampleReader
 
     data, manifest, shard = _copy_of_data(tiny_data, tmp_path)
     tokens = np.memmap(shard, dtype=np.dtype(manifest.dtype), mode="r+")
@@ -184,7 +184,7 @@ def test_a_token_outside_the_vocabulary_names_the_shard_and_offset(tmp_path, tin
 
 def test_a_shard_truncated_while_training_is_named(tmp_path, tiny_data):
     """Cut short after the reader opened it: a DataError, not SIGBUS; on resume as well."""
-    from pipeline.data import DataError, PackedSampleReader
+    from pipeline.data.reader import DataError, PackedSampleReader
 
     data, manifest, shard = _copy_of_data(tiny_data, tmp_path)
     reader = PackedSampleReader(data, seq_len=32, verify_checksums=False)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, rank_env, launch_ranks, logs, wait_ranks
+from tests.helpers import REPO, launch_ranks, logs, rank_env, wait_ranks
 
 pytestmark = pytest.mark.multiprocess
 
@@ -32,8 +32,8 @@ def test_export_round_trip_and_evaluate(ref_run, tmp_path, tiny_data):
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
     # the export carries the training data's tokenizer, and says so in its marker
-    from shd_common.manifest import read_manifest, tokenizer_files_sha256
     from pipeline.export import read_marker
+    from shd_common.manifest import read_manifest, tokenizer_files_sha256
 
     data_tokenizer = read_manifest(tiny_data[1]).tokenizer.files_sha256
     assert tokenizer_files_sha256(out) == data_tokenizer

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shd_common.manifest import TOKENIZER_FILES, read_manifest
 from data_prep.shard import ShardOptions, build_shards
 from pipeline import evaluate, export
+from shd_common.manifest import TOKENIZER_FILES, read_manifest
 from tests.data_fixtures import make_tokenizer, tiny_documents, write_jsonl
 
 EVAL_ARGS = ["--seq-len", "32", "--max-batches", "1"]

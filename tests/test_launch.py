@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.faults import PREEMPTED_EXIT_CODE
-from tests.helpers import (REF_STEPS, read_metrics, ref_config, step_losses, tiny_config,
-                            wait_for, write_config)
+from pipeline.runtime.faults import PREEMPTED_EXIT_CODE
+from tests.helpers import REF_STEPS, read_metrics, ref_config, step_losses, tiny_config, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"

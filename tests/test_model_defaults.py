@@ -8,12 +8,17 @@ import pytest
 import torch
 
 from data_prep.encode import document_separator
-from shd_common.manifest import DataError
 from pipeline.config import ConfigError, config_from_dict
-from pipeline.data import split_tokens
-from pipeline.training.deepspeed_config import (PlacementEstimate, build_ds_configs, resolve_placement, resolve_teacher_dtype)
+from pipeline.data.reader import split_tokens
 from pipeline.models.hf_configs import derived_student_fields, student_hf_config
+from pipeline.training.deepspeed_config import (
+    PlacementEstimate,
+    build_ds_configs,
+    resolve_placement,
+    resolve_teacher_dtype,
+)
 from pipeline.training.preflight import Preflight
+from shd_common.manifest import DataError
 from tests.helpers import tiny_config
 
 
@@ -47,7 +52,7 @@ def test_shards_made_with_pad_equal_to_eos_keep_every_boundary(tmp_path):
     """A tokenizer whose pad is its EOS: the separators are in the shards and, in training, ordinary
     targets and keys (nothing is masked)."""
     from data_prep.shard import ShardOptions, build_shards
-    from pipeline.data import PackedSampleReader
+    from pipeline.data.reader import PackedSampleReader
 
     tok = _hf_tokenizer(tmp_path, "</s>")
     assert tok.pad_token_id == tok.eos_token_id

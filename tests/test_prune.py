@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data import PackedSampleReader
+from pipeline.data.reader import PackedSampleReader
 from pipeline.models.identity import teacher_identity
 from pipeline.prune import main
 from pipeline.pruning.choice import choose, top_indices

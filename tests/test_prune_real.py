@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import PackedSampleReader
+from pipeline.data.reader import PackedSampleReader
 from pipeline.pruning.record import head_sources, layer_sources, read_record
 from tests.helpers import REPO, rank_env
 from tests.test_real_teacher import SEQ_LEN, smollm2, smollm2_data  # noqa: F401 -- fixtures

@@ -1,4 +1,4 @@
-"""pipeline.data.PackedSampleReader: packing, shuffling, exact resume (also across world sizes), checks."""
+"""pipeline.data.reader.PackedSampleReader: packing, shuffling, exact resume (also across world sizes), checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from data_fixtures import make_tiny_corpus_shards
 from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIndexedDataset
 
-from pipeline.data import DataError, PackedSampleReader, read_manifest, tokenizer_identity
+from pipeline.data.reader import DataError, PackedSampleReader, read_manifest, tokenizer_identity
 
 SEQ = 16
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import attention as attn
 from pipeline.config import DistillConfig
+from pipeline.loss import capture as attn
 from pipeline.shd import attention_maps
 from tests.helpers import REPO, rank_env, run_ranks, tiny_config
 from tests.real_teacher import smollm2_teacher
@@ -45,7 +45,6 @@ def smollm2_data(smollm2, tmp_path_factory) -> Path:
     from data_prep.shard import ShardOptions, build_shards
 
     work = tmp_path_factory.mktemp("smollm2_data")
-    root = Path(sysconfig.get_paths()["stdlib"])
     texts = _stdlib_heads() + [SPECIAL_TEXT]
     corpus = work / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -72,7 +71,7 @@ def test_documents_end_with_the_pretraining_separator_and_nothing_is_padding(smo
     an input, a key and a target."""
     from transformers import AutoTokenizer
 
-    from pipeline.data import PackedSampleReader, read_manifest, split_tokens
+    from pipeline.data.reader import PackedSampleReader, read_manifest, split_tokens
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     assert tok.pad_token_id == tok.eos_token_id == 2 and tok.convert_ids_to_tokens(2) == "<|im_end|>"
@@ -127,7 +126,7 @@ def test_shd_maps_are_the_real_teachers_own_with_left_and_right_padding(smollm2)
 
 
 def test_kd_rebuilds_the_real_teachers_logits_through_its_tied_head(smollm2):
-    from pipeline.models import lm_head
+    from pipeline.loss import lm_head
 
     teacher = _load(smollm2, "sdpa", layers=2)
     assert teacher.config.tie_word_embeddings

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import records as ckpt
-from pipeline.training.builders import lr_lambda
 from pipeline.checkpoint.checkpointer import Checkpointer, ResumeRefused
-from pipeline.config import KEY_CLASSES, RESUME_CLASSES, RunConfig, config_from_dict, dump_yaml, help_text
 from pipeline.checkpoint.resume_contract import CONTENT, FREE, IDENTITY, SCHEDULE
-from shd_common.settings import ConfigError, declared_classes, leaf_keys
+from pipeline.config import KEY_CLASSES, RESUME_CLASSES, RunConfig, config_from_dict, dump_yaml, help_text
 from pipeline.train import flag_overrides, parse_args
+from pipeline.training.builders import lr_lambda
+from shd_common.settings import ConfigError, declared_classes, leaf_keys
 from tests.helpers import run_ranks, step_losses, tiny_config
 
 RECORD = {"teacher": {"path": "/models/t", "content_sha256": "aa"}, "tokenizer_sha256": "tok",

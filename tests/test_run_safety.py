@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import records as ckpt
-from pipeline.models.identity import teacher_identity
-from pipeline.training.preflight import Preflight
-from pipeline.config import ConfigError, config_from_dict
 from pipeline.checkpoint.resume_contract import RunIdentity
 from pipeline.checkpoint.run_dir import RUN_FILE, RunDirRefused, RunDirs, claim, record_save
 from pipeline.checkpoint.run_lock import LOCK_FILE, RunDirLocked, RunLock
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.models.identity import teacher_identity
+from pipeline.training.preflight import Preflight
 from tests.helpers import tiny_config
 
 
@@ -321,7 +321,7 @@ def test_teacher_identity_rehashes_only_files_whose_size_or_mtime_changed(tmp_pa
 def test_gpt2_teacher_is_refused_for_shd_before_loading_and_accepted_for_kd(tiny_data, tmp_path):
     from transformers import GPT2Config
 
-    from pipeline.data import read_manifest
+    from pipeline.data.reader import read_manifest
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4).save_pretrained(tmp_path / "gpt2")
@@ -354,7 +354,7 @@ def test_missing_eval_split_is_refused_at_start_up(tiny_data, tmp_path):
 def test_soft_capped_teacher_is_refused_for_shd_from_its_config(tiny_data, tmp_path):
     from transformers import Gemma2Config
 
-    from pipeline.data import read_manifest
+    from pipeline.data.reader import read_manifest
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

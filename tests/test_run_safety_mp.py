@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkpoint import records as ckpt
-from pipeline.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 from pipeline.checkpoint.run_lock import LOCK_FILE
+from pipeline.runtime.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 from tests.helpers import launch_ranks, logs, read_metrics, run_ranks, tiny_config, wait_for, write_config
 
 pytestmark = pytest.mark.multiprocess
@@ -97,7 +97,7 @@ def test_teacher_replaced_in_place_is_refused_at_resume(tmp_path, tiny_data):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.data import read_manifest
+    from pipeline.data.reader import read_manifest
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     teacher = tmp_path / "gpt2"

@@ -189,7 +189,10 @@ def test_logit_merge_is_sharper_than_prob_merge_and_agrees_on_one_head():
     hidden = BlockMask(None, True, 0, 16, "cpu")
     scores = (case.teacher_q @ case.teacher_k.repeat_interleave(2, 1).transpose(-1, -2)) * 8**-0.5
     even = torch.full((1, 1, 8), 1 / 8, dtype=torch.float64)
-    entropy = lambda p: -(torch.xlogy(p, p)).sum(-1).mean()
+
+    def entropy(p):
+        return -(torch.xlogy(p, p)).sum(-1).mean()
+
     prob = merged_target(scores.clone(), hidden, even, "prob", 1.0)
     logit = merged_target(scores.clone(), hidden, even, "logit", 1.0)
     assert entropy(logit) < entropy(prob)

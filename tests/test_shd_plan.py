@@ -76,7 +76,11 @@ def test_selected_heads_first_and_seeded_random():
     assert len(set(draws.values())) > 6 and any(p != (0, 4, 8, 12) for p in draws.values())
     w = constant_weights(plan, 2, torch.float64, "cpu", draws[(1, 2)])
     assert w.sum(-1).eq(1).all() and [int(i) for i in w[0].argmax(-1)] == list(draws[(1, 2)])
-    with pytest.raises(ValueError, match="do not name one head of each group"):
-        constant_weights(plan, 1, torch.float64, "cpu", (1, 2, 3, 4))
+    # any teacher head, in the student head's group or not (select_heads=pruned: the head it was cut from)
+    w = constant_weights(plan, 1, torch.float64, "cpu", (1, 2, 3, 15))
+    assert [int(i) for i in w[0].argmax(-1)] == [1, 2, 3, 15] and w.sum(-1).eq(1).all()
+    for bad in ((1, 2, 3), (0, 4, 8, 16), (-1, 4, 8, 12)):
+        with pytest.raises(ValueError, match="do not name one teacher head"):
+            constant_weights(plan, 1, torch.float64, "cpu", bad)
     with pytest.raises(ValueError, match="first, random"):
         selected_heads(plan, "best")

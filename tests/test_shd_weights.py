@@ -184,7 +184,7 @@ def test_hard_selection_picks_the_best_single_head(objective):
 @pytest.mark.parametrize("teacher_kv", [8, 2])
 def test_both_gram_computations_agree(teacher_kv):
     """The merges' inner products, reduced in value space or in circuit space, are the same."""
-    from pipeline.shd.weights import StreamingMaps, GroupGram, circuit_fn
+    from pipeline.shd.weights import GroupGram, StreamingMaps, circuit_fn
 
     case = make_case(teacher_heads=8, teacher_kv_heads=teacher_kv, padding="right", length=300)
     group = (0, 1, 2, 5)

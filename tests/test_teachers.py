@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import architectures
-from pipeline import attention as attn
-from pipeline.training.builders import build_student_module
 from pipeline.config import ConfigError, DistillConfig, config_from_dict
-from pipeline.training.preflight import Preflight
+from pipeline.loss import capture as attn
+from pipeline.models import architectures
 from pipeline.shd import MapSpec, attention_maps, shd_loss, squeeze_plan
 from pipeline.shd.reference import weights_from_maps
+from pipeline.training.builders import build_student_module
+from pipeline.training.preflight import Preflight
 from tests.helpers import tiny_config
 
 attn.register()  # the shd_teacher / shd_student attention functions, for models built here
@@ -35,8 +35,7 @@ LENGTH = 24
 def _config(name: str, vocab: int, **over):
     """A tiny config of a family, with the feature that distinguishes it from LLaMA switched on;
     `over` replaces fields (passed to the config class, so derived fields such as layer_types follow)."""
-    from transformers import (GraniteConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config,
-                              Qwen3Config)
+    from transformers import GraniteConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, use_cache=False,
@@ -155,7 +154,7 @@ def test_shd_maps_targets_and_weights_are_the_models_own(family, tmp_path):
 def test_kd_rebuilds_the_models_own_logits_from_its_head_input(family, tmp_path):
     """Logit KD never holds a teacher's [B, T, V] logits: it rebuilds them chunk by chunk from the
     head's input and weight. That must give the model's own logits (granite's logits_scaling included)."""
-    from pipeline.models import lm_head
+    from pipeline.loss import lm_head
 
     path, cfg = save_model(family, tmp_path / family)
     teacher = _load(path, "sdpa")
@@ -209,8 +208,8 @@ def _eager_attentions(model, tokens, mask):
     ("qwen3_qk_norm", None),  # q/k norms and head_dim != hidden / heads
 ])
 def test_engine_shd_loss_is_the_kl_of_the_models_eager_maps(tiny_data, tmp_path, teacher_family, student_family):
-    from pipeline.data import Batch, read_manifest
-    from pipeline.objective import DistillObjective, StepTotals
+    from pipeline.data.reader import Batch, read_manifest
+    from pipeline.loss.objective import DistillObjective, StepTotals
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     length = 64
@@ -276,7 +275,7 @@ def _captured_qk(teacher, layer, inp):
 def test_gemma2_is_refused_for_shd_from_its_config_and_runs_logit_kd_in_eager(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config
 
-    from pipeline.models import lm_head
+    from pipeline.loss import lm_head
     from pipeline.loss.ce_kd import ce_kd_sums_reference, head_ce_kd
 
     cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -367,9 +366,8 @@ def test_a_student_window_narrower_than_its_teacher_layer_is_refused():
 
 
 def test_padded_teacher_vocab_is_distilled_on_the_shared_vocab(tiny_data, tmp_path):
-    from pipeline.data import read_manifest
-    from pipeline.data import split_tokens
-    from pipeline.objective import DistillObjective, StepTotals
+    from pipeline.data.reader import read_manifest, split_tokens
+    from pipeline.loss.objective import DistillObjective, StepTotals
 
     vocab = read_manifest(tiny_data[1]).tokenizer.vocab_size
     teacher_dir, _ = save_model("llama3_rope_tied", tmp_path / "teacher", vocab + 8)  # 8 padding rows

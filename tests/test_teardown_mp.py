@@ -54,7 +54,7 @@ atexit.register(_signal_last_handler)
 import json, socket, threading, time
 import torch
 import torch.distributed as dist
-from pipeline import distributed
+from pipeline.runtime import distributed
 
 _pinned = []  # module-level, as DeepSpeed's references are: alive until Python's finalization
 

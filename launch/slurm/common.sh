@@ -9,14 +9,14 @@ shd_print_cmd() {
   printf '%s\n' "${line% }"
 }
 
-# Set SHD_PREEMPTED to the preemption exit code, read from its single source, pipeline/faults.py.
+# Set SHD_PREEMPTED to the preemption exit code, read from its single source, pipeline/runtime/faults.py.
 # Slurm may signal every process of a step at any moment: the command substitution ignores
 # USR1/TERM from its first command on (so do the python it runs), instead of dying of one and
 # taking the script down with it.
 shd_read_preempted_exit_code() {
   SHD_PREEMPTED="$(trap '' USR1 TERM
-                   python -c 'from pipeline.faults import PREEMPTED_EXIT_CODE; print(PREEMPTED_EXIT_CODE)')" || {
-    echo "error: cannot import pipeline.faults with '$(command -v python)': run from the repository" \
+                   python -c 'from pipeline.runtime.faults import PREEMPTED_EXIT_CODE; print(PREEMPTED_EXIT_CODE)')" || {
+    echo "error: cannot import pipeline.runtime.faults with '$(command -v python)': run from the repository" \
          "root with the project's environment (launch/env_setup.sh, or SHD_NO_VENV=1 with your own)" >&2
     return 2
   }

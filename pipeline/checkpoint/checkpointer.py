@@ -24,16 +24,24 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from shd_common.integrity import naming_disk_full
 from pipeline.checkpoint import records as ckpt
-from pipeline import distributed
 from pipeline.checkpoint import run_dir
-from pipeline.checkpoint.resume_contract import (CONTENT, IDENTITY, RunIdentity, config_changes, describe, record_changes,
-                                      refusal, refused)
+from pipeline.checkpoint.records import is_universal, universal_path
+from pipeline.checkpoint.resume_contract import (
+    CONTENT,
+    IDENTITY,
+    RunIdentity,
+    config_changes,
+    describe,
+    record_changes,
+    refusal,
+    refused,
+)
 from pipeline.checkpoint.run_dir import RunDirRefused, RunDirs
 from pipeline.checkpoint.run_lock import RunLock
+from pipeline.runtime import distributed
+from shd_common.integrity import naming_disk_full
 from shd_common.settings import ConfigError
-from pipeline.checkpoint.records import is_universal, universal_path
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig

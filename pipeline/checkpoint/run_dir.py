@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.checkpoint import records as ckpt
-from pipeline.checkpoint.resume_contract import RunIdentity, identity_changes, refusal
 from pipeline.checkpoint.records import universal_path
+from pipeline.checkpoint.resume_contract import RunIdentity, identity_changes, refusal
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

@@ -147,7 +147,12 @@ class RunConfig(Section):
         if self.stage == "distill":
             checks = [(bool(self.teacher.path), "teacher.path is required for stage 'distill' (set it to a Hugging "
                                                 "Face model directory, or use stage=pretrain to train without one)"),
-                      (d.w_ce + d.w_kd + d.w_shd > 0, "distill.w_ce, w_kd and w_shd are all 0: nothing to train")]
+                      (d.w_ce + d.w_kd + d.w_shd > 0, "distill.w_ce, w_kd and w_shd are all 0: nothing to train"),
+                      (d.select_heads != "pruned" or s.init_from is not None,
+                       "distill.select_heads=pruned distils the teacher head each student head was cut from, "
+                       "which a pruned student's pruning.json names, but student.init_from is empty: set "
+                       "student.init_from to a student made by python -m pipeline.prune, or choose another "
+                       "distill.select_heads (first, random, reconstruct, contribution)")]
         else:
             checks = [(not self.teacher.path, "teacher.path is set but stage is 'pretrain' (CE only): remove "
                                               "teacher.path or set stage=distill"),

@@ -48,7 +48,10 @@ class TeacherConfig(Section):
 # ---- StudentConfig (read by pipeline/models/hf_configs.py)
 class StudentConfig(Section):
     init_from: str | None = setting(None, "Hugging Face directory to start the student from; when set, "
-                                             "the shape fields below are ignored and taken from it.")
+                                             "the shape fields below are ignored and taken from it. A student "
+                                             "made by python -m pipeline.prune holds a pruning.json: distillation "
+                                             "then pairs each student layer and head with the teacher layer and "
+                                             "head it was cut from (distill.layer_map, distill.select_heads=pruned).")
     num_layers: int = setting(4, "Decoder layers.")
     hidden_size: int = setting(256, "Model width.")
     num_heads: int = setting(4, "Attention (query) heads.")
@@ -82,7 +85,7 @@ class StudentConfig(Section):
                               f"({kv})")
         return self
 
-# ---- DataConfig (read by pipeline/data.py)
+# ---- DataConfig (read by pipeline/data/reader.py)
 class DataConfig(Section):
     dir: str = setting("", "Directory written by data_prep (manifest + shards).")
     tokenizer_dir: str | None = setting(None, "Tokenizer directory; when set its identity must match the "
@@ -105,7 +108,7 @@ class DataConfig(Section):
             raise ConfigError(f"data.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         return self
 
-# ---- DistillConfig (read by pipeline/objective.py)
+# ---- DistillConfig (read by pipeline/loss/objective.py)
 class DistillConfig(Section):
     w_ce: Float = setting(1.0, "Weight of the cross-entropy term.")
     w_kd: Float = setting(1.0, "Weight of the logit KD term (multiplied by tau_kd^2).")
@@ -117,9 +120,9 @@ class DistillConfig(Section):
                                 "it was ahead of KD there and on the bench teachers (docs/results.md section 8).")
     tau_shd: Float = setting(1.0, "Temperature of the SHD attention maps.")
     plan: Literal["pairwise", "group", "mean", "select"] = setting(
-        "select", "Head-squeezing plan: select = each student head distils the first teacher head of its "
-                  "group (the default: it beat every merged target at 8->4 and 16->4 heads in "
-                  "docs/results.md section 5); pairwise = the paper's SHD; group; mean.")
+        "select", "Head-squeezing plan: select = each student head distils one teacher head, by default the "
+                  "first of its group (distill.select_heads; the default plan: it beat every merged target at "
+                  "8->4 and 16->4 heads in docs/results.md section 5); pairwise = the paper's SHD; group; mean.")
     objective: Literal["output", "per_head"] = setting("output", "Objective that chooses the mixing weights.")
     selection: Literal["soft", "hard"] = setting("soft", "soft = optimal mixing weights; hard = each merge "
                                                          "snapped to its best single head (dynamic selection).")
@@ -131,12 +134,14 @@ class DistillConfig(Section):
         "forward", "Direction of the attention-map KL: forward = KL(target || student), the paper's "
                    "(mass-covering); reverse = KL(student || target), mode-seeking: a student head may "
                    "match one member of a merged target instead of its blur.")
-    select_heads: Literal["first", "random", "reconstruct", "contribution"] = setting(
-        "first", "plan=select: which teacher head of its group each student head distils; first = the group's "
-                 "first head; random = one per group and layer drawn with distill.select_seed (a control: does the "
+    select_heads: Literal["first", "random", "reconstruct", "contribution", "pruned"] = setting(
+        "first", "plan=select: which teacher head each student head distils; first = its group's first head; "
+                 "random = one per group and layer drawn with distill.select_seed (a control: does the "
                  "choice matter?); reconstruct = the head whose map alone best reproduces the group's output "
                  "(SHD's objective) over a calibration pass; contribution = the head with the largest output "
-                 "||A_m X_m|| over that pass. Fixed for the whole run (kept in checkpoints) and logged at start.")
+                 "||A_m X_m|| over that pass; pruned = the teacher head it was cut from, as the pruning.json of "
+                 "student.init_from (python -m pipeline.prune) names it (the default when init_from holds one). "
+                 "Fixed for the whole run (kept in checkpoints) and logged at start.")
     select_seed: int = setting(0, "Seed of select_heads=random.")
     mixing_weights: Literal["per_sequence", "calibrated"] = setting(
         "per_sequence", "plan=pairwise|group: per_sequence = the mixing weights (the paper's alpha) solved for "
@@ -151,7 +156,9 @@ class DistillConfig(Section):
                                        "w_shd * min(1, s / S)); 0 = the full weight from step 1.")
     student_layers: list[int] | None = setting(None, "Student layers that get the SHD term; empty = all.")
     layer_map: list[int] | None = setting(None, "Teacher layer for each student layer (length = student "
-                                                   "layers); empty = uniform g(l) = round((l+1) Lt/Ls) - 1.")
+                                                   "layers); empty = the layer each was cut from when "
+                                                   "student.init_from holds a pruning.json (python -m "
+                                                   "pipeline.prune), else uniform g(l) = round((l+1) Lt/Ls) - 1.")
     shd_block_size: int = setting(128, "Query rows per block of the streaming SHD loss.")
     allow_padded_vocab: bool = setting(False, "Allow model vocab sizes larger than the tokenizer's (padded "
                                               "embeddings); KD then uses the tokenizer's first V logits.")
@@ -291,7 +298,7 @@ class LoggingConfig(Section):
             raise ConfigError(f"logging.every_steps must be >= 1, got {self.every_steps}")
         return self
 
-# ---- EvalConfig (read by pipeline/evaluator.py)
+# ---- EvalConfig (read by pipeline/training/evaluator.py)
 class EvalConfig(Section):
     every_steps: int = setting(500, "Held-out perplexity every this many steps (0 = off during training).")
     at_end: bool = setting(True, "Evaluate at the end of the run.")
@@ -307,7 +314,7 @@ class EvalConfig(Section):
             raise ConfigError(f"eval.every_steps must be >= 0, got {self.every_steps}")
         return self
 
-# ---- DebugConfig (read by pipeline/faults.py)
+# ---- DebugConfig (read by pipeline/runtime/faults.py)
 class DebugConfig(Section):
     """Fault injection for tests; leave empty in real runs."""
 

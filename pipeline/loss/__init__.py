@@ -1,2 +1,3 @@
-"""The objective: CE + logit KD (chunked over the vocabulary) and the SHD attention term, with the capture that
-brings each layer's attention maps to it."""
+"""The objective of a micro-batch: CE + logit KD, chunked over the vocabulary by LM heads that never
+make [B, T, vocab] logits, and the SHD attention term with the capture that brings each distilled
+layer's q, k and squeeze weights to it."""

@@ -1,1 +1,2 @@
-"""The models: supported HF architectures, the student/teacher HF configs, the LM head in chunks, the teacher's identity."""
+"""The models: the supported HF architectures, the student's and teacher's HF configs and their
+compatibility, what a model directory says it is (the teacher's content identity, an export's marker)."""

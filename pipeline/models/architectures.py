@@ -3,7 +3,7 @@
 SHD recomputes a layer's attention maps from the queries and keys that the layer passes to its
 attention function (after rotary embedding, biases and q/k norms): softmax(q k^T * scaling),
 causal, padding-masked and, where the layer has one, sliding-window-masked; `scaling` and
-`sliding_window` are read from the same call (`pipeline.attention.map_spec`). A family is
+`sliding_window` are read from the same call (`pipeline.loss.capture.map_spec`). A family is
 supported when that is exactly the map its attention computes, which tests/test_teachers.py
 checks for each entry of `SUPPORTED` against the model's own eager attention
 (`output_attentions=True`) on a tiny random model of the family.

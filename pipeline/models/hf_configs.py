@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 from pipeline.config.sections import StudentConfig
 from shd_common.settings import ConfigError
 
@@ -182,7 +181,7 @@ def check_tokenizer(cfg: RunConfig, manifest) -> None:
     """The data manifest's tokenizer must be the configured tokenizer directory's."""
     if not cfg.data.tokenizer_dir:
         return
-    from pipeline.data import tokenizer_identity
+    from shd_common.manifest import tokenizer_identity
 
     ident = tokenizer_identity(cfg.data.tokenizer_dir)
     if ident != manifest.tokenizer:

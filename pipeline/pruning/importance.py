@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.data import PackedSampleReader
+from pipeline.data.reader import PackedSampleReader
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle

@@ -263,7 +263,7 @@ class _StreamingSHDLoss(torch.autograd.Function):
         # Kept on ctx, not saved with save_for_backward: saved-tensor hooks (activation
         # checkpointing) would drop them and re-run this whole pass in backward to get them back;
         # kept here they cost the size of q and k per layer, and the layer's recomputation can
-        # skip the loss (pipeline/attention.py).
+        # skip the loss (pipeline/loss/capture.py).
         ctx.grads = (grad_q.to(student_q.dtype), _fold_kv_grad(grad_k, student_k.shape[1]).to(student_k.dtype))
         return loss.to(loss_dtype(student_q))
 

@@ -22,7 +22,7 @@ class MapSpec:
     """How one model's attention layer turns queries and keys into a map, beyond causal and padding
     masking: its score scale (None = 1/sqrt(head_dim)) and its sliding window (None = none).
 
-    Taken from the attention module itself (`pipeline.attention.map_spec`), so that the maps SHD
+    Taken from the attention module itself (`pipeline.loss.capture.map_spec`), so that the maps SHD
     uses are the maps the model computes.
     """
 

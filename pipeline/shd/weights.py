@@ -300,13 +300,17 @@ def _merge(heads: list[_MergedHead], objective: str, selection: str, dtype: torc
 
 def constant_weights(plan: SqueezePlan, batch: int, dtype: torch.dtype, device: torch.device | str,
                      selected: Sequence[int] | None = None) -> Tensor:
-    """W for plans that need no maps: identity, "mean" (equal weights), "select" (the head of each
-    group in `selected`, default the first: `pipeline.shd.plan.selected_heads`)."""
+    """W for plans that need no maps: identity, "mean" (equal weights), "select" (student head n
+    distils teacher head `selected[n]`, default its group's first: `pipeline.shd.plan.selected_heads`).
+
+    A selected head may be any teacher head, in its student head's group or not: a pruned student's
+    head distils the head it was cut from (distill.select_heads=pruned), wherever that is."""
     weights = torch.zeros(batch, plan.num_student_heads, plan.num_teacher_heads, dtype=dtype, device=device)
     picks = tuple(group[0] for group in plan.groups) if selected is None else tuple(selected)
     if plan.name == "select" and (len(picks) != len(plan.groups)
-                                  or any(h not in g for h, g in zip(picks, plan.groups))):
-        raise ValueError(f"selected heads {picks} do not name one head of each group {plan.groups}")
+                                  or not all(0 <= h < plan.num_teacher_heads for h in picks)):
+        raise ValueError(f"selected heads {picks} do not name one teacher head (0..{plan.num_teacher_heads - 1}) "
+                         f"for each of the {plan.num_student_heads} student heads")
     for n, group in enumerate(plan.groups):
         if plan.name == "select":
             weights[:, n, picks[n]] = 1.0
@@ -409,8 +413,8 @@ def squeeze_weights(
     grouped-query teacher whose final groups each read one value head; at the teacher's precision
     (bf16 outputs carry ~3 significant digits into W).
 
-    selected: under plan "select", the teacher head of each student head's group (default: the
-    group's first; `pipeline.shd.plan.selected_heads`).
+    selected: under plan "select", the teacher head each student head distils (default: its
+    group's first; `pipeline.shd.plan.selected_heads`; any teacher head, see `constant_weights`).
     """
     check_teacher_inputs(teacher_q, teacher_k, teacher_v, o_proj_weight, objective, selection)
     batch, num_heads, length, head_dim = teacher_q.shape

@@ -32,7 +32,8 @@ from .variants import BUDGETS, DEFAULT_VARIANTS, DEMO_VARIANTS, VARIANTS, check_
 def build_parser() -> argparse.ArgumentParser:
     """The study's flags (the package docstring is the --help epilog)."""
     doc = pipeline.study.__doc__ or ""
-    ap = command_parser("python -m pipeline.study", doc, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    ap = command_parser("python -m pipeline.study", doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog=doc)
     ap.add_argument("--preset", choices=["bench", "demo"], default="bench",
                     help=f"demo: what launch/demo.sh runs (variants {','.join(DEMO_VARIANTS)}, 1 seed, budget demo, "
                          "--out runs/demo, summary.md + curves.png)")

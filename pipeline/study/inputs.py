@@ -15,8 +15,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from shd_common.manifest import DataError, read_manifest
 from pipeline.models.identity import teacher_identity
+from shd_common.manifest import DataError, read_manifest
 
 INPUTS_NAME = "inputs.json"
 

@@ -29,8 +29,8 @@ from typing import Any
 import yaml
 
 from data_prep.tokenizer import TRAINING_RECIPE
-from shd_common import settings
 from pipeline.config import ConfigError, config_from_dict
+from shd_common import settings
 from shd_common.settings import set_dotted
 
 from .inputs import data_identity, recorded_inputs

@@ -111,7 +111,7 @@ class Runner:
                 made = made_here(path, RUN_KIND)
                 why = (f"the study starts {run_dir} over ({'; '.join(reasons)})" if made else
                        f"the study writes run {run_dir} here, and did not make this directory")
-                clear(path, ours=lambda p: made and not keep, log=log,
+                clear(path, ours=lambda _, made=made: made and not keep, log=log,
                       reason=why + ("; it holds that run's results" if made and keep else ""))
         for path in dirs:
             mark(path, RUN_KIND)

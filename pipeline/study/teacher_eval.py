@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from pipeline.config import config_from_dict
 
@@ -31,7 +30,8 @@ def evaluate_given_teacher(setting: Setting, inputs: RunInputs) -> dict | None:
     run = config_from_dict(cfg)  # the values the students run with, defaults included
     e = run.eval
     args = ["--checkpoint", str(setting.teacher.export), "--data", run.data.dir, "--split", e.split,
-            "--seq-len", str(run.data.seq_len), "--micro-batch-size", str(e.micro_batch_size or run.data.micro_batch_size)]
+            "--seq-len", str(run.data.seq_len),
+            "--micro-batch-size", str(e.micro_batch_size or run.data.micro_batch_size)]
     if e.max_batches is not None:
         args += ["--max-batches", str(e.max_batches)]
     key = {"args": args, "inputs": inputs.of(cfg)}

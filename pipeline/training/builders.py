@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
     from pipeline.training.deepspeed_config import TeacherPlacement
@@ -49,7 +48,7 @@ def build_student_module(cfg: RunConfig, student_cfg, attn_impl: str):
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 else decay).append(p)  # norms and biases are not decayed

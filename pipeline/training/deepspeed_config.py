@@ -65,7 +65,8 @@ class PlacementEstimate:
 
     def describe(self, world: int) -> str:
         gib = 2**30
-        return (f"teacher {self.teacher_bytes / gib:.2f} GiB, student states {STUDENT_STATE_BYTES * self.student_params / world / gib:.2f} "
+        student_states = STUDENT_STATE_BYTES * self.student_params / world
+        return (f"teacher {self.teacher_bytes / gib:.2f} GiB, student states {student_states / gib:.2f} "
                 f"GiB per rank, {AUTO_MEMORY_SHARE:.0%} of {self.memory_per_rank / gib:.1f} GiB per rank "
                 f"({self.memory_source})")
 

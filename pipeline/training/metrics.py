@@ -14,9 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
-
 
 
 def peak_memory_mib() -> float:

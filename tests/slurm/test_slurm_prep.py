@@ -13,8 +13,8 @@ import re
 import pytest
 from deepspeed.runtime.data_pipeline.data_sampling.indexed_dataset import MMapIndexedDataset
 
-from shd_common.manifest import read_manifest
 from data_prep.shard import ShardOptions, build_shards
+from shd_common.manifest import read_manifest
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slurm

@@ -6,7 +6,7 @@ One optimizer step (``train_step``)::
     totals   <- StepTotals.of(batches)             # one all-reduce of the valid tokens and query rows
     for each batch:
         with objective.micro_batch(student, teacher, batch, totals) as (loss, terms):
-            # pipeline.objective: CE + KD + SHD, sums / global counts; the SHD capture lives here
+            # pipeline.loss.objective: CE + KD + SHD, sums / global counts; the SHD capture lives here
             all-reduce "is any rank's loss non-finite?"  -> if so the backward is poisoned with NaN
             engine.backward(loss * world * gas)  # DeepSpeed divides by gas and averages over ranks
     engine.step()                                  # skipped by ZeRO-3 when the grad norm is non-finite
@@ -14,9 +14,9 @@ One optimizer step (``train_step``)::
 
 The logged loss is the sum over micro-batches and ranks of the ``loss`` tensors that were
 backpropagated, i.e. exactly the optimised objective. Saving and resuming is the checkpointer's
-(``pipeline.checkpoint.checkpointer``), evaluation the evaluator's (``pipeline.evaluator``), building the
+(``pipeline.checkpoint.checkpointer``), evaluation the evaluator's (``pipeline.training.evaluator``), building the
 models the builders' (``pipeline.training.builders``), test-only faults the injector's
-(``pipeline.faults.FaultInjector``); this module is the loop.
+(``pipeline.runtime.faults.FaultInjector``); this module is the loop.
 """
 
 from __future__ import annotations
@@ -28,25 +28,33 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed, summary
-from pipeline.models import architectures
 from pipeline.checkpoint import records as checkpoint
-from pipeline.models import lm_head
-from pipeline.attention import ShdCapture
-from pipeline.training.builders import build_student_engine, build_student_module, build_teacher
 from pipeline.checkpoint.checkpointer import Checkpointer
-from pipeline.config import Derived, RunConfig, derive, dump_yaml
-from pipeline.data import open_reader, split_tokens
-from pipeline.training.deepspeed_config import (build_ds_configs, placement_estimate, resolve_dtype, resolve_placement,
-                                resolve_teacher_dtype)
-from pipeline.evaluator import Evaluator
-from pipeline.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, FaultInjector, StopRequest
-from pipeline.models.identity import teacher_identity
-from pipeline.training.metrics import MetricsLogger, peak_memory_mib
-from pipeline.models.hf_configs import model_shape
-from pipeline.objective import DistillObjective, StepTotals
-from pipeline.training.preflight import Preflight
 from pipeline.checkpoint.records import is_universal
+from pipeline.config import Derived, RunConfig, derive, dump_yaml
+from pipeline.data.reader import open_reader, split_tokens
+from pipeline.loss import lm_head
+from pipeline.loss.capture import ShdCapture
+from pipeline.loss.objective import DistillObjective, StepTotals
+from pipeline.models import architectures
+from pipeline.models.hf_configs import model_shape
+from pipeline.models.identity import teacher_identity
+from pipeline.runtime import distributed
+from pipeline.runtime.faults import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, FaultInjector, StopRequest
+from pipeline.training import summary
+from pipeline.training.builders import build_student_engine, build_student_module, build_teacher
+from pipeline.training.deepspeed_config import (
+    build_ds_configs,
+    placement_estimate,
+    resolve_dtype,
+    resolve_placement,
+    resolve_teacher_dtype,
+)
+from pipeline.training.evaluator import Evaluator
+from pipeline.training.metrics import MetricsLogger, peak_memory_mib
+from pipeline.training.preflight import Preflight
+from pipeline.training.pruned import STATE_KEY as PRUNING_STATE_KEY
+from pipeline.training.pruned import check_resumed
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -105,7 +113,10 @@ class Trainer:
         self.device = distributed.device()
         self.derived: Derived = derive(cfg, self.world)
         pre = Preflight(cfg)  # every check that needs no weights, before anything is built
+        # the config as resolved there: the keys a pruned student's record fills (pipeline.training.pruned)
+        self.cfg = cfg = pre.cfg
         self.vocab, self.student_cfg, self.model_notes = pre.vocab, pre.student_cfg, pre.notes()
+        self.pruning = pre.pruning
         (self.teacher_dtype, self.placement_estimate, self.placement, student_ds,
          teacher_ds) = decide_placement(cfg, pre, self.world, self.device)
         self.dtype = resolve_dtype(cfg)
@@ -135,11 +146,13 @@ class Trainer:
             known = self.resume.state.get("teacher_files") if self.resume else None
             teacher_ident, self.teacher_files = distributed.on_rank0(
                 lambda: teacher_identity(cfg.teacher.path, known))
+            pre.check_teacher_content(teacher_ident)  # a pruned student's record names its teacher
         self.identity = {"teacher": teacher_ident, "tokenizer_sha256": pre.manifest.tokenizer.files_sha256,
                          "data_sha256": self.reader.state_dict()["data_sha256"],
                          "student_shape": model_shape(self.student_cfg), "seq_len": cfg.data.seq_len}
         if self.resume is not None:
             self.checkpointer.check_resume(self.resume, self.identity)
+            check_resumed(self.pruning, self.resume.state, self.resume.path)
             if is_universal(self.resume.path):
                 student_ds["checkpoint"] = {"load_universal": True}
         self.run_id = self.checkpointer.claim_run_dir(self.resume, self.identity)
@@ -148,8 +161,7 @@ class Trainer:
         """The SHD capture and the objective, the student engine and the frozen teacher; then the
         capture attached to both and, if the config asks, calibrated."""
         cfg = self.cfg
-        self.capture = (ShdCapture.from_config(cfg.distill, pre.pairs, self.student_cfg.num_attention_heads)
-                        if cfg.uses_shd else None)
+        self.capture: ShdCapture | None = pre.shd_capture()
         self.objective = DistillObjective(cfg, self.vocab, self.capture)
         student = build_student_module(cfg, self.student_cfg, self.capture.student_impl if self.capture
                                        else architectures.plain_attn_implementation(self.student_cfg))
@@ -159,7 +171,7 @@ class Trainer:
             impl = (self.capture.teacher_impl if self.capture
                     else architectures.plain_attn_implementation(pre.teacher_cfg))
             self.teacher = build_teacher(cfg, self.placement, teacher_ds, impl, self.teacher_dtype, self.device)
-        if self.capture is not None:  # after deepspeed.initialize: see pipeline/attention.py
+        if self.capture is not None:  # after deepspeed.initialize: see pipeline/loss/capture.py
             self.capture.attach(self.student.module, unwrapped(self.teacher))
             if self.capture.needs_calibration:
                 self.checkpointer.notices.append(calibrate(
@@ -220,6 +232,8 @@ class Trainer:
                  "teacher_files": self.teacher_files}
         if self.capture is not None:  # the heads plan=select distils, or the calibrated mixing weights
             state.update(self.capture.calibrated_state())
+        if self.pruning is not None:  # what the run took from a pruned student's record (compared on resume)
+            state[PRUNING_STATE_KEY] = self.pruning.sources()
         records = checkpoint.Records(state, self.resolved_yaml, self.student_cfg.to_json_string())
         return self.checkpointer.save(self.student, self.step, records, self.log.info)
 

@@ -45,7 +45,7 @@ class StopRequest:
         self.signum = 0
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         """Handle the signals from now on; a signal already recorded by the StopRequest whose
         handlers these replace (the early one of ``python -m pipeline.train``) is taken over."""
         for s in HANDLED_SIGNALS:

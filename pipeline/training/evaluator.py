@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline import distributed
-from pipeline.models import lm_head
-from pipeline.data import Batch, PackedSampleReader, open_reader, split_tokens
+from pipeline.data.reader import Batch, PackedSampleReader, open_reader, split_tokens
+from pipeline.loss import lm_head
+from pipeline.runtime import distributed
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -28,12 +28,12 @@ class Evaluator:
 
     def __init__(self, reader: PackedSampleReader, *, micro_batch_size: int, max_batches: int | None, vocab: int,
                  chunk: int, device: torch.device | None = None) -> None:
-        """``reader``: this rank's reader of the evaluated split (``pipeline.data.open_reader``)."""
+        """``reader``: this rank's reader of the evaluated split (``pipeline.data.reader.open_reader``)."""
         self.reader, self.micro_batch_size, self.max_batches = reader, micro_batch_size, max_batches
         self.vocab, self.chunk, self.device = vocab, chunk, device
 
     @classmethod
-    def for_run(cls, cfg: RunConfig, *, model_vocab_size: int, device: torch.device | None) -> "Evaluator":
+    def for_run(cls, cfg: RunConfig, *, model_vocab_size: int, device: torch.device | None) -> Evaluator:
         """The evaluation a run's config asks for (``eval``; the micro-batch of ``data`` when it gives
         none, the LM-head chunk of ``distill``), over this rank's share of the split."""
         e = cfg.eval

@@ -16,8 +16,8 @@ That is exact only for families whose logits are a linear function of the head's
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F

@@ -53,7 +53,7 @@ from pipeline.shd.masking import compute_dtype
 
 if TYPE_CHECKING:
     from pipeline.config import DistillConfig
-    from pipeline.data import Batch
+    from pipeline.data.reader import Batch
 
 TEACHER_ATTN = "shd_teacher"
 STUDENT_ATTN = "shd_student"
@@ -74,9 +74,10 @@ class MicroBatchCapture:
 @dataclass
 class Chosen:
     """Fixed for the whole run and kept in checkpoints (``ShdCapture.calibrated_state``): under
-    plan=select the teacher head each student head distils (from the config when attached, for
-    select_heads first|random; else from the calibration pass), or the static mixing weights of
-    mixing_weights=calibrated (from the calibration pass)."""
+    plan=select the teacher head each student head distils (when attached: from the config for
+    select_heads first|random, from the channel's ``source_heads`` for pruned; else from the
+    calibration pass), or the static mixing weights of mixing_weights=calibrated (from the
+    calibration pass)."""
 
     selected: dict[int, tuple[int, ...]] = field(default_factory=dict)  # teacher layer -> head per student head
     static_weights: dict[int, torch.Tensor] = field(default_factory=dict)  # teacher layer -> W [N, M]
@@ -94,6 +95,10 @@ class ShdChannel:
     batch: MicroBatchCapture | None = None  # the micro-batch being captured; None: both are plain SDPA
     # during ShdCapture.calibrate: teacher layer -> summed statistics (head costs, or Gram tensors)
     calibration: dict[int, torch.Tensor] | None = None
+    # select_heads=pruned: student layer -> the teacher head each of its heads was cut from (any head
+    # of the teacher layer, not one of a contiguous group), and where that was read (for the log)
+    source_heads: dict[int, tuple[int, ...]] | None = None
+    source: str = ""
 
     @property
     def teacher_layers(self) -> set[int]:
@@ -227,6 +232,8 @@ def attach_teacher(model: torch.nn.Module, chan: ShdChannel) -> list:
     handles = []
     heads = chan.num_teacher_heads = model.config.num_attention_heads
     d = chan.distill
+    if d.plan == "select" and d.select_heads == "pruned":  # the heads each student head was cut from
+        chan.chosen.selected = _source_selection(chan, heads)
     for t in sorted(chan.teacher_layers):
         if t not in mods:
             raise ValueError(f"teacher has no attention module with layer_idx {t}")
@@ -236,6 +243,24 @@ def attach_teacher(model: torch.nn.Module, chan: ShdChannel) -> list:
         mods[t].shd_channel = chan
         handles.append(mods[t].o_proj.register_forward_pre_hook(_o_proj_pre_hook(chan, t)))
     return handles
+
+
+def _source_selection(chan: ShdChannel, num_teacher_heads: int) -> dict[int, tuple[int, ...]]:
+    """select_heads=pruned: {teacher layer: the teacher head each student head distils} from the
+    channel's ``source_heads`` (one student layer per teacher layer, or several that agree)."""
+    if chan.source_heads is None or set(chan.source_heads) != set(chan.pairs):
+        raise ValueError("distill.select_heads=pruned needs the source heads of every distilled student layer "
+                         "(ShdCapture.from_config(..., source_heads=...), from the pruning record)")
+    selected: dict[int, tuple[int, ...]] = {}
+    for s, t in sorted(chan.pairs.items()):
+        heads = tuple(int(h) for h in chan.source_heads[s])
+        if len(heads) != chan.num_student_heads or not all(0 <= h < num_teacher_heads for h in heads):
+            raise ValueError(f"student layer {s}: source heads {list(heads)} must name one teacher head "
+                             f"(0..{num_teacher_heads - 1}) for each of its {chan.num_student_heads} heads")
+        if selected.setdefault(t, heads) != heads:
+            raise ValueError(f"teacher layer {t} is distilled by student layers with other source heads "
+                             f"({list(selected[t])}, {list(heads)})")
+    return selected
 
 
 def attach_student(model: torch.nn.Module, chan: ShdChannel) -> None:
@@ -276,8 +301,11 @@ class ShdCapture:
         self.last_weight_stats: dict[int, torch.Tensor] = {}  # the last micro-batch's, for the step's log
 
     @classmethod
-    def from_config(cls, distill: DistillConfig, pairs: dict[int, int], num_student_heads: int) -> "ShdCapture":
-        return cls(ShdChannel(distill, pairs, num_student_heads))
+    def from_config(cls, distill: DistillConfig, pairs: dict[int, int], num_student_heads: int, *,
+                    source_heads: dict[int, tuple[int, ...]] | None = None, source: str = "") -> ShdCapture:
+        """``source_heads`` (select_heads=pruned): {student layer: the teacher head each student head
+        distils}, read by ``source`` (``pipeline.training.pruned``)."""
+        return cls(ShdChannel(distill, pairs, num_student_heads, source_heads=source_heads, source=source))
 
     @property
     def pairs(self) -> dict[int, int]:
@@ -393,7 +421,8 @@ class ShdCapture:
         chan, d, chosen = self.chan, self.chan.distill, self.chan.chosen
         text = f"SHD plan={d.plan} objective={d.objective} layers (student->teacher) {chan.pairs}"
         if chosen.selected:  # which teacher head each student head learns from
-            text += f" | teacher head per student head ({d.select_heads}): " + ", ".join(
+            how = d.select_heads + (f", {chan.source}" if d.select_heads == "pruned" and chan.source else "")
+            text += f" | teacher head per student head ({how}): " + ", ".join(
                 f"layer {s}<-{t}: {list(chosen.selected[t])}"
                 for s, t in sorted(chan.pairs.items()) if t in chosen.selected)
         if chosen.static_weights:  # the fixed mixing weights: {teacher head: weight} per student head

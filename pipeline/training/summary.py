@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+import torch
+
+from pipeline.config import Derived, RunConfig
 from pipeline.training.metrics import memory_now_mib, peak_memory_mib
 
-if TYPE_CHECKING:
-    from pipeline.engine import Trainer
+
+class BuiltRun(Protocol):
+    """What the summary reads of a built run (the trainer, once its models are built)."""
+
+    cfg: RunConfig
+    derived: Derived
+    world: int
+    dtype: torch.dtype
+    teacher_dtype: torch.dtype
+    student: Any  # the student's DeepSpeed engine
+    teacher: Any  # the teacher (engine or module), or None in stage pretrain
+    placement: Any  # training.deepspeed_config.TeacherPlacement
+    placement_estimate: Any  # its PlacementEstimate when teacher.placement is auto, else None
+    capture: Any  # the SHD capture, or None without SHD
+    model_notes: list[str]
 
 
-def describe(t: Trainer) -> str:
+def describe(t: BuiltRun) -> str:
     cfg, d = t.cfg, t.derived
     n_s = sum(getattr(p, "ds_numel", p.numel()) for p in t.student.module.parameters())
     lines = [f"stage {cfg.stage} | {t.world} rank(s) | {t.dtype} | student {n_s / 1e6:.2f}M params"

@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 import numpy as np
 import torch
 
 from pipeline.config.sections import DataConfig
 from shd_common.integrity import sha256_file
+from shd_common.manifest import DataError, Manifest, ShardRecord, TokenizerIdentity, read_manifest, tokenizer_identity
 from shd_common.shards import IndexFormatError, read_index
-from shd_common.manifest import (DataError, Manifest, ShardRecord, TokenizerIdentity, read_manifest,
-                                tokenizer_identity)
 
 __all__ = ["Batch", "DataConfig", "DataError", "Manifest", "PackedSampleReader", "TokenizerIdentity", "open_reader",
            "read_manifest", "split_tokens", "tokenizer_identity"]

@@ -3,8 +3,8 @@
     total = w_ce CE + w_kd tau_kd^2 KL(teacher || student) + w_shd mean over distilled layers of SHD
 
 CE and KD come from the student's LM head run in chunks inside its own forward
-(``pipeline.models.lm_head``: no [B, T, vocab] logits); SHD comes from the attention capture
-(``pipeline.attention.ShdCapture``), computed inside each distilled student layer.
+(``pipeline.loss.lm_head``: no [B, T, vocab] logits); SHD comes from the attention capture
+(``pipeline.loss.capture.ShdCapture``), computed inside each distilled student layer.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.models import lm_head
+from pipeline.loss import lm_head
 from pipeline.loss.ce_kd import head_ce_kd
 
 if TYPE_CHECKING:
-    from pipeline.attention import ShdCapture
-    from pipeline.data import Batch
     from pipeline.config import RunConfig
+    from pipeline.data.reader import Batch
+    from pipeline.loss.capture import ShdCapture
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class StepTotals:
     rows: float
 
     @classmethod
-    def of(cls, batches: list[Batch], all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> "StepTotals":
+    def of(cls, batches: list[Batch], all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> StepTotals:
         """This rank's counts of ``batches``, summed over ranks by one ``all_reduce`` (before any compute)."""
         counts = torch.zeros(2, dtype=torch.float64, device=batches[0].valid.device)
         for batch in batches:
@@ -101,7 +101,6 @@ class DistillObjective:
         with lm_head.intercept(student, student_loss):
             ce_kd, ce_sum, kl_sum = student(input_ids=batch.input_ids, attention_mask=batch.mask,
                                             use_cache=False).logits
-        del teacher_rows
         loss = ce_kd
         terms: dict[str, torch.Tensor] = {"loss/ce": ce_sum / n_tok}
         if cfg.uses_kd:
