@@ -200,6 +200,33 @@ def test_a_second_start_is_refused_naming_the_live_holder(tmp_path):
     RunLock(out).release()  # released: the next start takes it
 
 
+def test_two_output_dirs_sharing_a_checkpoint_dir_are_refused(tmp_path):
+    """Each output_dir was locked, but two live runs with different output_dirs and one
+    checkpoint.dir would both write there: checkpoint.dir outside output_dir is locked too."""
+    from pipeline.checkpoint.checkpointer import Checkpointer
+
+    def start(out: str, ckpts: Path) -> Checkpointer:
+        cfg = config_from_dict(tiny_config(tmp_path / out, (tmp_path / "tok", tmp_path / "data"), None,
+                                           **{"checkpoint.dir": str(ckpts)}))
+        c = Checkpointer(cfg, world=1, rank=0)
+        c.lock_run_dir()
+        return c
+
+    shared = tmp_path / "shared_checkpoints"
+    first = start("a", shared)
+    with pytest.raises(RunDirLocked) as e:
+        start("b", shared)
+    assert f"checkpoint.dir {shared} is in use by a live run (host " in str(e.value)
+    assert "another checkpoint.dir" in str(e.value)
+    other = start("b", tmp_path / "own_checkpoints")  # the refused start left output_dir b free
+    inside = start("c", tmp_path / "c" / "checkpoints")  # under its output_dir: one lock, as before
+    assert [len(c.locks) for c in (first, other, inside)] == [2, 2, 1]
+    for c in (first, other, inside):
+        for lock in c.locks:
+            lock.release()
+    start("b", shared)  # released: the next start takes it
+
+
 def test_a_dead_holders_lock_is_free(tmp_path):
     """The kernel drops the flock of a killed process: no stale lock to remove by hand."""
     out = tmp_path / "run"

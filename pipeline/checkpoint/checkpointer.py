@@ -70,17 +70,27 @@ class Checkpointer:
         self.notices: list[str] = []  # logged once the logger exists (skipped checkpoints, moves, the diff)
         self.run_id: str | None = None
         self.resume: Resume | None = None
-        self.lock: RunLock | None = None  # rank 0's, held until the process ends
+        self.locks: list[RunLock] = []  # rank 0's, held until the process ends
 
     # ---- start-up ---------------------------------------------------------------------------
 
     def lock_run_dir(self) -> None:
-        """Rank 0 takes the output_dir's lock before the run writes anything (every rank gets the
-        refusal when another live run holds it)."""
+        """Rank 0 takes the output_dir's lock before the run writes anything, and checkpoint.dir's
+        when the checkpoints live outside the output_dir (every rank gets the refusal when another
+        live run holds either)."""
         def take() -> None:
-            self.lock = RunLock(self.dirs.output)
+            self.locks = [RunLock(self.dirs.output)]
+            if not self._checkpoints_inside_output():
+                try:
+                    self.locks.append(RunLock(self.dirs.checkpoints, "checkpoint.dir"))
+                except ConfigError:
+                    self.locks.pop().release()  # this start is refused: its output_dir is free again
+                    raise
 
         distributed.on_rank0(take)
+
+    def _checkpoints_inside_output(self) -> bool:
+        return self.dirs.checkpoints.resolve().is_relative_to(self.dirs.output.resolve())
 
     def choose_resume(self) -> Resume | None:
         """The checkpoint to resume from, decided before the engines are built (a universal
@@ -158,7 +168,11 @@ class Checkpointer:
                                               identity=RunIdentity.of(self.run_cfg, identity))
             except RunDirRefused as e:
                 raise ResumeRefused(str(e)) from None
-            self.lock.set_run_id(run_id)
+            if any(src == self.dirs.checkpoints for src, _ in moved) and len(self.locks) > 1:
+                self.locks.pop().release()  # its lock file moved aside with the old checkpoints
+                self.locks.append(RunLock(self.dirs.checkpoints, "checkpoint.dir"))
+            for lock in self.locks:
+                lock.set_run_id(run_id)
             return run_id, moved
 
         self.run_id, moved = distributed.on_rank0(claim)

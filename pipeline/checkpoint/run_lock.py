@@ -1,4 +1,6 @@
-"""One live run per output_dir: an exclusive ``flock`` on ``<output_dir>/run.lock``.
+"""One live run per output_dir: an exclusive ``flock`` on ``<output_dir>/run.lock`` (and on
+``<checkpoint.dir>/run.lock`` when checkpoints are written outside the output_dir, so that two runs
+with different output_dirs never share one checkpoint directory).
 
 Taken by rank 0 before the run writes anything there, held until the process ends. The kernel
 releases it when the holder dies, however it dies (SIGKILL, OOM, a node reboot on a local disk), so
@@ -26,26 +28,27 @@ LOCK_FILE = "run.lock"
 
 
 class RunDirLocked(ConfigError):
-    """Another live process holds the output_dir; the message names it."""
+    """Another live process holds the output_dir (or the checkpoint.dir); the message names it."""
 
 
 class RunLock:
-    """The held lock of one output_dir (keep the object: closing its file releases the lock)."""
+    """The held lock of one run directory (keep the object: closing its file releases the lock).
+    ``key`` is the config key that names the directory (``output_dir`` or ``checkpoint.dir``)."""
 
-    def __init__(self, output: Path) -> None:
-        self.path = output / LOCK_FILE
-        if output.exists() and not output.is_dir():
-            raise ConfigError(f"output_dir {output} exists and is not a directory: choose another output_dir=...")
-        output.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: Path, key: str = "output_dir") -> None:
+        self.path = directory / LOCK_FILE
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"{key} {directory} exists and is not a directory: choose another {key}=...")
+        directory.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(self._fd)
             os.close(self._fd)
-            raise RunDirLocked(f"output_dir {output} is in use by a live run ({holder}; lock {self.path}): "
+            raise RunDirLocked(f"{key} {directory} is in use by a live run ({holder}; lock {self.path}): "
                                f"two runs in one directory would mix their checkpoints and logs. Wait for it "
-                               f"to end (or stop it), or start this run in another output_dir=...") from None
+                               f"to end (or stop it), or start this run with another {key}=...") from None
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "run_id": None,
                        "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         self._write()
