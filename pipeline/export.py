@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from pipeline.models.identity import MARKER, MARKER_FORMAT, read_marker
+from pipeline.models.loading import load_weights
 from pipeline.runtime.faults import CONFIG_ERROR_EXIT_CODE, NONFINITE_EXIT_CODE
 from shd_common.cli import command_parser
 from shd_common.integrity import DiskFull, file_digests, naming_disk_full
@@ -135,13 +136,9 @@ def load_student(path: Path):
     state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     check_finite(state, path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise ExportRefused(f"checkpoint {path} does not match its student_config.json: missing {missing}, "
-                            f"unexpected {unexpected}")
-    if tied:
-        model.tie_weights()
+    misfit = load_weights(model, state)
+    if misfit:
+        raise ExportRefused(f"checkpoint {path} does not match its student_config.json: {misfit}")
     return model
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.models.loading import load_weights
 from shd_common.cli import command_parser
 from shd_common.integrity import sha256_file
 
@@ -46,11 +47,9 @@ def import_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     config.quantization_config = None
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
-    missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
-    # tied embeddings: lm_head.weight is the embedding itself, listed as missing and tied on save
-    if unexpected or [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]:
-        raise SystemExit(f"{gguf}: its tensors do not fit a {type(model).__name__} "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    misfit = load_weights(model, quantised.state_dict())
+    if misfit:
+        raise SystemExit(f"{gguf}: its tensors do not fit a {type(model).__name__} ({misfit})")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(**source).save_pretrained(out)

@@ -5,39 +5,8 @@ Components import from here and receive validated sections; this package imports
 (a layer rule checked in CI), so no import circle can run through the config.
 """
 
-from pipeline.config.run import (
-    CONTENT,
-    FREE,
-    IDENTITY,
-    KEY_CLASSES,
-    RESUME_CLASSES,
-    SCHEDULE,
-    ConfigError,
-    Derived,
-    RunConfig,
-    config_from_dict,
-    config_from_saved,
-    derive,
-    dump_yaml,
-    help_text,
-    load_config,
-    parse_override,
-    to_dict,
-)
-from pipeline.config.sections import (
-    CheckpointConfig,
-    DataConfig,
-    DebugConfig,
-    DeepSpeedSection,
-    DistillConfig,
-    EvalConfig,
-    LoggingConfig,
-    OptimConfig,
-    StudentConfig,
-    TeacherConfig,
-)
+from pipeline.config import run, sections
+from pipeline.config.run import *  # noqa: F403 -- re-exported: run.__all__
+from pipeline.config.sections import *  # noqa: F403 -- re-exported: sections.__all__
 
-__all__ = ["CONTENT", "FREE", "IDENTITY", "KEY_CLASSES", "RESUME_CLASSES", "SCHEDULE", "CheckpointConfig",
-           "ConfigError", "DataConfig", "DebugConfig", "DeepSpeedSection", "Derived", "DistillConfig", "EvalConfig",
-           "LoggingConfig", "OptimConfig", "RunConfig", "StudentConfig", "TeacherConfig", "config_from_dict",
-           "config_from_saved", "derive", "dump_yaml", "help_text", "load_config", "parse_override", "to_dict"]
+__all__ = [*run.__all__, *sections.__all__]

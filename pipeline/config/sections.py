@@ -16,6 +16,9 @@ from pydantic import field_validator, model_validator
 
 from shd_common.settings import ConfigError, Float, Section, setting
 
+__all__ = ["CheckpointConfig", "DataConfig", "DebugConfig", "DeepSpeedSection", "DistillConfig", "EvalConfig",
+           "LoggingConfig", "OptimConfig", "StudentConfig", "TeacherConfig"]
+
 
 # ---- TeacherConfig (read by pipeline/models/hf_configs.py)
 class TeacherConfig(Section):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ConfigError
+from pipeline.models.loading import load_weights
 
 from .choice import LayerChoice, PruneChoice
 
@@ -99,13 +100,9 @@ def build_student(student_cfg: PretrainedConfig, state: Mapping[str, Tensor], dt
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(student_cfg, dtype=dtype)
     weights = {k: v.to(dtype) for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    tied = {"lm_head.weight"} if student_cfg.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"sliced weights do not fit the student's config: missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)}")
-    if tied:
-        model.tie_weights()
+    misfit = load_weights(model, weights, assign=True)
+    if misfit:
+        raise RuntimeError(f"sliced weights do not fit the student's config: {misfit}")
     rotary = model.model.rotary_emb  # non-persistent buffers (inv_freq): computed, not loaded
     model.model.rotary_emb = type(rotary)(config=student_cfg)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
